@@ -1,0 +1,33 @@
+"""Build structlik. The CPU extension (csrc/*.cpp) is always built when torch's
+C++ toolchain is there; the package still imports and runs on its reference
+backend if it is not (STRUCTLIK_NO_EXTENSION=1 skips it on purpose)."""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+
+def extension_modules():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources or os.environ.get("STRUCTLIK_NO_EXTENSION") == "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    debug = os.environ.get("STRUCTLIK_DEBUG") == "1"
+    flags = ["-O0", "-g"] if debug else ["-O3", "-fopenmp"]
+    ext = CppExtension(
+        "structlik._C",
+        sources,
+        extra_compile_args={"cxx": flags + ["-std=c++17"]},
+        extra_link_args=[] if debug else ["-fopenmp"],
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    packages=find_packages(include=["structlik", "structlik.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,19 @@
+"""structlik: exact, fast structured (correlated) Gaussian likelihoods for images.
+
+The precision is ``Lambda = U^T U`` with U sparse and upper-triangular in raster
+order; see SPEC section 1 and Dorta et al., "Training VAEs Under Structured
+Residuals".
+"""
+import torch  # noqa: F401  (must precede any compiled extension)
+
+from . import backends, ops, reference
+from .distribution import StructuredNormal
+from .loss import StructuredGaussianNLLLoss, structured_gaussian_nll
+from .stencil import Stencil
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Stencil", "StructuredNormal", "structured_gaussian_nll", "StructuredGaussianNLLLoss",
+    "ops", "backends", "reference", "__version__",
+]

@@ -1,0 +1,91 @@
+"""The one place that decides which implementation runs each op.
+
+Every backend is a module exposing the same functions as ``structlik.reference``
+(``apply_upper``, ``apply_upper_t``, ``solve_upper``, ``solve_upper_t``, ``nll``,
+``precision_diagonal``), each differentiable in its tensor arguments. Callers
+go through :func:`backend_for` and never name a backend themselves, so adding
+a kernel never touches them.
+
+``STRUCTLIK_BACKEND=reference|cpu|triton`` forces a backend (read at every call,
+so tests can switch it); otherwise CPU tensors get the compiled C++ kernels
+when the extension loaded, CUDA tensors the Triton kernels when Triton is
+importable, and everything else the reference.
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Callable, Dict, Optional
+
+import torch
+
+from . import reference
+
+NAMES = ("reference", "cpu", "triton")
+ENV_VAR = "STRUCTLIK_BACKEND"
+
+# name -> loader returning the backend module, or raising ImportError/RuntimeError
+# with the reason it is unavailable. Later backends register themselves here.
+_LOADERS: Dict[str, Callable[[], ModuleType]] = {"reference": lambda: reference}
+# name -> the devices it runs on
+_DEVICES: Dict[str, tuple] = {"reference": ("cpu", "cuda", "meta", "mps", "xpu")}
+_loaded: Dict[str, Optional[ModuleType]] = {}
+_why_unavailable: Dict[str, str] = {}
+
+
+def register(name: str, loader: Callable[[], ModuleType], devices: tuple) -> None:
+    _LOADERS[name] = loader
+    _DEVICES[name] = devices
+    _loaded.pop(name, None)
+
+
+def _load(name: str) -> Optional[ModuleType]:
+    if name not in _loaded:
+        loader = _LOADERS.get(name)
+        if loader is None:
+            _loaded[name] = None
+            _why_unavailable[name] = "not built into this version of structlik"
+        else:
+            try:
+                _loaded[name] = loader()
+            except (ImportError, RuntimeError, OSError) as err:
+                _loaded[name] = None
+                _why_unavailable[name] = f"{type(err).__name__}: {err}"
+    return _loaded[name]
+
+
+def available(name: str) -> bool:
+    return _load(name) is not None
+
+
+def forced() -> Optional[str]:
+    name = os.environ.get(ENV_VAR, "").strip().lower()
+    if not name:
+        return None
+    if name not in NAMES:
+        raise ValueError(f"{ENV_VAR}: expected one of {NAMES}, got {name!r}")
+    return name
+
+
+def backend_for(device: torch.device) -> ModuleType:
+    """The backend module to use for tensors on ``device``."""
+    name = forced()
+    if name is not None:
+        module = _load(name)
+        if module is None:
+            raise RuntimeError(f"{ENV_VAR}={name} but that backend is unavailable ({_why_unavailable[name]})")
+        if device.type not in _DEVICES[name]:
+            raise RuntimeError(f"{ENV_VAR}={name} does not run on {device.type} tensors")
+        return module
+    preferred = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
+    if preferred is not None:
+        module = _load(preferred)
+        if module is not None:
+            return module
+    return reference
+
+
+def name_of(device: torch.device) -> str:
+    """Which backend :func:`backend_for` picks, by name (for benchmarks and logs)."""
+    module = backend_for(device)
+    return next(n for n, m in _loaded.items() if m is module) if module is not reference else "reference"

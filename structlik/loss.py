@@ -1,0 +1,57 @@
+"""The structured Gaussian NLL as a functional loss and an nn.Module."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _checks, ops
+from .stencil import Stencil
+
+__all__ = ["structured_gaussian_nll", "StructuredGaussianNLLLoss"]
+
+
+def _reduce(per_image: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_image.mean()
+    if reduction == "sum":
+        return per_image.sum()
+    return per_image
+
+
+def structured_gaussian_nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor,
+                            stencil: Stencil, reduction: str = "mean") -> torch.Tensor:
+    """Negative log-likelihood of ``x`` under ``StructuredNormal(loc, log_diag, off_diag, stencil)``.
+
+    Args:
+        x, loc, log_diag: (B, C, H, W).
+        off_diag: (B, C*S, H, W) with S = ``stencil.S``.
+        stencil: a :class:`structlik.Stencil`.
+        reduction: ``"none"`` gives the per-image NLL (B,); ``"mean"`` (default)
+            its mean over the batch; ``"sum"`` its sum, as ``nn.GaussianNLLLoss``.
+
+    Equivalent to ``-StructuredNormal(loc, log_diag, off_diag, stencil).log_prob(x)``
+    reduced, computed without building U.
+    """
+    _checks.check_reduction(reduction)
+    return _reduce(ops.nll(x, loc, log_diag, off_diag, stencil), reduction)
+
+
+class StructuredGaussianNLLLoss(nn.Module):
+    """Module form of :func:`structured_gaussian_nll`.
+
+    ``forward(x, loc, log_diag, off_diag)`` with shapes (B, C, H, W),
+    (B, C, H, W), (B, C, H, W), (B, C*S, H, W). A decoder that ends in a
+    convolution with ``C * (2 + S)`` output channels splits into the last three
+    without reshaping.
+    """
+
+    def __init__(self, stencil: Stencil, reduction: str = "mean"):
+        super().__init__()
+        self.stencil = _checks.check_stencil(stencil)
+        self.reduction = _checks.check_reduction(reduction)
+
+    def forward(self, x, loc, log_diag, off_diag):
+        return structured_gaussian_nll(x, loc, log_diag, off_diag, self.stencil, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"stencil={self.stencil!r}, reduction={self.reduction!r}"

@@ -1,0 +1,224 @@
+"""The reference backend: SPEC section 1 in plain PyTorch, written for clarity.
+
+Every fast path is tested against these functions, and these against a dense
+float64 construction (``to_dense_upper``). Inputs are assumed validated by
+``structlik.ops``: ``log_diag`` (B, C, H, W), ``off_diag`` (B, C*S, H, W),
+images (B, C, H, W), all of one dtype and device.
+
+The stencil terms are shifts of zero-padded tensors, one line per term of
+``(U r)_p = d_p r_p + sum_i w_{p,i} r_{p+delta_i}``. Autograd differentiates
+them directly. The two triangular solves cannot be written as shifts; they
+run wavefront by wavefront (see ``_schedule``) inside autograd Functions whose
+backward passes use the formulas of SPEC section 1.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .stencil import Stencil
+
+__all__ = [
+    "apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t",
+    "nll", "precision_diagonal", "weight_grad", "to_dense_upper",
+]
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``out[..., y, x] = t[..., y + dy, x + dx]``, zero where that is outside."""
+    H, W = t.shape[-2:]
+    pad_y, pad_x = abs(dy), abs(dx)
+    padded = F.pad(t, (pad_x, pad_x, pad_y, pad_y))
+    return padded[..., pad_y + dy: pad_y + dy + H, pad_x + dx: pad_x + dx + W]
+
+
+def weights(off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
+    """(B, C*S, H, W) -> (B, C, S, H, W), channel-major as SPEC section 3."""
+    B, CS, H, W = off_diag.shape
+    return off_diag.reshape(B, CS // stencil.S, stencil.S, H, W)
+
+
+def apply_upper(r, log_diag, off_diag, stencil):
+    """``U r``: (B, C, H, W)."""
+    w = weights(off_diag, stencil)
+    out = log_diag.exp() * r
+    for i, (dy, dx) in enumerate(stencil.offsets):
+        out = out + w[:, :, i] * shift(r, dy, dx)
+    return out
+
+
+def apply_upper_t(y, log_diag, off_diag, stencil):
+    """``U^T y``: row p gathers ``w_{p-delta_i,i} y_{p-delta_i}``."""
+    w = weights(off_diag, stencil)
+    out = log_diag.exp() * y
+    for i, (dy, dx) in enumerate(stencil.offsets):
+        out = out + shift(w[:, :, i] * y, -dy, -dx)
+    return out
+
+
+def weight_grad(a, b, stencil):
+    """``out[:, c*S+i, p] = a_p * b_{p+delta_i}``: the gradient of ``a^T U b`` w.r.t. off_diag."""
+    B, C, H, W = a.shape
+    terms = [a * shift(b, dy, dx) for dy, dx in stencil.offsets]
+    return torch.stack(terms, dim=2).reshape(B, C * stencil.S, H, W)
+
+
+def nll(x, loc, log_diag, off_diag, stencil):
+    """Per-image ``-log N(x; loc, (U^T U)^-1)``: (B,)."""
+    u = apply_upper(x - loc, log_diag, off_diag, stencil)
+    n = x[0].numel()
+    return 0.5 * u.square().sum((1, 2, 3)) - log_diag.sum((1, 2, 3)) + 0.5 * n * LOG_2PI
+
+
+def precision_diagonal(log_diag, off_diag, stencil):
+    """``Lambda_pp = d_p^2 + sum_i w_{p-delta_i,i}^2``: (B, C, H, W)."""
+    w = weights(off_diag, stencil)
+    out = (2.0 * log_diag).exp()
+    for i, (dy, dx) in enumerate(stencil.offsets):
+        out = out + shift(w[:, :, i].square(), -dy, -dx)
+    return out
+
+
+def to_dense_upper(log_diag, off_diag, stencil):
+    """Dense U: (B, C, n, n) with n = H*W in raster order. Small images only."""
+    B, C, H, W = log_diag.shape
+    n = H * W
+    rows, cols, which = [], [], []
+    for i, (dy, dx) in enumerate(stencil.offsets):
+        for y in range(H):
+            for x in range(W):
+                if 0 <= y + dy < H and 0 <= x + dx < W:
+                    rows.append(y * W + x)
+                    cols.append((y + dy) * W + (x + dx))
+                    which.append(i * n + y * W + x)
+    dense = torch.diag_embed(log_diag.exp().reshape(B, C, n)).reshape(B, C, n * n)
+    if rows:
+        device = log_diag.device
+        flat = torch.tensor(rows, device=device) * n + torch.tensor(cols, device=device)
+        values = weights(off_diag, stencil).reshape(B, C, stencil.S * n)[..., torch.tensor(which, device=device)]
+        dense = dense.scatter(-1, flat.expand(B, C, -1), values)
+    return dense.reshape(B, C, n, n)
+
+
+# --- triangular solves -------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def _schedule(stencil: Stencil, H: int, W: int, device: torch.device):
+    """Wavefronts of the back-substitution, earliest first.
+
+    Pixel (y, x) depends on (y+dy, x+dx) for every offset; with the stencil's
+    slope a, its time t = a*(H-1-y) + (W-1-x) exceeds every dependency's, so
+    each wavefront (pixels of equal t) can be solved at once: a*(H-1)+W steps
+    instead of H*W. Each entry is (p, fwd, bwd): the wavefront's flat pixel
+    indices (P,), and for each offset the flat index of p+delta_i and of
+    p-delta_i, (S, P), with n (one past the image, a zero slot) where outside.
+    """
+    a = stencil.wavefront_slope
+    n = H * W
+    ys = torch.arange(H).repeat_interleave(W)
+    xs = torch.arange(W).repeat(H)
+    t = a * (H - 1 - ys) + (W - 1 - xs)
+
+    def neighbours(p, sign):
+        out = []
+        for dy, dx in stencil.offsets:
+            qy, qx = ys[p] + sign * dy, xs[p] + sign * dx
+            inside = (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
+            out.append(torch.where(inside, qy * W + qx, torch.full_like(qy, n)))
+        return torch.stack(out)
+
+    fronts = []
+    for step in range(int(t.max()) + 1):
+        p = torch.nonzero(t == step).flatten()
+        if p.numel():
+            fronts.append(tuple(v.to(device) for v in (p, neighbours(p, +1), neighbours(p, -1))))
+    return fronts
+
+
+def _padded(t: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (..., n+1) with a zero in the last slot (the 'outside' pixel)."""
+    return F.pad(t, (0, 1))
+
+
+@torch.no_grad()
+def _solve_upper_values(z, log_diag, off_diag, stencil):
+    B, C, H, W = z.shape
+    n, S = H * W, stencil.S
+    rhs = z.reshape(B * C, n)
+    d = log_diag.exp().reshape(B * C, n)
+    w = weights(off_diag, stencil).reshape(B * C, S, n)
+    out = z.new_zeros(B * C, n + 1)
+    for p, fwd, _ in _schedule(stencil, H, W, z.device):
+        acc = (w[:, :, p] * out[:, fwd]).sum(1)      # sum_i w_{p,i} eps_{p+delta_i}
+        out[:, p] = (rhs[:, p] - acc) / d[:, p]
+    return out[:, :n].reshape(B, C, H, W)
+
+
+@torch.no_grad()
+def _solve_upper_t_values(g, log_diag, off_diag, stencil):
+    B, C, H, W = g.shape
+    n, S = H * W, stencil.S
+    rhs = g.reshape(B * C, n)
+    d = log_diag.exp().reshape(B * C, n)
+    w = _padded(weights(off_diag, stencil).reshape(B * C, S, n))
+    out = g.new_zeros(B * C, n + 1)
+    for p, _, bwd in reversed(_schedule(stencil, H, W, g.device)):
+        w_from = torch.gather(w, 2, bwd.expand(B * C, -1, -1))   # w_{p-delta_i, i}
+        acc = (w_from * out[:, bwd]).sum(1)
+        out[:, p] = (rhs[:, p] - acc) / d[:, p]
+    return out[:, :n].reshape(B, C, H, W)
+
+
+def _grads_of_solve(v, sol, log_diag, off_diag, stencil, needs):
+    """dL/dU_{pq} = -v_p sol_q for a solve with U or U^T (SPEC section 1)."""
+    grad_log_diag = -(v * sol * log_diag.exp()) if needs[1] else None
+    grad_off_diag = -weight_grad(v, sol, stencil) if needs[2] else None
+    return grad_log_diag, grad_off_diag
+
+
+class _SolveUpper(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, log_diag, off_diag, stencil):
+        eps = _solve_upper_values(z, log_diag, off_diag, stencil)
+        ctx.stencil = stencil
+        ctx.save_for_backward(eps, log_diag, off_diag)
+        return eps
+
+    @staticmethod
+    def backward(ctx, g):
+        eps, log_diag, off_diag = ctx.saved_tensors
+        v = solve_upper_t(g, log_diag, off_diag, ctx.stencil)    # U^-T g
+        gs, gw = _grads_of_solve(v, eps, log_diag, off_diag, ctx.stencil, ctx.needs_input_grad)
+        return v, gs, gw, None
+
+
+class _SolveUpperT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, log_diag, off_diag, stencil):
+        v = _solve_upper_t_values(g, log_diag, off_diag, stencil)
+        ctx.stencil = stencil
+        ctx.save_for_backward(v, log_diag, off_diag)
+        return v
+
+    @staticmethod
+    def backward(ctx, h):
+        v, log_diag, off_diag = ctx.saved_tensors
+        a = solve_upper(h, log_diag, off_diag, ctx.stencil)     # U^-1 h
+        # v = U^-T g  =>  dL/dU_{pq} = -v_p a_q: the roles of solve_upper, swapped.
+        gs, gw = _grads_of_solve(v, a, log_diag, off_diag, ctx.stencil, ctx.needs_input_grad)
+        return a, gs, gw, None
+
+
+def solve_upper(z, log_diag, off_diag, stencil):
+    """``U^-1 z`` by back-substitution in reverse raster order: (B, C, H, W)."""
+    return _SolveUpper.apply(z, log_diag, off_diag, stencil)
+
+
+def solve_upper_t(g, log_diag, off_diag, stencil):
+    """``U^-T g`` by forward substitution in raster order: (B, C, H, W)."""
+    return _SolveUpperT.apply(g, log_diag, off_diag, stencil)

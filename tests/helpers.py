@@ -1,0 +1,51 @@
+"""Shared test helpers: random well-conditioned parameters and the backends to cross."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import structlik
+from structlik import backends
+
+# Offsets of every kind: plain, wide, dilated, dilated with overlap between dilations.
+STENCILS = [
+    pytest.param(structlik.Stencil(1), id="r1"),
+    pytest.param(structlik.Stencil(2), id="r2"),
+    pytest.param(structlik.Stencil(3), id="r3"),
+    pytest.param(structlik.Stencil(1, (1, 2)), id="r1-d12"),
+    pytest.param(structlik.Stencil(1, (1, 2, 4)), id="r1-d124"),
+    pytest.param(structlik.Stencil(2, (1, 3)), id="r2-d13"),
+    pytest.param(structlik.Stencil(2, (2, 1)), id="r2-d21"),
+]
+
+# (B, C, H, W): tiny, single-row, single-column, non-square, smaller than the stencil.
+SHAPES = [
+    pytest.param((1, 1, 1, 1), id="B1-C1-1x1"),
+    pytest.param((2, 1, 1, 7), id="B2-C1-1x7"),
+    pytest.param((1, 2, 6, 1), id="B1-C2-6x1"),
+    pytest.param((2, 3, 5, 3), id="B2-C3-5x3"),
+    pytest.param((1, 1, 9, 13), id="B1-C1-9x13"),
+    pytest.param((3, 2, 4, 5), id="B3-C2-4x5"),
+]
+
+
+def make_params(shape, stencil, dtype=torch.float64, scale=0.3, device="cpu", requires_grad=False):
+    """(loc, log_diag, off_diag) with U well conditioned: d ~ exp(N(0, scale^2)),
+    off-diagonal weights ~ N(0, (scale / sqrt(S))^2), so the solves stay accurate."""
+    B, C, H, W = shape
+    loc = torch.randn(shape, dtype=dtype, device=device)
+    log_diag = scale * torch.randn(shape, dtype=dtype, device=device)
+    off_diag = (scale / stencil.S ** 0.5) * torch.randn(B, C * stencil.S, H, W, dtype=dtype, device=device)
+    out = (loc, log_diag, off_diag)
+    if requires_grad:
+        out = tuple(t.requires_grad_() for t in out)
+    return out
+
+
+def available_backends(device="cpu"):
+    names = []
+    for name in backends.NAMES:
+        if backends.available(name) and device in backends._DEVICES[name]:
+            names.append(name)
+    return names
+

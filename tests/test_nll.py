@@ -1,0 +1,63 @@
+"""The NLL / log_prob: every backend against the reference, the reference against a dense MVN."""
+import math
+
+import pytest
+import torch
+
+from helpers import SHAPES, STENCILS, make_params
+from structlik import StructuredNormal, ops, reference
+
+
+def dense_log_prob(x, loc, log_diag, off_diag, stencil):
+    """log N(x; loc, (U^T U)^-1) per image via torch's MultivariateNormal, channel by channel."""
+    B, C, H, W = x.shape
+    U = ops.to_dense_upper(log_diag, off_diag, stencil)
+    mvn = torch.distributions.MultivariateNormal(loc.reshape(B, C, H * W), precision_matrix=U.mT @ U)
+    return mvn.log_prob(x.reshape(B, C, H * W)).sum(-1)
+
+
+@pytest.mark.parametrize("stencil", STENCILS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_log_prob_equals_dense_mvn(shape, stencil, backend):
+    loc, log_diag, off_diag = make_params(shape, stencil)
+    x = loc + torch.randn(shape, dtype=torch.float64)
+    ours = StructuredNormal(loc, log_diag, off_diag, stencil).log_prob(x)
+    expected = dense_log_prob(x, loc, log_diag, off_diag, stencil)
+    assert ours.shape == (shape[0],)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("stencil", STENCILS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nll_matches_reference(shape, stencil, dtype, backend):
+    loc, log_diag, off_diag = make_params(shape, stencil, dtype=dtype)
+    x = loc + torch.randn(shape, dtype=dtype)
+    got = ops.nll(x, loc, log_diag, off_diag, stencil)
+    expected = reference.nll(x, loc, log_diag, off_diag, stencil)
+    assert got.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(got, expected, **tol)
+
+
+def test_nll_of_identity_U_is_standard_normal():
+    stencil = STENCILS[1].values[0]
+    shape = (2, 3, 4, 5)
+    x = torch.randn(shape, dtype=torch.float64)
+    zeros = torch.zeros(shape, dtype=torch.float64)
+    off = torch.zeros(2, 3 * stencil.S, 4, 5, dtype=torch.float64)
+    expected = 0.5 * x.square().sum((1, 2, 3)) + 0.5 * 60 * math.log(2 * math.pi)
+    torch.testing.assert_close(ops.nll(x, zeros, zeros, off, stencil), expected, rtol=1e-14, atol=0)
+
+
+def test_half_precision_inputs_accumulate_in_float32():
+    stencil = STENCILS[0].values[0]
+    loc, log_diag, off_diag = make_params((2, 1, 8, 8), stencil, dtype=torch.float32)
+    x = loc + torch.randn_like(loc)
+    expected = reference.nll(x, loc, log_diag, off_diag, stencil)
+    half = [t.bfloat16() for t in (x, loc, log_diag, off_diag)]
+    got = ops.nll(*half, stencil)
+    assert got.dtype == torch.float32
+    upcast = reference.nll(*[t.float() for t in half], stencil)
+    torch.testing.assert_close(got, upcast)
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=1.0)

@@ -1,0 +1,14 @@
+import pytest
+import torch
+
+from helpers import SHAPES, STENCILS, make_params
+from structlik import ops
+
+
+@pytest.mark.parametrize("stencil", STENCILS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_precision_diagonal_matches_dense(shape, stencil, backend):
+    _, log_diag, off_diag = make_params(shape, stencil)
+    U = ops.to_dense_upper(log_diag, off_diag, stencil)
+    expected = torch.diagonal(U.mT @ U, dim1=-2, dim2=-1).reshape(shape)
+    torch.testing.assert_close(ops.precision_diagonal(log_diag, off_diag, stencil), expected, rtol=1e-13, atol=0)
