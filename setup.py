@@ -14,12 +14,16 @@ def extension_modules():
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     debug = os.environ.get("STRUCTLIK_DEBUG") == "1"
-    flags = ["-O0", "-g"] if debug else ["-O3", "-fopenmp"]
+    # The extension is built on the machine that runs it (pip builds from source), so
+    # tuning for it is safe; STRUCTLIK_CPU_ARCH="" (or another -march value) overrides.
+    arch = os.environ.get("STRUCTLIK_CPU_ARCH", "native")
+    # -fopenmp: at::parallel_for is an OpenMP loop in torch's headers; without it, one thread.
+    flags = ["-O0", "-g", "-fopenmp"] if debug else ["-O3", "-fopenmp"] + ([f"-march={arch}"] if arch else [])
     ext = CppExtension(
         "structlik._C",
         sources,
-        extra_compile_args={"cxx": flags + ["-std=c++17"]},
-        extra_link_args=[] if debug else ["-fopenmp"],
+        extra_compile_args={"cxx": flags},
+        extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

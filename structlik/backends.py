@@ -13,7 +13,9 @@ importable, and everything else the reference.
 """
 from __future__ import annotations
 
+import importlib
 import os
+import warnings
 from types import ModuleType
 from typing import Callable, Dict, Optional
 
@@ -26,9 +28,16 @@ ENV_VAR = "STRUCTLIK_BACKEND"
 
 # name -> loader returning the backend module, or raising ImportError/RuntimeError
 # with the reason it is unavailable. Later backends register themselves here.
-_LOADERS: Dict[str, Callable[[], ModuleType]] = {"reference": lambda: reference}
+_LOADERS: Dict[str, Callable[[], ModuleType]] = {
+    "reference": lambda: reference,
+    "cpu": lambda: importlib.import_module("structlik.cpu"),
+}
 # name -> the devices it runs on
-_DEVICES: Dict[str, tuple] = {"reference": ("cpu", "cuda", "meta", "mps", "xpu")}
+_DEVICES: Dict[str, tuple] = {
+    "reference": ("cpu", "cuda", "meta", "mps", "xpu"),
+    "cpu": ("cpu",),
+}
+_warned: set = set()
 _loaded: Dict[str, Optional[ModuleType]] = {}
 _why_unavailable: Dict[str, str] = {}
 
@@ -82,6 +91,10 @@ def backend_for(device: torch.device) -> ModuleType:
         module = _load(preferred)
         if module is not None:
             return module
+        if preferred not in _warned:
+            _warned.add(preferred)
+            warnings.warn(f"structlik: the {preferred} kernels are unavailable ({_why_unavailable[preferred]}); "
+                          f"{device.type} tensors use the slower reference backend", RuntimeWarning, stacklevel=3)
     return reference
 
 

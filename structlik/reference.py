@@ -84,24 +84,29 @@ def precision_diagonal(log_diag, off_diag, stencil):
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _dense_pattern(stencil: Stencil, H: int, W: int, device: torch.device):
+    """Where each weight lands in dense U: (flat index p*n + q in U, flat index i*n + p in the weights)."""
+    n = H * W
+    ys = torch.arange(H).repeat_interleave(W)
+    xs = torch.arange(W).repeat(H)
+    slots, sources = [], []
+    for i, (dy, dx) in enumerate(stencil.offsets):
+        inside = (ys + dy < H) & (xs + dx >= 0) & (xs + dx < W)
+        p = torch.nonzero(inside).flatten()
+        slots.append(p * n + p + dy * W + dx)
+        sources.append(i * n + p)
+    return torch.cat(slots).to(device), torch.cat(sources).to(device)
+
+
 def to_dense_upper(log_diag, off_diag, stencil):
     """Dense U: (B, C, n, n) with n = H*W in raster order. Small images only."""
     B, C, H, W = log_diag.shape
     n = H * W
-    rows, cols, which = [], [], []
-    for i, (dy, dx) in enumerate(stencil.offsets):
-        for y in range(H):
-            for x in range(W):
-                if 0 <= y + dy < H and 0 <= x + dx < W:
-                    rows.append(y * W + x)
-                    cols.append((y + dy) * W + (x + dx))
-                    which.append(i * n + y * W + x)
+    slots, sources = _dense_pattern(stencil, H, W, log_diag.device)
     dense = torch.diag_embed(log_diag.exp().reshape(B, C, n)).reshape(B, C, n * n)
-    if rows:
-        device = log_diag.device
-        flat = torch.tensor(rows, device=device) * n + torch.tensor(cols, device=device)
-        values = weights(off_diag, stencil).reshape(B, C, stencil.S * n)[..., torch.tensor(which, device=device)]
-        dense = dense.scatter(-1, flat.expand(B, C, -1), values)
+    values = weights(off_diag, stencil).reshape(B, C, stencil.S * n)[..., sources]
+    dense = dense.scatter(-1, slots.expand(B, C, -1), values)
     return dense.reshape(B, C, n, n)
 
 

@@ -1,0 +1,54 @@
+"""Command-line options and inputs shared by the benchmark files."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from structlik import Stencil, backends  # noqa: E402
+
+# The sizes the CPU-kernel issue fixes: (B, C, H, W, stencil).
+SIZES = {
+    "B64-C1-64x64-r1": (64, 1, 64, 64, Stencil(1)),
+    "B64-C1-64x64-r3": (64, 1, 64, 64, Stencil(3)),
+    "B8-C3-128x128-r2": (8, 3, 128, 128, Stencil(2)),
+}
+QUICK = {"B4-C1-16x16-r1": (4, 1, 16, 16, Stencil(1)), "B2-C3-24x20-r2d12": (2, 3, 24, 20, Stencil(2, (1, 2)))}
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, to check that the script runs")
+    p.add_argument("--sizes", nargs="*", help=f"subset of {list(SIZES)}")
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per CPU measurement")
+    return p
+
+
+def selected_sizes(args):
+    table = QUICK if args.quick else SIZES
+    names = args.sizes or list(table)
+    return {name: table[name] for name in names}
+
+
+def fused_backend(device: torch.device):
+    """The compiled backend for this device: the CPU extension or the Triton kernels."""
+    name = "cpu" if device.type == "cpu" else "triton"
+    if not backends.available(name):
+        raise SystemExit(f"the {name} backend is unavailable: {backends._why_unavailable.get(name)}")
+    return name, backends._load(name)
+
+
+def make_inputs(B, C, H, W, stencil, dtype, device, seed=0):
+    """x (no grad, like data) and loc, log_diag, off_diag (with grad, like a decoder's outputs)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    loc = torch.randn(B, C, H, W, generator=g, dtype=dtype)
+    x = loc + torch.randn(B, C, H, W, generator=g, dtype=dtype)
+    log_diag = 0.3 * torch.randn(B, C, H, W, generator=g, dtype=dtype)
+    off_diag = (0.3 / stencil.S ** 0.5) * torch.randn(B, C * stencil.S, H, W, generator=g, dtype=dtype)
+    return tuple(t.to(device) for t in (x, loc, log_diag, off_diag))

@@ -1,0 +1,69 @@
+// U r and U^T y (SPEC section 1), one (b, c) plane per task.
+//
+//   apply_upper:   out_p = d_p r_p + sum_i w_{p,i} r_{p+delta_i}        (gather)
+//   apply_upper_t: out_p = d_p y_p + sum_i w_{p-delta_i,i} y_{p-delta_i} (written as a scatter
+//                  of w_{p,i} y_p into p+delta_i, so every inner loop is contiguous in x)
+#include "stencil.h"
+
+namespace structlik {
+
+template <typename scalar_t, bool transposed>
+static void apply_plane(const scalar_t* __restrict__ in, const scalar_t* __restrict__ s,
+                        const scalar_t* __restrict__ w, scalar_t* __restrict__ out, int64_t H, int64_t W,
+                        const std::vector<Offset>& offsets) {
+  const int64_t n = H * W;
+  exp_row(s, out, n);
+  for (int64_t p = 0; p < n; ++p) out[p] *= in[p];
+  for (size_t i = 0; i < offsets.size(); ++i) {
+    const auto [dy, dx] = offsets[i];
+    const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
+    const scalar_t* wi = w + i * n;
+    for (int64_t y = 0; y + dy < H; ++y) {
+      const int64_t row = y * W, nrow = (y + dy) * W + dx;
+      if (transposed) {
+        for (int64_t x = lo; x < hi; ++x) out[nrow + x] += wi[row + x] * in[row + x];
+      } else {
+        for (int64_t x = lo; x < hi; ++x) out[row + x] += wi[row + x] * in[nrow + x];
+      }
+    }
+  }
+}
+
+template <bool transposed>
+static at::Tensor apply_upper_impl(const at::Tensor& image, const at::Tensor& log_diag, const at::Tensor& off_diag,
+                                   at::IntArrayRef flat_offsets) {
+  const auto offsets = check_params(log_diag, off_diag, flat_offsets);
+  check_image(image, transposed ? "y" : "r", log_diag);
+  const auto in = image.contiguous(), s = log_diag.contiguous(), w = off_diag.contiguous();
+  auto out = at::empty_like(in);
+  const int64_t planes = in.size(0) * in.size(1), H = in.size(2), W = in.size(3), n = H * W;
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "apply_upper", [&] {
+    const scalar_t* in_p = in.data_ptr<scalar_t>();
+    const scalar_t* s_p = s.data_ptr<scalar_t>();
+    const scalar_t* w_p = w.data_ptr<scalar_t>();
+    scalar_t* out_p = out.data_ptr<scalar_t>();
+    at::parallel_for(0, planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k)
+        apply_plane<scalar_t, transposed>(in_p + k * n, s_p + k * n, w_p + k * S * n, out_p + k * n, H, W, offsets);
+    });
+  });
+  return out;
+}
+
+at::Tensor apply_upper(const at::Tensor& r, const at::Tensor& log_diag, const at::Tensor& off_diag,
+                       at::IntArrayRef offsets) {
+  return apply_upper_impl<false>(r, log_diag, off_diag, offsets);
+}
+
+at::Tensor apply_upper_t(const at::Tensor& y, const at::Tensor& log_diag, const at::Tensor& off_diag,
+                         at::IntArrayRef offsets) {
+  return apply_upper_impl<true>(y, log_diag, off_diag, offsets);
+}
+
+TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
+  m.impl("apply_upper", &apply_upper);
+  m.impl("apply_upper_t", &apply_upper_t);
+}
+
+}  // namespace structlik

@@ -1,0 +1,41 @@
+// diag(U^T U)_p = d_p^2 + sum_i w_{p-delta_i,i}^2, written as a scatter of
+// w_{p,i}^2 into p+delta_i so the inner loop is contiguous in x.
+#include "stencil.h"
+
+namespace structlik {
+
+at::Tensor precision_diagonal(const at::Tensor& log_diag, const at::Tensor& off_diag, at::IntArrayRef flat_offsets) {
+  const auto offsets = check_params(log_diag, off_diag, flat_offsets);
+  const auto s = log_diag.contiguous(), w = off_diag.contiguous();
+  auto out = at::empty_like(s);
+  const int64_t planes = s.size(0) * s.size(1), H = s.size(2), W = s.size(3), n = H * W;
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "precision_diagonal", [&] {
+    const scalar_t* s_p = s.data_ptr<scalar_t>();
+    const scalar_t* w_p = w.data_ptr<scalar_t>();
+    scalar_t* out_p = out.data_ptr<scalar_t>();
+    at::parallel_for(0, planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const scalar_t* sk = s_p + k * n;
+        scalar_t* o = out_p + k * n;
+        exp_row(sk, o, n);
+        for (int64_t p = 0; p < n; ++p) o[p] *= o[p];
+        for (int64_t i = 0; i < S; ++i) {
+          const auto [dy, dx] = offsets[i];
+          const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
+          const scalar_t* wi = w_p + (k * S + i) * n;
+          for (int64_t y = 0; y + dy < H; ++y) {
+            const scalar_t* wrow = wi + y * W;
+            scalar_t* orow = o + (y + dy) * W + dx;
+            for (int64_t x = lo; x < hi; ++x) orow[x] += wrow[x] * wrow[x];
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) { m.impl("precision_diagonal", &precision_diagonal); }
+
+}  // namespace structlik

@@ -1,0 +1,116 @@
+// Shared helpers for the CPU kernels: argument checks, the stencil's offsets,
+// and the per-row valid range of an offset.
+//
+// Layout (SPEC section 3): images and log_diag are (B, C, H, W), off_diag is
+// (B, C*S, H, W) with channel c / offset i at c*S + i. Every kernel works on
+// one (b, c) plane at a time: the plane's S weight maps are then the S
+// consecutive (H, W) slices starting at off_diag[b, c*S].
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace structlik {
+
+struct Offset {
+  int64_t dy, dx;
+};
+
+// int[] offsets = [dy0, dx0, dy1, dx1, ...], each pointing forward in raster order.
+inline std::vector<Offset> parse_offsets(at::IntArrayRef flat) {
+  TORCH_CHECK(flat.size() % 2 == 0, "offsets: expected [dy0, dx0, dy1, dx1, ...], got ", flat.size(), " values");
+  std::vector<Offset> out;
+  for (size_t i = 0; i < flat.size(); i += 2) {
+    const int64_t dy = flat[i], dx = flat[i + 1];
+    TORCH_CHECK(dy > 0 || (dy == 0 && dx > 0), "offsets: (", dy, ", ", dx,
+                ") does not point forward in raster order");
+    out.push_back({dy, dx});
+  }
+  return out;
+}
+
+inline void check_image(const at::Tensor& t, const char* name, const at::Tensor& log_diag) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor");
+  TORCH_CHECK(t.dim() == 4, name, ": expected shape (B, C, H, W), got ", t.sizes());
+  TORCH_CHECK(t.sizes() == log_diag.sizes(), name, ": expected shape (B, C, H, W) = ", log_diag.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == log_diag.scalar_type(), name, ": dtype ", t.scalar_type(),
+              " does not match log_diag's ", log_diag.scalar_type());
+}
+
+// Checks log_diag (B, C, H, W) and off_diag (B, C*S, H, W); returns the offsets.
+inline std::vector<Offset> check_params(const at::Tensor& log_diag, const at::Tensor& off_diag,
+                                        at::IntArrayRef flat_offsets) {
+  auto offsets = parse_offsets(flat_offsets);
+  TORCH_CHECK(log_diag.device().is_cpu() && off_diag.device().is_cpu(), "log_diag, off_diag: expected CPU tensors");
+  TORCH_CHECK(log_diag.dim() == 4, "log_diag: expected shape (B, C, H, W), got ", log_diag.sizes());
+  TORCH_CHECK(log_diag.scalar_type() == at::kFloat || log_diag.scalar_type() == at::kDouble,
+              "log_diag: expected float32 or float64, got ", log_diag.scalar_type());
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  TORCH_CHECK(off_diag.dim() == 4 && off_diag.size(0) == log_diag.size(0) &&
+                  off_diag.size(1) == log_diag.size(1) * S && off_diag.size(2) == log_diag.size(2) &&
+                  off_diag.size(3) == log_diag.size(3),
+              "off_diag: expected shape (B, C*S, H, W) = (", log_diag.size(0), ", ", log_diag.size(1) * S, ", ",
+              log_diag.size(2), ", ", log_diag.size(3), "), got ", off_diag.sizes());
+  TORCH_CHECK(off_diag.scalar_type() == log_diag.scalar_type(), "off_diag: dtype ", off_diag.scalar_type(),
+              " does not match log_diag's ", log_diag.scalar_type());
+  return offsets;
+}
+
+// Columns x with 0 <= x + dx < W: [lo, hi).
+inline int64_t col_lo(int64_t dx) { return std::max<int64_t>(0, -dx); }
+inline int64_t col_hi(int64_t dx, int64_t W) { return std::min<int64_t>(W, W - dx); }
+
+// exp for float32 that the compiler can vectorise (std::exp is a scalar libm call
+// and was ~60% of the NLL forward at B=64, 64x64, radius 1). Cephes' expf:
+// x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-7 polynomial, times 2^n
+// built from the exponent bits in two halves so that n = 128 (x just below the
+// overflow threshold) is still exact. Accurate to ~1 ulp for x in [-87, 88.7];
+// exp_row() sends rows with any x outside that range to std::exp instead.
+inline float exp_poly(float x) {
+  // round to nearest by adding and subtracting 1.5 * 2^23 (std::floor would not vectorise
+  // without -fno-trapping-math); exact for |x * log2 e| < 2^22
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t half = static_cast<int32_t>(n) >> 1;
+  // __builtin_bit_cast, not memcpy: GCC's vectoriser gives up on the memcpy form.
+  const float lo = __builtin_bit_cast(float, (half + 127) << 23);
+  const float hi = __builtin_bit_cast(float, (static_cast<int32_t>(n) - half + 127) << 23);
+  return e * lo * hi;
+}
+
+// out[j] = exp(s[j]) for j < len.
+inline void exp_row(const float* __restrict__ s, float* __restrict__ out, int64_t len) {
+  int32_t out_of_range = 0;   // an int count, not a bool, so that the loop vectorises
+#pragma omp simd reduction(+ : out_of_range)
+  for (int64_t j = 0; j < len; ++j) out_of_range += (s[j] < -87.0f) | (s[j] > 88.5f) | (s[j] != s[j]);  // or NaN
+  if (out_of_range) {
+    for (int64_t j = 0; j < len; ++j) out[j] = std::exp(s[j]);
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) out[j] = exp_poly(s[j]);
+}
+
+inline void exp_row(const double* __restrict__ s, double* __restrict__ out, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) out[j] = std::exp(s[j]);
+}
+
+// Grain for at::parallel_for over planes: about 16K pixels of work per task.
+inline int64_t plane_grain(int64_t H, int64_t W) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * W)); }
+
+}  // namespace structlik

@@ -1,0 +1,50 @@
+// weight_grad(a, b)[c*S+i, p] = a_p * b_{p+delta_i} (zero where p+delta_i is outside):
+// the gradient of a^T U b with respect to off_diag. The backward passes of
+// apply_upper, apply_upper_t and both solves are built from it.
+#include "stencil.h"
+
+namespace structlik {
+
+at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef flat_offsets) {
+  const auto offsets = parse_offsets(flat_offsets);
+  TORCH_CHECK(a.device().is_cpu() && a.dim() == 4, "a: expected a CPU tensor of shape (B, C, H, W), got ", a.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble, "a: expected float32 or float64");
+  check_image(b, "b", a);
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  const int64_t B = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), n = H * W;
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  auto out = at::empty({B, C * S, H, W}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "weight_grad", [&] {
+    const scalar_t* a_p = ac.data_ptr<scalar_t>();
+    const scalar_t* b_p = bc.data_ptr<scalar_t>();
+    scalar_t* out_p = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const scalar_t* ak = a_p + k * n;
+        const scalar_t* bk = b_p + k * n;
+        for (int64_t i = 0; i < S; ++i) {
+          const auto [dy, dx] = offsets[i];
+          const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
+          scalar_t* o = out_p + (k * S + i) * n;
+          for (int64_t y = 0; y < H; ++y) {
+            scalar_t* orow = o + y * W;
+            if (y + dy >= H || lo >= hi) {  // the neighbour is outside for the whole row
+              std::fill(orow, orow + W, scalar_t(0));
+              continue;
+            }
+            const scalar_t* arow = ak + y * W;
+            const scalar_t* brow = bk + (y + dy) * W + dx;
+            std::fill(orow, orow + lo, scalar_t(0));
+            for (int64_t x = lo; x < hi; ++x) orow[x] = arow[x] * brow[x];
+            std::fill(orow + hi, orow + W, scalar_t(0));
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) { m.impl("weight_grad", &weight_grad); }
+
+}  // namespace structlik

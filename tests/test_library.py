@@ -1,0 +1,59 @@
+"""The compiled ops as torch.library ops: opcheck, and torch.compile(fullgraph=True) through the loss."""
+import pytest
+import torch
+
+from helpers import make_params
+from structlik import Stencil, backends, structured_gaussian_nll
+
+COMPILED = [name for name in ("cpu", "triton") if backends.available(name)]
+NAMESPACE = {"cpu": "structlik_cpu", "triton": "structlik_triton"}
+STENCIL = Stencil(1, (1, 2))
+
+
+def sample_inputs(grad):
+    loc, log_diag, off_diag = make_params((2, 2, 5, 4), STENCIL, requires_grad=grad)
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=grad)
+    return x, loc, log_diag, off_diag
+
+
+def op_cases():
+    offsets = STENCIL.flat_offsets
+    for name in ("apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t"):
+        yield name, lambda g, name=name: (sample_inputs(g)[0], *sample_inputs(g)[2:], offsets), True
+    yield "precision_diagonal", lambda g: (*sample_inputs(g)[2:], offsets), True
+    yield "nll", lambda g: (*sample_inputs(g), offsets), True
+    yield "weight_grad", lambda g: (*sample_inputs(False)[:2], offsets), False
+    yield "nll_backward", lambda g: (torch.rand(2, dtype=torch.float64), *sample_inputs(False), offsets), False
+
+
+@pytest.mark.parametrize("backend_name", COMPILED)
+@pytest.mark.parametrize("name,make,differentiable", [pytest.param(*c, id=c[0]) for c in op_cases()])
+def test_opcheck(backend_name, name, make, differentiable):
+    op = getattr(getattr(torch.ops, NAMESPACE[backend_name]), name)
+    for grad in ((False, True) if differentiable else (False,)):
+        torch.library.opcheck(op, make(grad))
+
+
+@pytest.mark.parametrize("backend", COMPILED, indirect=True)
+def test_compile_fullgraph_nll(backend):
+    x, loc, log_diag, off_diag = [t.detach().float().requires_grad_() for t in sample_inputs(False)]
+    compiled = torch.compile(lambda *a: structured_gaussian_nll(*a, STENCIL), fullgraph=True, backend="aot_eager")
+    got = compiled(x, loc, log_diag, off_diag)
+    got.backward()
+    grads = [t.grad.clone() for t in (x, loc, log_diag, off_diag)]
+    for t in (x, loc, log_diag, off_diag):
+        t.grad = None
+    expected = structured_gaussian_nll(x, loc, log_diag, off_diag, STENCIL)
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    for g, t in zip(grads, (x, loc, log_diag, off_diag)):
+        torch.testing.assert_close(g, t.grad)
+
+
+@pytest.mark.parametrize("backend", COMPILED, indirect=True)
+def test_compile_inductor_nll(backend):
+    """The default inductor backend also compiles the loss (it calls our kernel as an extern op)."""
+    x, loc, log_diag, off_diag = [t.detach().float() for t in sample_inputs(False)]
+    compiled = torch.compile(lambda *a: structured_gaussian_nll(*a, STENCIL), fullgraph=True)
+    torch.testing.assert_close(compiled(x, loc, log_diag, off_diag),
+                               structured_gaussian_nll(x, loc, log_diag, off_diag, STENCIL))
