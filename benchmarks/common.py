@@ -5,7 +5,11 @@ import argparse
 import os
 import sys
 
-import torch
+# Compile torch.compile contenders in this process: inductor's pool of compile
+# workers otherwise starts in the background and slows the timings that follow.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,3 +56,7 @@ def make_inputs(B, C, H, W, stencil, dtype, device, seed=0):
     log_diag = 0.3 * torch.randn(B, C, H, W, generator=g, dtype=dtype)
     off_diag = (0.3 / stencil.S ** 0.5) * torch.randn(B, C * stencil.S, H, W, generator=g, dtype=dtype)
     return tuple(t.to(device) for t in (x, loc, log_diag, off_diag))
+
+
+def element_bytes(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

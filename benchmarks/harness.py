@@ -8,11 +8,12 @@ peak memory, and prints a markdown table with the ratio of each contender's
 time to the fused kernel's. Results are also written as CSV and markdown under
 ``benchmarks/results/`` with the device and versions.
 
-Peak memory is what one call allocates beyond its inputs: on CUDA,
-``torch.cuda.max_memory_allocated`` minus the allocation before the call; on
-CPU, the rise of the process's peak resident set (``VmHWM`` in
-/proc/self/status, reset through /proc/self/clear_refs before the call) over
-its resident set before it, so it also counts allocator slack.
+Peak memory is what one call allocates beyond its inputs, measured after all
+timing: on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation
+before the call; on CPU, the rise of the process's peak resident set
+(``VmHWM`` in /proc/self/status, reset through /proc/self/clear_refs) over its
+resident set before the call, with glibc made to return freed blocks of 64 KiB
+or more to the OS (smaller temporaries are not seen).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class Case:
     check: Callable[[object, object], str]   # (got, expected) -> error description, raises if wrong
     fused: str                          # name of the contender the ratios refer to
     reference: str                      # name of the contender the others are checked against
+    min_bytes: int = 0                  # fewest bytes the op must move: each input read once, each output written once
 
 
 def device_name(device: torch.device) -> str:
@@ -77,6 +79,33 @@ def _status_kb(key: str) -> int:
         return int(re.search(key + r":\s+(\d+) kB", f.read()).group(1))
 
 
+def _return_freed_memory_to_the_os() -> None:
+    """Make glibc serve every allocation of 64 KiB or more with its own mmap, returned on free.
+
+    By default glibc raises its mmap threshold as large blocks are freed (up to
+    32 MiB) and keeps them in its heap, so a process's resident set no longer
+    rises when a call allocates; with a fixed threshold it does, and VmHWM then
+    measures the call's peak. Set only for the memory phase, after all timing,
+    since it changes how fast large allocations are.
+    """
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)     # M_MMAP_THRESHOLD (fixing it disables the dynamic raise)
+        libc.mallopt(-1, 64 * 1024)     # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Device-to-device copy of 256 MiB: bytes read + written per second."""
+    src = torch.empty(64 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, min_run_time=0.5)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
 def peak_memory_mb(fn: Callable, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -90,7 +119,8 @@ def peak_memory_mb(fn: Callable, device: torch.device) -> float:
             f.write("5")                 # reset VmHWM to the current RSS
         base = _status_kb("VmRSS")
         fn()
-        return (_status_kb("VmHWM") - base) / 1024
+        # The kernel's RSS counters are batched per CPU (~0.25 MiB of jitter): clamp at 0.
+        return max(0.0, (_status_kb("VmHWM") - base) / 1024)
     except OSError:
         return float("nan")
 
@@ -106,18 +136,24 @@ def median_ms(fn: Callable, device: torch.device, min_run_time: float) -> float:
 
 
 def run(family: str, cases: List[Case], device: torch.device, min_run_time: float = 1.0,
-        extra_columns: Optional[Callable[[Case, Contender, float], Dict[str, str]]] = None) -> List[dict]:
-    """Check, time and report; returns the rows (also written to results/)."""
-    rows = []
+        extra_columns: Optional[Callable[[Case, Contender, float], Dict[str, str]]] = None,
+        notes: str = "") -> List[dict]:
+    """Check, time, then measure memory; report and return the rows (also written to results/)."""
+    copy_gbs = copy_bandwidth_gbs(device)
+    notes = (notes + "\n\n" if notes else "") + (
+        f"Device-to-device copy measured in this run: {copy_gbs:.1f} GB/s (read + write). GB/s: the fewest bytes "
+        f"the op must move (each input read once, each output written once) / time; of_copy: that / the copy's.")
+    rows, timed = [], []
     for case in cases:
         by_name = {c.name: c for c in case.contenders}
         expected = by_name[case.reference].fn()
         timings = {}
+        case_rows = []
         for c in case.contenders:
             row = {"family": family, "case": case.label, "mode": case.mode, "contender": c.name, "note": c.note}
+            case_rows.append(row)
             if c.skip:
-                row.update(status=f"skipped: {c.skip}", ms="", ratio="", peak_mb="", error="")
-                rows.append(row)
+                row.update(status=f"skipped: {c.skip}")
                 continue
             try:
                 error = case.check(c.fn(), expected)   # also warms up (compiles, caches)
@@ -125,16 +161,23 @@ def run(family: str, cases: List[Case], device: torch.device, min_run_time: floa
                 raise AssertionError(f"{family} {case.label}: {c.name} disagrees with {case.reference}: {err}")
             ms = median_ms(c.fn, device, min_run_time)
             timings[c.name] = ms
-            row.update(status="ok", ms=ms, peak_mb=peak_memory_mb(c.fn, device), error=error)
-            rows.append(row)
+            row.update(status="ok", ms=ms, error=error)
+            if case.min_bytes:
+                gbs = case.min_bytes / (ms * 1e-3) / 1e9
+                row.update(GBps=gbs, of_copy=gbs / copy_gbs)
+            if extra_columns:
+                row.update(extra_columns(case, c, ms))
+            timed.append((row, c))
             print(f"  {case.label:24s} {case.mode:8s} {c.name:26s} {ms:10.3f} ms", file=sys.stderr, flush=True)
-        fused_ms = timings.get(case.fused)
-        for row in rows:
-            if row["case"] == case.label and row["mode"] == case.mode and row["status"] == "ok" and fused_ms:
-                row["ratio"] = row["ms"] / fused_ms
-            if extra_columns and row["case"] == case.label and row["status"] == "ok":
-                row.update(extra_columns(case, by_name[row["contender"]], row["ms"]))
-    _write(family, rows, device)
+        for row in case_rows:
+            if row["status"] == "ok" and timings.get(case.fused):
+                row["ratio"] = row["ms"] / timings[case.fused]
+        rows += case_rows
+    if device.type == "cpu":
+        _return_freed_memory_to_the_os()
+    for row, c in timed:
+        row["peak_mb"] = peak_memory_mb(c.fn, device)
+    _write(family, rows, device, notes)
     return rows
 
 
@@ -151,13 +194,13 @@ def markdown(rows: List[dict], columns: List[str]) -> str:
     return "\n".join(lines)
 
 
-def _write(family: str, rows: List[dict], device: torch.device) -> None:
+def _write(family: str, rows: List[dict], device: torch.device, notes: str = "") -> None:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     meta = {"device": device_name(device), "date": datetime.date.today().isoformat(), **versions(),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
-    columns = ["case", "mode", "contender", "ms", "ratio", "peak_mb", "error", "status", "note"]
-    extra = sorted({k for r in rows for k in r} - set(columns) - {"family"})
-    columns += extra
+    columns = ["case", "mode", "contender", "ms", "ratio", "GBps", "of_copy", "peak_mb", "error", "status", "note"]
+    present = {k for r in rows for k in r}
+    columns = [c for c in columns if c in present] + sorted(present - set(columns) - {"family"})
     tag = f"{family}-{device.type}"
     with open(os.path.join(RESULTS_DIR, f"{tag}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["family"] + columns + list(meta))
@@ -169,8 +212,9 @@ def _write(family: str, rows: List[dict], device: torch.device) -> None:
     with open(os.path.join(RESULTS_DIR, f"{tag}.md"), "w") as f:
         f.write(f"## {family} on {device.type}\n\n{header}\n\n"
                 "ms: median time; ratio: time / the fused kernel's (higher is slower); peak_mb: memory one call "
-                "allocates beyond its inputs; error: max deviation from the reference contender.\n\n"
-                f"{table}\n")
+                "allocates beyond its inputs (MiB); error: max abs deviation from the reference contender / that "
+                "relative to the reference's largest entry.\n\n"
+                + (f"{notes}\n\n" if notes else "") + f"{table}\n")
     print(f"\n## {family} on {device.type}\n\n{header}\n\n{table}\n")
 
 

@@ -110,3 +110,21 @@ def dense_sample(z, log_diag, off_diag, stencil, budget_bytes=1 << 30):
         U = ops.to_dense_upper(s[k:k + chunk], w[k:k + chunk], stencil)[:, 0]
         out.append(torch.linalg.solve_triangular(U, zz[k:k + chunk], upper=True))
     return torch.cat(out).reshape(B, C, H, W)
+
+
+def torch_csr_sample(z, log_diag, off_diag, stencil, pattern: CSRPattern):
+    """U^-1 z plane by plane with ``torch.triangular_solve`` on a sparse CSR U (cuSPARSE on CUDA)."""
+    B, C, H, W = z.shape
+    n, device = H * W, z.device
+    crow = torch.as_tensor(pattern.indptr, device=device)
+    col = torch.as_tensor(pattern.cols, device=device)
+    src = torch.as_tensor(pattern.src, device=device)
+    d = log_diag.exp().reshape(B * C, n)
+    w = off_diag.reshape(B * C, stencil.S * n)
+    values = torch.cat([d, w], dim=1)[:, src]
+    zz = z.reshape(B * C, n, 1)
+    out = torch.empty_like(zz)
+    for k in range(B * C):
+        U = torch.sparse_csr_tensor(crow, col, values[k], (n, n))
+        out[k] = torch.triangular_solve(zz[k], U, upper=True).solution
+    return out.reshape(B, C, H, W)

@@ -5,7 +5,7 @@
 //   d/dx = g U^T u         (d/dloc is its negative, formed by the caller only if needed)
 //   d/ds_p = g (u_p r_p d_p - 1)
 //   d/dw_{p,i} = g u_p r_{p+delta_i}
-// Each task keeps two plane-sized buffers (r and u, one value per pixel); no
+// Each task keeps one plane-sized buffer (r = x - loc) and rows of u and d; no
 // tensor of S values per pixel exists besides the off_diag gradient itself.
 #include <cmath>
 
@@ -13,28 +13,28 @@
 
 namespace structlik {
 
-// u = U r for one plane; r = x - loc is written to r_buf on the way.
+// Row y of u = U r, given the whole plane of r (rows below y are read).
 template <typename scalar_t>
-static void residual_and_u(const scalar_t* __restrict__ x, const scalar_t* __restrict__ loc,
-                           const scalar_t* __restrict__ s, const scalar_t* __restrict__ w, int64_t H, int64_t W,
-                           const std::vector<Offset>& offsets, scalar_t* __restrict__ r, scalar_t* __restrict__ u) {
+static inline void u_row(const scalar_t* __restrict__ r, const scalar_t* __restrict__ s, const scalar_t* __restrict__ w,
+                         int64_t y, int64_t H, int64_t W, const std::vector<Offset>& offsets,
+                         scalar_t* __restrict__ d, scalar_t* __restrict__ u) {
   const int64_t n = H * W;
-  exp_row(s, u, n);
-  for (int64_t p = 0; p < n; ++p) {
-    r[p] = x[p] - loc[p];
-    u[p] *= r[p];
-  }
+  exp_row(s + y * W, d, W);
+  const scalar_t* __restrict__ rrow = r + y * W;
+  for (int64_t x = 0; x < W; ++x) u[x] = d[x] * rrow[x];
   for (size_t i = 0; i < offsets.size(); ++i) {
     const auto [dy, dx] = offsets[i];
-    const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
-    const scalar_t* wi = w + i * n;
-    for (int64_t y = 0; y + dy < H; ++y) {
-      const scalar_t* __restrict__ wrow = wi + y * W;
-      const scalar_t* __restrict__ rrow = r + (y + dy) * W + dx;
-      scalar_t* __restrict__ urow = u + y * W;
-      for (int64_t x = lo; x < hi; ++x) urow[x] += wrow[x] * rrow[x];
-    }
+    if (y + dy >= H) continue;
+    const scalar_t* __restrict__ wrow = w + i * n + y * W;
+    const scalar_t* __restrict__ rn = r + (y + dy) * W + dx;
+    for (int64_t x = col_lo(dx), hi = col_hi(dx, W); x < hi; ++x) u[x] += wrow[x] * rn[x];
   }
+}
+
+template <typename scalar_t>
+static inline void residual(const scalar_t* __restrict__ x, const scalar_t* __restrict__ loc, scalar_t* __restrict__ r,
+                            int64_t n) {
+  for (int64_t p = 0; p < n; ++p) r[p] = x[p] - loc[p];
 }
 
 at::Tensor nll(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log_diag, const at::Tensor& off_diag,
@@ -54,16 +54,21 @@ at::Tensor nll(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log
     const scalar_t* s_p = s.data_ptr<scalar_t>();
     const scalar_t* w_p = w.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> r(n), u(n);
+      // Rows outer, offsets inner: the rows of r that one row of u reads stay in L1.
+      std::vector<scalar_t> r(n), u(W), d(W);
       for (int64_t k = begin; k < end; ++k) {
         const scalar_t* sk = s_p + k * n;
-        residual_and_u(x_p + k * n, l_p + k * n, sk, w_p + k * S * n, H, W, offsets, r.data(), u.data());
+        residual(x_p + k * n, l_p + k * n, r.data(), n);
         acc_t quad = 0, logdet = 0;
-        // simd reduction: lets the compiler keep several partial sums (plain C++ may not reassociate)
-        _Pragma("omp simd reduction(+ : quad, logdet)")
-        for (int64_t p = 0; p < n; ++p) {
-          quad += acc_t(u[p]) * acc_t(u[p]);
-          logdet += acc_t(sk[p]);
+        for (int64_t y = 0; y < H; ++y) {
+          u_row(r.data(), sk, w_p + k * S * n, y, H, W, offsets, d.data(), u.data());
+          const scalar_t* srow = sk + y * W;
+          // simd reduction: lets the compiler keep several partial sums (plain C++ may not reassociate)
+          _Pragma("omp simd reduction(+ : quad, logdet)")
+          for (int64_t x = 0; x < W; ++x) {
+            quad += acc_t(u[x]) * acc_t(u[x]);
+            logdet += acc_t(srow[x]);
+          }
         }
         per_plane[k] = 0.5 * quad - logdet;
       }
@@ -101,43 +106,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nll_backward(const at::Tensor& gr
     scalar_t* gs_p = grad_s.data_ptr<scalar_t>();
     scalar_t* gw_p = grad_w.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> r(n), u(n);
+      // One sweep over the rows: row y of u gives row y of d/ds and d/dw, and scatters
+      // w_{p,i} u_p into rows y + dy_i of U^T u; row y of d/dx is complete once row y is done.
+      std::vector<scalar_t> r(n), u(W), d(W);
       for (int64_t k = begin; k < end; ++k) {
         const scalar_t g = g_p[k / C];
         const scalar_t* sk = s_p + k * n;
         const scalar_t* wk = w_p + k * S * n;
-        residual_and_u(x_p + k * n, l_p + k * n, sk, wk, H, W, offsets, r.data(), u.data());
         scalar_t* gx = gx_p + k * n;
         scalar_t* gs = gs_p + k * n;
-        exp_row(sk, gx, n);   // gx holds d until it becomes d * u
-        for (int64_t p = 0; p < n; ++p) {
-          gs[p] = g * (u[p] * r[p] * gx[p] - scalar_t(1));
-          gx[p] *= u[p];
-        }
-        for (int64_t i = 0; i < S; ++i) {
-          const auto [dy, dx] = offsets[i];
-          const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
-          const scalar_t* wi = wk + i * n;
-          scalar_t* gwi = gw_p + (k * S + i) * n;
-          for (int64_t y = 0; y < H; ++y) {
-            scalar_t* gwrow = gwi + y * W;
-            if (y + dy >= H || lo >= hi) {
+        residual(x_p + k * n, l_p + k * n, r.data(), n);
+        std::fill(gx, gx + n, scalar_t(0));
+        for (int64_t y = 0; y < H; ++y) {
+          u_row(r.data(), sk, wk, y, H, W, offsets, d.data(), u.data());
+          const scalar_t* __restrict__ rrow = r.data() + y * W;
+          scalar_t* __restrict__ gsrow = gs + y * W;
+          scalar_t* __restrict__ gxrow = gx + y * W;
+          for (int64_t x = 0; x < W; ++x) {
+            gsrow[x] = g * (u[x] * rrow[x] * d[x] - scalar_t(1));
+            gxrow[x] += d[x] * u[x];
+          }
+          for (int64_t i = 0; i < S; ++i) {
+            const auto [dy, dx] = offsets[i];
+            const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
+            scalar_t* __restrict__ gwrow = gw_p + (k * S + i) * n + y * W;
+            if (y + dy >= H || lo >= hi) {   // the neighbour is outside for the whole row
               std::fill(gwrow, gwrow + W, scalar_t(0));
               continue;
             }
-            const scalar_t* __restrict__ urow = u.data() + y * W;
-            const scalar_t* __restrict__ wrow = wi + y * W;
-            const scalar_t* __restrict__ rrow = r.data() + (y + dy) * W + dx;
-            scalar_t* __restrict__ gxrow = gx + (y + dy) * W + dx;
+            const scalar_t* __restrict__ wrow = wk + i * n + y * W;
+            const scalar_t* __restrict__ rn = r.data() + (y + dy) * W + dx;
+            scalar_t* __restrict__ gxn = gx + (y + dy) * W + dx;
             std::fill(gwrow, gwrow + lo, scalar_t(0));
             for (int64_t x = lo; x < hi; ++x) {
-              gwrow[x] = g * urow[x] * rrow[x];
-              gxrow[x] += wrow[x] * urow[x];   // (U^T u)_{p+delta_i} += w_{p,i} u_p
+              gwrow[x] = g * u[x] * rn[x];
+              gxn[x] += wrow[x] * u[x];   // (U^T u)_{p+delta_i} += w_{p,i} u_p
             }
             std::fill(gwrow + hi, gwrow + W, scalar_t(0));
           }
+          for (int64_t x = 0; x < W; ++x) gxrow[x] *= g;
         }
-        for (int64_t p = 0; p < n; ++p) gx[p] *= g;
       }
     });
   });

@@ -31,11 +31,14 @@ ENV_VAR = "STRUCTLIK_BACKEND"
 _LOADERS: Dict[str, Callable[[], ModuleType]] = {
     "reference": lambda: reference,
     "cpu": lambda: importlib.import_module("structlik.cpu"),
+    "triton": lambda: importlib.import_module("structlik.triton_backend"),
 }
 # name -> the devices it runs on
 _DEVICES: Dict[str, tuple] = {
     "reference": ("cpu", "cuda", "meta", "mps", "xpu"),
     "cpu": ("cpu",),
+    # Triton's interpreter (TRITON_INTERPRET=1, how CI tests the kernels) runs them on CPU tensors.
+    "triton": ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
 }
 _warned: set = set()
 _loaded: Dict[str, Optional[ModuleType]] = {}

@@ -8,7 +8,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from helpers import available_backends  # noqa: E402
+import itertools  # noqa: E402
+
+from helpers import SHAPES, STENCILS, available_backends  # noqa: E402
 from structlik import backends  # noqa: E402
 
 settings.register_profile(
@@ -24,8 +26,43 @@ def _seed():
     yield
 
 
-@pytest.fixture(params=available_backends())
+@pytest.fixture
 def backend(request, monkeypatch):
-    """Run the test once per backend available on CPU tensors."""
+    """Force the backend named by the parametrisation (see pytest_generate_tests)."""
     monkeypatch.setenv(backends.ENV_VAR, request.param)
     return request.param
+
+
+# The interpreter runs Triton kernels at ~16 ms per program instance, so the
+# Triton backend gets one shape per stencil (every stencil kind and every
+# shape still appear) instead of the full cross product the others get.
+INTERPRETED = ("triton",)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "not_interpreted: too slow for backends run by an interpreter (Triton on CPU)")
+
+
+def pytest_generate_tests(metafunc):
+    """Run every test that takes ``backend`` once per backend available on CPU tensors,
+    crossed with (shape, stencil) when it takes those too."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        if "backend" in marker.args[0]:
+            return      # the test chose its backends itself
+    names = available_backends()
+    if metafunc.definition.get_closest_marker("not_interpreted") and os.environ.get("TRITON_INTERPRET") == "1":
+        names = [n for n in names if n not in INTERPRETED]
+    if not {"shape", "stencil"} <= set(metafunc.fixturenames):
+        metafunc.parametrize("backend", names, indirect=True)
+        return
+    params = []
+    for name in available_backends():
+        if name in INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1":
+            combos = [(SHAPES[i % len(SHAPES)], st) for i, st in enumerate(STENCILS)]
+        else:
+            combos = itertools.product(SHAPES, STENCILS)
+        for shape, stencil in combos:
+            params.append(pytest.param(name, shape.values[0], stencil.values[0], id=f"{name}-{shape.id}-{stencil.id}"))
+    metafunc.parametrize("backend,shape,stencil", params, indirect=["backend"])

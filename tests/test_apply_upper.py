@@ -2,12 +2,10 @@
 import pytest
 import torch
 
-from helpers import SHAPES, STENCILS, make_params
+from helpers import STENCILS, make_params
 from structlik import ops, reference
 
 
-@pytest.mark.parametrize("stencil", STENCILS)
-@pytest.mark.parametrize("shape", SHAPES)
 def test_apply_upper_matches_dense(shape, stencil, backend):
     _, log_diag, off_diag = make_params(shape, stencil)
     B, C, H, W = shape
@@ -18,8 +16,6 @@ def test_apply_upper_matches_dense(shape, stencil, backend):
     torch.testing.assert_close(ops.apply_upper_t(r, log_diag, off_diag, stencil), (U.mT @ col).reshape(shape))
 
 
-@pytest.mark.parametrize("stencil", STENCILS)
-@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_apply_upper_matches_reference(shape, stencil, dtype, backend):
     _, log_diag, off_diag = make_params(shape, stencil, dtype=dtype)

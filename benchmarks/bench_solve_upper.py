@@ -1,0 +1,86 @@
+"""Sampling x = loc + U^-1 z: the fused solve against the reference, scipy and dense solves.
+
+    python benchmarks/bench_solve_upper.py
+    python benchmarks/bench_solve_upper.py --quick
+
+Before timing, the fused solve is checked in float64 against a dense
+``torch.linalg.solve_triangular`` at a small size (the "exact" row), and every
+contender against the reference at each size.
+"""
+from __future__ import annotations
+
+import torch
+
+import common
+import harness
+import peers
+from structlik import Stencil, reference
+
+
+def exactness(fused, device):
+    """Max relative deviation of the fused solves from dense float64 triangular solves."""
+    stencil = Stencil(2, (1, 2))
+    _, _, s, w = common.make_inputs(4, 2, 19, 23, stencil, torch.float64, device)
+    z = torch.randn(4, 2, 19, 23, dtype=torch.float64, device=device)
+    dense = peers.dense_sample(z, s, w, stencil)
+    got = fused.solve_upper(z, s, w, stencil)
+    U = reference.to_dense_upper(s, w, stencil)
+    dense_t = torch.linalg.solve_triangular(U.mT, z.reshape(4, 2, -1, 1), upper=False).reshape(z.shape)
+    got_t = fused.solve_upper_t(z, s, w, stencil)
+    rel = max(((got - dense).abs().max() / dense.abs().max()).item(),
+              ((got_t - dense_t).abs().max() / dense_t.abs().max()).item())
+    return rel
+
+
+def contenders_for(size, fused_name, fused, dtype, device):
+    B, C, H, W, stencil = size
+    _, _, s, w = common.make_inputs(B, C, H, W, stencil, dtype, device)
+    z = torch.randn(B, C, H, W, dtype=dtype, device=device)
+    n = H * W
+    dense_gib = B * C * n * n * z.element_size() / 2**30
+    out = [
+        harness.Contender("fused", lambda: fused.solve_upper(z, s, w, stencil), f"structlik {fused_name} kernel"),
+        harness.Contender("reference", lambda: reference.solve_upper(z, s, w, stencil), "wavefronts in Python"),
+    ]
+    pattern = peers.CSRPattern(stencil, H, W)
+    out.append(harness.Contender("torch sparse CSR solve", lambda: peers.torch_csr_sample(z, s, w, stencil, pattern),
+                                 "torch.triangular_solve on sparse CSR, per image" +
+                                 (" (cuSPARSE)" if device.type == "cuda" else "")))
+    if device.type == "cpu":
+        out.append(harness.Contender("scipy spsolve_triangular", lambda: peers.scipy_sample(z, s, w, stencil, pattern),
+                                     "CSR per image (authors' method)"))
+    out.append(harness.Contender(
+        "dense solve_triangular", lambda: peers.dense_sample(z, s, w, stencil),
+        f"to_dense_upper + torch.linalg.solve_triangular in chunks of <= 1 GiB (all of U: {dense_gib:.1f} GiB)"))
+    return out
+
+
+def main():
+    args = common.parser(__doc__.splitlines()[0]).parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    fused_name, fused = common.fused_backend(device)
+    rel = exactness(fused, device)
+    exact = (f"Exactness: the fused solves (U^-1 z and U^-T g) against dense float64 triangular solves, "
+             f"B4 C2 19x23, radius 2, dilations (1, 2): max deviation {rel:.2e} relative to the largest entry.")
+    print(exact)
+    assert rel < 1e-13, rel
+    cases = []
+    for label, size in common.selected_sizes(args).items():
+        B, C, H, W, stencil = size
+        fewest_bytes = (3 + stencil.S) * B * C * H * W * common.element_bytes(dtype)   # z, log_diag, off_diag, out
+        tol = dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
+        cases.append(harness.Case(
+            label=label, mode="sample", contenders=contenders_for(size, fused_name, fused, dtype, device),
+            check=lambda got, exp, tol=tol: harness.assert_close_report(got, exp, **tol),
+            fused="fused", reference="reference", min_bytes=fewest_bytes))
+
+    def per_image(case, contender, ms):
+        B, C = common.selected_sizes(args)[case.label][:2]
+        return {"ms_per_image": ms / (B * C)}
+
+    harness.run("solve_upper", cases, device, min_run_time=args.min_run_time, extra_columns=per_image,
+                notes=exact)
+
+
+if __name__ == "__main__":
+    main()

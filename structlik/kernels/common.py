@@ -1,0 +1,44 @@
+"""Pieces shared by the Triton kernels.
+
+The stencil reaches every kernel as ``OFFS``, a constexpr tuple
+``(dy0, dx0, dy1, dx1, ...)``, so loops over offsets unroll at compile time and
+each distinct stencil gets its own specialised kernel. Pixels of one (b, c)
+plane are indexed in raster order; a program handles ``BLOCK`` consecutive
+pixels of one plane (grid: (tiles, planes)). Plane offsets are computed in
+int64 so that B*C*S*H*W may exceed 2^31.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Elementwise stencil kernels: pixels per program. Large blocks keep the
+# interpreter (~16 ms per program instance on a CPU) fast; 1024 is a common
+# sweet spot for memory-bound kernels on GPUs.
+MAX_BLOCK = 1024
+
+
+def block_for(n: int) -> int:
+    return max(16, min(MAX_BLOCK, triton.next_power_of_2(n)))
+
+
+def acc_dtype(t: torch.Tensor):
+    """Accumulate in float64 for float64 inputs, float32 otherwise."""
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def neighbour(y, x, H, W, dy: tl.constexpr, dx: tl.constexpr, valid):
+    """Flat index of (y + dy, x + dx) and whether it lies inside the image."""
+    ny = y + dy
+    nx = x + dx
+    inside = valid & (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
+    return ny * W + nx, inside
+
+
+@triton.jit
+def tile(H, W, BLOCK: tl.constexpr):
+    """This program's plane k (int64), its pixels p, their (y, x) and the in-image mask."""
+    k = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = p < H * W
+    return k, p, p // W, p % W, valid

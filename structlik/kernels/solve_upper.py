@@ -1,0 +1,70 @@
+"""U^-1 z (back-substitution) and U^-T g (forward substitution), in parallel.
+
+One program solves one (b, c) plane; planes (images, channels, samples) run
+in parallel. Inside a plane, pixel (y, x) depends only on pixels whose time
+t = a*(H-1-y) + (W-1-x) is smaller (a = ``Stencil.wavefront_slope``), so each
+anti-diagonal wavefront of equal t, at most one pixel per row, is solved at
+once by the program's lanes (one lane per row). A barrier between wavefronts
+makes one step's stores visible to the next step's loads. The transposed solve
+walks the same wavefronts in reverse and gathers from p - delta_i.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import acc_dtype, neighbour
+
+
+@triton.jit
+def solve_upper_kernel(rhs, log_diag, off_diag, out, H, W, steps, SLOPE: tl.constexpr, OFFS: tl.constexpr,
+                       S: tl.constexpr, TRANSPOSED: tl.constexpr, ACC: tl.constexpr, BLOCK_Y: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64)
+    n = H * W
+    base = k * n
+    y = tl.arange(0, BLOCK_Y)
+    # A while loop, not range(steps): Triton's interpreter turns a runtime bound into a
+    # one-element array that NumPy >= 2.4 refuses to use as an index.
+    step = 0
+    while step < steps:                # steps = SLOPE * (H - 1) + W wavefronts
+        if TRANSPOSED:
+            t = steps - 1 - step
+        else:
+            t = step
+        x = (W - 1) - (t - SLOPE * (H - 1 - y))
+        valid = (y < H) & (x >= 0) & (x < W)
+        p = y * W + x
+        acc = tl.load(rhs + base + p, valid, 0.0).to(ACC)
+        for i in tl.static_range(S):
+            if TRANSPOSED:   # row p of U^T: w_{p-delta_i,i} v_{p-delta_i}
+                q, ok = neighbour(y, x, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
+                w = tl.load(off_diag + (k * S + i) * n + q, ok, 0.0).to(ACC)
+            else:            # row p of U: w_{p,i} eps_{p+delta_i}
+                q, ok = neighbour(y, x, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
+                w = tl.load(off_diag + (k * S + i) * n + p, ok, 0.0).to(ACC)
+            acc -= w * tl.load(out + base + q, ok, 0.0).to(ACC)
+        d = tl.exp(tl.load(log_diag + base + p, valid, 0.0).to(ACC))
+        tl.store(out + base + p, (acc / d).to(out.dtype.element_ty), valid)
+        tl.debug_barrier()
+        step += 1
+
+
+def wavefront_slope(offsets) -> int:
+    """Smallest a >= 1 with a*dy + dx >= 1 for every offset (see Stencil.wavefront_slope)."""
+    slope = 1
+    for dy, dx in zip(offsets[::2], offsets[1::2]):
+        if dy > 0:
+            slope = max(slope, math.ceil((1 - dx) / dy))
+    return slope
+
+
+def launch(rhs, log_diag, off_diag, offsets, transposed: bool):
+    B, C, H, W = rhs.shape
+    rhs, log_diag, off_diag = rhs.contiguous(), log_diag.contiguous(), off_diag.contiguous()
+    out = torch.empty_like(rhs)
+    slope = wavefront_slope(offsets)
+    solve_upper_kernel[(B * C,)](
+        rhs, log_diag, off_diag, out, H, W, slope * (H - 1) + W, SLOPE=slope, OFFS=tuple(offsets),
+        S=len(offsets) // 2, TRANSPOSED=transposed, ACC=acc_dtype(rhs), BLOCK_Y=max(16, triton.next_power_of_2(H)))
+    return out

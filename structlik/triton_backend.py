@@ -1,0 +1,99 @@
+"""The Triton backend: the kernels of structlik/kernels as torch.ops.structlik_triton.*.
+
+Each op is a ``torch.library.custom_op`` (opaque to torch.compile, which
+traces it through the fake kernels of ``structlik._autograd`` without a graph
+break or a host sync) with the autograd formulas shared with the C++ backend.
+The kernels run on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1
+(how CI tests them). ``triton.language`` is imported here, never by
+``import structlik``, so a machine without Triton or a GPU imports fine.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _autograd
+from .kernels import apply_upper as _apply
+from .kernels import nll as _nll
+from .kernels import precision_diagonal as _precision
+from .kernels import solve_upper as _solve
+from .kernels import weight_grad as _weight_grad
+
+__all__ = ["apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t", "nll", "precision_diagonal"]
+
+NAMESPACE = "structlik_triton"
+
+
+def _op(name):
+    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())
+
+
+@_op("apply_upper")
+def _apply_upper(r: Tensor, log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
+    return _apply.launch(r, log_diag, off_diag, offsets, transposed=False)
+
+
+@_op("apply_upper_t")
+def _apply_upper_t(y: Tensor, log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
+    return _apply.launch(y, log_diag, off_diag, offsets, transposed=True)
+
+
+@_op("solve_upper")
+def _solve_upper(z: Tensor, log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
+    return _solve.launch(z, log_diag, off_diag, offsets, transposed=False)
+
+
+@_op("solve_upper_t")
+def _solve_upper_t(g: Tensor, log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
+    return _solve.launch(g, log_diag, off_diag, offsets, transposed=True)
+
+
+@_op("weight_grad")
+def _weight_grad_op(a: Tensor, b: Tensor, offsets: List[int]) -> Tensor:
+    return _weight_grad.launch(a, b, offsets)
+
+
+@_op("precision_diagonal")
+def _precision_diagonal(log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
+    return _precision.launch(log_diag, off_diag, offsets)
+
+
+@_op("nll")
+def _nll_op(x: Tensor, loc: Tensor, log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
+    return _nll.forward(x, loc, log_diag, off_diag, offsets)
+
+
+@_op("nll_backward")
+def _nll_backward(grad: Tensor, x: Tensor, loc: Tensor, log_diag: Tensor, off_diag: Tensor,
+                  offsets: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    return _nll.backward(grad, x, loc, log_diag, off_diag, offsets)
+
+
+_autograd.register(NAMESPACE)
+_ops = torch.ops.structlik_triton
+
+
+def apply_upper(r, log_diag, off_diag, stencil):
+    return _ops.apply_upper(r, log_diag, off_diag, stencil.flat_offsets)
+
+
+def apply_upper_t(y, log_diag, off_diag, stencil):
+    return _ops.apply_upper_t(y, log_diag, off_diag, stencil.flat_offsets)
+
+
+def solve_upper(z, log_diag, off_diag, stencil):
+    return _ops.solve_upper(z, log_diag, off_diag, stencil.flat_offsets)
+
+
+def solve_upper_t(g, log_diag, off_diag, stencil):
+    return _ops.solve_upper_t(g, log_diag, off_diag, stencil.flat_offsets)
+
+
+def nll(x, loc, log_diag, off_diag, stencil):
+    return _ops.nll(x, loc, log_diag, off_diag, stencil.flat_offsets)
+
+
+def precision_diagonal(log_diag, off_diag, stencil):
+    return _ops.precision_diagonal(log_diag, off_diag, stencil.flat_offsets)
