@@ -22,4 +22,7 @@ TORCH_LIBRARY(structlik_cpu, m) {
   m.def("nll(Tensor x, Tensor loc, Tensor log_diag, Tensor off_diag, int[] offsets) -> Tensor");
   m.def("nll_backward(Tensor grad, Tensor x, Tensor loc, Tensor log_diag, Tensor off_diag, int[] offsets)"
         " -> (Tensor, Tensor, Tensor)");
+  m.def("nll_basis(Tensor x, Tensor loc, Tensor log_diag, Tensor coeffs, Tensor basis, int[] offsets) -> Tensor");
+  m.def("nll_basis_backward(Tensor grad, Tensor x, Tensor loc, Tensor log_diag, Tensor coeffs, Tensor basis,"
+        " int[] offsets) -> (Tensor, Tensor, Tensor, Tensor)");
 }

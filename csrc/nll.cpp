@@ -9,33 +9,9 @@
 // tensor of S values per pixel exists besides the off_diag gradient itself.
 #include <cmath>
 
-#include "stencil.h"
+#include "nll_rows.h"
 
 namespace structlik {
-
-// Row y of u = U r, given the whole plane of r (rows below y are read).
-template <typename scalar_t>
-static inline void u_row(const scalar_t* __restrict__ r, const scalar_t* __restrict__ s, const scalar_t* __restrict__ w,
-                         int64_t y, int64_t H, int64_t W, const std::vector<Offset>& offsets,
-                         scalar_t* __restrict__ d, scalar_t* __restrict__ u) {
-  const int64_t n = H * W;
-  exp_row(s + y * W, d, W);
-  const scalar_t* __restrict__ rrow = r + y * W;
-  for (int64_t x = 0; x < W; ++x) u[x] = d[x] * rrow[x];
-  for (size_t i = 0; i < offsets.size(); ++i) {
-    const auto [dy, dx] = offsets[i];
-    if (y + dy >= H) continue;
-    const scalar_t* __restrict__ wrow = w + i * n + y * W;
-    const scalar_t* __restrict__ rn = r + (y + dy) * W + dx;
-    for (int64_t x = col_lo(dx), hi = col_hi(dx, W); x < hi; ++x) u[x] += wrow[x] * rn[x];
-  }
-}
-
-template <typename scalar_t>
-static inline void residual(const scalar_t* __restrict__ x, const scalar_t* __restrict__ loc, scalar_t* __restrict__ r,
-                            int64_t n) {
-  for (int64_t p = 0; p < n; ++p) r[p] = x[p] - loc[p];
-}
 
 at::Tensor nll(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log_diag, const at::Tensor& off_diag,
                at::IntArrayRef flat_offsets) {
@@ -61,7 +37,7 @@ at::Tensor nll(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log
         residual(x_p + k * n, l_p + k * n, r.data(), n);
         acc_t quad = 0, logdet = 0;
         for (int64_t y = 0; y < H; ++y) {
-          u_row(r.data(), sk, w_p + k * S * n, y, H, W, offsets, d.data(), u.data());
+          u_row(r.data(), sk, w_p + k * S * n + y * W, n, y, H, W, offsets, d.data(), u.data());
           const scalar_t* srow = sk + y * W;
           // simd reduction: lets the compiler keep several partial sums (plain C++ may not reassociate)
           _Pragma("omp simd reduction(+ : quad, logdet)")
@@ -118,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nll_backward(const at::Tensor& gr
         residual(x_p + k * n, l_p + k * n, r.data(), n);
         std::fill(gx, gx + n, scalar_t(0));
         for (int64_t y = 0; y < H; ++y) {
-          u_row(r.data(), sk, wk, y, H, W, offsets, d.data(), u.data());
+          u_row(r.data(), sk, wk + y * W, n, y, H, W, offsets, d.data(), u.data());
           const scalar_t* __restrict__ rrow = r.data() + y * W;
           scalar_t* __restrict__ gsrow = gs + y * W;
           scalar_t* __restrict__ gxrow = gx + y * W;

@@ -6,14 +6,18 @@ Residuals".
 """
 import torch  # noqa: F401  (must precede any compiled extension)
 
-from . import backends, ops, reference
+from . import backends, color, ops, reference
+from .basis import LearnedBasis, expand_basis
+from .color import YCbCrStructuredNormal
 from .distribution import StructuredNormal
 from .loss import StructuredGaussianNLLLoss, structured_gaussian_nll
+from .priors import gamma_prior_log_prob, variance_minimiser, variance_weight
 from .stencil import Stencil
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Stencil", "StructuredNormal", "structured_gaussian_nll", "StructuredGaussianNLLLoss",
-    "ops", "backends", "reference", "__version__",
+    "LearnedBasis", "expand_basis", "YCbCrStructuredNormal", "gamma_prior_log_prob", "variance_minimiser",
+    "variance_weight", "ops", "backends", "color", "reference", "__version__",
 ]

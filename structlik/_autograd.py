@@ -45,6 +45,15 @@ def register(ns: str, *, fakes: bool = True) -> None:
         def _(grad, x, loc, log_diag, off_diag, offsets):
             return torch.empty_like(x), torch.empty_like(log_diag), torch.empty_like(off_diag)
 
+        @torch.library.register_fake(f"{ns}::nll_basis")
+        def _(x, loc, log_diag, coeffs, basis, offsets):
+            return x.new_empty(x.shape[0])
+
+        @torch.library.register_fake(f"{ns}::nll_basis_backward")
+        def _(grad, x, loc, log_diag, coeffs, basis, offsets):
+            return (torch.empty_like(x), torch.empty_like(log_diag), torch.empty_like(coeffs),
+                    torch.empty_like(basis))
+
     # Every setup_context keeps the tensors the formulas below read.
     def save_inputs(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:-1])
@@ -105,6 +114,13 @@ def register(ns: str, *, fakes: bool = True) -> None:
         return (gx if need[0] else None, -gx if need[1] else None,
                 gs if need[2] else None, gw if need[3] else None, None)
 
+    def nll_basis_backward(ctx, grad):
+        x, loc, log_diag, coeffs, basis = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gx, gs, gc, gb = ops.nll_basis_backward(grad, x, loc, log_diag, coeffs, basis, ctx.offsets)
+        return (gx if need[0] else None, -gx if need[1] else None, gs if need[2] else None,
+                gc if need[3] else None, gb if need[4] else None, None)
+
     reg = torch.library.register_autograd
     reg(f"{ns}::apply_upper", apply_upper_backward, setup_context=save_inputs)
     reg(f"{ns}::apply_upper_t", apply_upper_t_backward, setup_context=save_inputs)
@@ -112,3 +128,4 @@ def register(ns: str, *, fakes: bool = True) -> None:
     reg(f"{ns}::solve_upper_t", solve_upper_t_backward, setup_context=save_output)
     reg(f"{ns}::precision_diagonal", precision_diagonal_backward, setup_context=save_inputs)
     reg(f"{ns}::nll", nll_backward, setup_context=save_inputs)
+    reg(f"{ns}::nll_basis", nll_basis_backward, setup_context=save_inputs)

@@ -12,7 +12,7 @@ import torch
 from . import _C  # noqa: F401  (loads the library: registers the ops' schemas and CPU kernels)
 from . import _autograd
 
-__all__ = ["apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t", "nll", "precision_diagonal"]
+__all__ = ["apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t", "nll", "nll_basis", "precision_diagonal"]
 
 NAMESPACE = "structlik_cpu"
 _autograd.register(NAMESPACE)
@@ -37,6 +37,10 @@ def solve_upper_t(g, log_diag, off_diag, stencil):
 
 def nll(x, loc, log_diag, off_diag, stencil):
     return _ops.nll(x, loc, log_diag, off_diag, stencil.flat_offsets)
+
+
+def nll_basis(x, loc, log_diag, coeffs, basis, stencil):
+    return _ops.nll_basis(x, loc, log_diag, coeffs, basis, stencil.flat_offsets)
 
 
 def precision_diagonal(log_diag, off_diag, stencil):

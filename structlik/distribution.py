@@ -8,6 +8,7 @@ import torch
 from torch.distributions import Distribution, constraints
 
 from . import _checks, ops
+from .basis import check_basis, expand_basis
 from .stencil import Stencil
 
 __all__ = ["StructuredNormal"]
@@ -28,6 +29,9 @@ class StructuredNormal(Distribution):
         stencil: the :class:`structlik.Stencil` that fixes the offsets.
         validate_args: as in torch.distributions; also switches off the
             (synchronising) finiteness checks of the kernels for this instance.
+        basis: optional learned basis (S, n_b) (paper section 4.3); ``off_diag``
+            then holds its coefficients, (\*batch, C*n_b, H, W). ``log_prob``
+            forms the weights inside the kernel; sampling materialises them.
 
     ``batch_shape`` is the broadcast of the three leading shapes and
     ``event_shape`` is (C, H, W): ``log_prob`` and ``entropy`` return
@@ -43,8 +47,14 @@ class StructuredNormal(Distribution):
     support = constraints.independent(constraints.real, 3)
     has_rsample = True
 
-    def __init__(self, loc, log_diag, off_diag, stencil: Stencil, validate_args=None):
+    def __init__(self, loc, log_diag, off_diag, stencil: Stencil, validate_args=None, *, basis=None):
         _checks.check_stencil(stencil)
+        if basis is not None:
+            _checks.check_float_tensor("basis", basis, "(S, n_b)")
+            if basis.shape[0] != stencil.S or basis.shape[1] == 0:
+                raise ValueError(f"basis: expected shape (S, n_b) with S={stencil.S}, got {tuple(basis.shape)}")
+        per_channel = stencil.S if basis is None else basis.shape[1]
+        what = "C*S" if basis is None else "C*n_b"
         for name, t, layout in (("loc", loc, "(*batch, C, H, W)"), ("log_diag", log_diag, "(*batch, C, H, W)"),
                                 ("off_diag", off_diag, "(*batch, C*S, H, W)")):
             if not isinstance(t, torch.Tensor):
@@ -56,9 +66,9 @@ class StructuredNormal(Distribution):
         if tuple(log_diag.shape[-3:]) != event:
             raise ValueError(f"log_diag: expected shape (*batch, C, H, W) with (C, H, W) = {event}, "
                              f"got {tuple(log_diag.shape)}")
-        if tuple(off_diag.shape[-3:]) != (C * stencil.S, H, W):
-            raise ValueError(f"off_diag: expected shape (*batch, C*S, H, W) = (*batch, {C * stencil.S}, {H}, {W}) "
-                             f"with S={stencil.S}, got {tuple(off_diag.shape)}")
+        if tuple(off_diag.shape[-3:]) != (C * per_channel, H, W):
+            raise ValueError(f"off_diag: expected shape (*batch, {what}, H, W) = (*batch, {C * per_channel}, {H}, {W}) "
+                             f"with {what[2:]}={per_channel}, got {tuple(off_diag.shape)}")
         try:
             batch = torch.broadcast_shapes(loc.shape[:-3], log_diag.shape[:-3], off_diag.shape[:-3])
         except RuntimeError:
@@ -67,9 +77,13 @@ class StructuredNormal(Distribution):
         def first(t):   # one image is enough to check dtype, device and emptiness
             return t.reshape(-1, *t.shape[-3:])[:1]
 
-        _checks.check_params(first(log_diag), first(off_diag), stencil)
+        if basis is None:
+            _checks.check_params(first(log_diag), first(off_diag), stencil)
+        else:
+            check_basis(first(off_diag), basis, stencil, first(log_diag))
         _checks.check_image("loc", first(loc), first(log_diag))
         self.stencil = stencil
+        self.basis = basis
         self.loc = loc.expand(batch + event)
         self.log_diag = log_diag.expand(batch + event)
         self.off_diag = off_diag.expand(batch + off_diag.shape[-3:])
@@ -80,11 +94,15 @@ class StructuredNormal(Distribution):
     def _value_checks(self):
         return contextlib.nullcontext() if self._validate_args else _checks.values_unchecked()
 
-    def _flat_params(self, lead: torch.Size):
-        """log_diag and off_diag broadcast to ``lead`` and flattened to (N, ...)."""
+    def _flat_params(self, lead: torch.Size, materialise: bool = True):
+        """log_diag and off_diag broadcast to ``lead`` and flattened to (N, ...); with a
+        basis, off_diag is formed from it unless ``materialise`` is False."""
         ld = self.log_diag.expand(lead + self.log_diag.shape[-3:])
         od = self.off_diag.expand(lead + self.off_diag.shape[-3:])
-        return ld.reshape(-1, *ld.shape[-3:]), od.reshape(-1, *od.shape[-3:])
+        ld, od = ld.reshape(-1, *ld.shape[-3:]), od.reshape(-1, *od.shape[-3:])
+        if self.basis is not None and materialise:
+            od = expand_basis(od, self.basis)
+        return ld, od
 
     # -- Distribution API -----------------------------------------------------
 
@@ -92,6 +110,7 @@ class StructuredNormal(Distribution):
         new = self._get_checked_instance(StructuredNormal, _instance)
         batch_shape = torch.Size(batch_shape)
         new.stencil = self.stencil
+        new.basis = self.basis
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         new.log_diag = self.log_diag.expand(batch_shape + self.event_shape)
         new.off_diag = self.off_diag.expand(batch_shape + self.off_diag.shape[-3:])
@@ -123,11 +142,14 @@ class StructuredNormal(Distribution):
                             f"(*sample, *batch, C, H, W) = (*, {', '.join(map(str, self.event_shape))})")
         shape = torch.broadcast_shapes(value.shape, self.loc.shape)
         lead = shape[:-3]
-        ld, od = self._flat_params(lead)
+        ld, od = self._flat_params(lead, materialise=False)
         x = value.expand(shape).reshape(-1, *self.event_shape)
         loc = self.loc.expand(shape).reshape(-1, *self.event_shape)
         with self._value_checks():
-            nll = ops.nll(x, loc, ld, od, self.stencil)
+            if self.basis is None:
+                nll = ops.nll(x, loc, ld, od, self.stencil)
+            else:
+                nll = ops.nll_basis(x, loc, ld, od, self.basis, self.stencil)
         return -nll.reshape(lead)
 
     def entropy(self):

@@ -1,6 +1,8 @@
 """The structured Gaussian NLL as a functional loss and an nn.Module."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -19,7 +21,8 @@ def _reduce(per_image: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def structured_gaussian_nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor,
-                            stencil: Stencil, reduction: str = "mean") -> torch.Tensor:
+                            stencil: Stencil, reduction: str = "mean", *,
+                            basis: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Negative log-likelihood of ``x`` under ``StructuredNormal(loc, log_diag, off_diag, stencil)``.
 
     Args:
@@ -28,11 +31,16 @@ def structured_gaussian_nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.
         stencil: a :class:`structlik.Stencil`.
         reduction: ``"none"`` gives the per-image NLL (B,); ``"mean"`` (default)
             its mean over the batch; ``"sum"`` its sum, as ``nn.GaussianNLLLoss``.
+        basis: optional learned basis (S, n_b) (paper section 4.3). Then
+            ``off_diag`` holds the basis coefficients, (B, C*n_b, H, W), and the
+            kernels form the S weights of each pixel on the fly.
 
     Equivalent to ``-StructuredNormal(loc, log_diag, off_diag, stencil).log_prob(x)``
     reduced, computed without building U.
     """
     _checks.check_reduction(reduction)
+    if basis is not None:
+        return _reduce(ops.nll_basis(x, loc, log_diag, off_diag, basis, stencil), reduction)
     return _reduce(ops.nll(x, loc, log_diag, off_diag, stencil), reduction)
 
 
@@ -50,8 +58,8 @@ class StructuredGaussianNLLLoss(nn.Module):
         self.stencil = _checks.check_stencil(stencil)
         self.reduction = _checks.check_reduction(reduction)
 
-    def forward(self, x, loc, log_diag, off_diag):
-        return structured_gaussian_nll(x, loc, log_diag, off_diag, self.stencil, self.reduction)
+    def forward(self, x, loc, log_diag, off_diag, basis=None):
+        return structured_gaussian_nll(x, loc, log_diag, off_diag, self.stencil, self.reduction, basis=basis)
 
     def extra_repr(self) -> str:
         return f"stencil={self.stencil!r}, reduction={self.reduction!r}"

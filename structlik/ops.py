@@ -12,11 +12,12 @@ import torch
 from . import _checks
 from . import reference
 from .backends import backend_for
+from .basis import check_basis
 from .stencil import Stencil
 
 __all__ = [
     "apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t",
-    "nll", "precision_diagonal", "to_dense_upper",
+    "nll", "nll_basis", "precision_diagonal", "to_dense_upper",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -73,6 +74,27 @@ def nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, off_diag: to
     _checks.check_finite(x=x, loc=loc, log_diag=log_diag, off_diag=off_diag)
     args = _upcast(x, loc, log_diag, off_diag)
     return backend_for(x.device).nll(*args, stencil)
+
+
+def nll_basis(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, coeffs: torch.Tensor, basis: torch.Tensor,
+              stencil: Stencil) -> torch.Tensor:
+    """Per-image NLL, (B,), with ``off_diag = expand_basis(coeffs, basis)`` formed inside the kernel.
+
+    coeffs: (B, C*n_b, H, W); basis: (S, n_b), shared by all images and channels.
+    Differentiable in every tensor, the basis included (its gradient is a
+    reduction over all pixels). Equivalent to ``nll(x, loc, log_diag,
+    expand_basis(coeffs, basis), stencil)`` without the (B, C*S, H, W) tensor.
+    """
+    _checks.check_stencil(stencil)
+    _checks.check_float_tensor("log_diag", log_diag, "(B, C, H, W)")
+    if min(log_diag.shape) == 0:
+        raise ValueError(f"log_diag: expected non-empty (B, C, H, W), got {tuple(log_diag.shape)}")
+    check_basis(coeffs, basis, stencil, log_diag)
+    _checks.check_image("x", x, log_diag)
+    _checks.check_image("loc", loc, log_diag)
+    _checks.check_finite(x=x, loc=loc, log_diag=log_diag, coeffs=coeffs, basis=basis)
+    args = _upcast(x, loc, log_diag, coeffs, basis)
+    return backend_for(x.device).nll_basis(*args, stencil)
 
 
 def precision_diagonal(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:

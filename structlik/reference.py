@@ -23,7 +23,7 @@ from .stencil import Stencil
 
 __all__ = [
     "apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t",
-    "nll", "precision_diagonal", "weight_grad", "to_dense_upper",
+    "nll", "nll_basis", "precision_diagonal", "weight_grad", "to_dense_upper",
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -73,6 +73,12 @@ def nll(x, loc, log_diag, off_diag, stencil):
     u = apply_upper(x - loc, log_diag, off_diag, stencil)
     n = x[0].numel()
     return 0.5 * u.square().sum((1, 2, 3)) - log_diag.sum((1, 2, 3)) + 0.5 * n * LOG_2PI
+
+
+def nll_basis(x, loc, log_diag, coeffs, basis, stencil):
+    """The NLL with off_diag = expand_basis(coeffs, basis), materialised: (B,)."""
+    from .basis import expand_basis
+    return nll(x, loc, log_diag, expand_basis(coeffs, basis), stencil)
 
 
 def precision_diagonal(log_diag, off_diag, stencil):

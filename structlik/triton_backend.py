@@ -17,11 +17,12 @@ from torch import Tensor
 from . import _autograd
 from .kernels import apply_upper as _apply
 from .kernels import nll as _nll
+from .kernels import nll_basis as _nll_basis
 from .kernels import precision_diagonal as _precision
 from .kernels import solve_upper as _solve
 from .kernels import weight_grad as _weight_grad
 
-__all__ = ["apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t", "nll", "precision_diagonal"]
+__all__ = ["apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t", "nll", "nll_basis", "precision_diagonal"]
 
 NAMESPACE = "structlik_triton"
 
@@ -71,6 +72,18 @@ def _nll_backward(grad: Tensor, x: Tensor, loc: Tensor, log_diag: Tensor, off_di
     return _nll.backward(grad, x, loc, log_diag, off_diag, offsets)
 
 
+@_op("nll_basis")
+def _nll_basis_op(x: Tensor, loc: Tensor, log_diag: Tensor, coeffs: Tensor, basis: Tensor,
+                  offsets: List[int]) -> Tensor:
+    return _nll_basis.forward(x, loc, log_diag, coeffs, basis, offsets)
+
+
+@_op("nll_basis_backward")
+def _nll_basis_backward(grad: Tensor, x: Tensor, loc: Tensor, log_diag: Tensor, coeffs: Tensor, basis: Tensor,
+                        offsets: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _nll_basis.backward(grad, x, loc, log_diag, coeffs, basis, offsets)
+
+
 _autograd.register(NAMESPACE)
 _ops = torch.ops.structlik_triton
 
@@ -93,6 +106,10 @@ def solve_upper_t(g, log_diag, off_diag, stencil):
 
 def nll(x, loc, log_diag, off_diag, stencil):
     return _ops.nll(x, loc, log_diag, off_diag, stencil.flat_offsets)
+
+
+def nll_basis(x, loc, log_diag, coeffs, basis, stencil):
+    return _ops.nll_basis(x, loc, log_diag, coeffs, basis, stencil.flat_offsets)
 
 
 def precision_diagonal(log_diag, off_diag, stencil):

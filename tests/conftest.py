@@ -48,13 +48,16 @@ def pytest_generate_tests(metafunc):
     crossed with (shape, stencil) when it takes those too."""
     if "backend" not in metafunc.fixturenames:
         return
+    chosen = set()
     for marker in metafunc.definition.iter_markers("parametrize"):
-        if "backend" in marker.args[0]:
-            return      # the test chose its backends itself
+        names = marker.args[0]
+        chosen |= {n.strip() for n in (names.split(",") if isinstance(names, str) else names)}
+    if "backend" in chosen:
+        return          # the test chose its backends itself
     names = available_backends()
     if metafunc.definition.get_closest_marker("not_interpreted") and os.environ.get("TRITON_INTERPRET") == "1":
         names = [n for n in names if n not in INTERPRETED]
-    if not {"shape", "stencil"} <= set(metafunc.fixturenames):
+    if not {"shape", "stencil"} <= set(metafunc.fixturenames) or {"shape", "stencil"} & chosen:
         metafunc.parametrize("backend", names, indirect=True)
         return
     params = []

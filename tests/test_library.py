@@ -22,6 +22,14 @@ def op_cases():
         yield name, lambda g, name=name: (sample_inputs(g)[0], *sample_inputs(g)[2:], offsets), True
     yield "precision_diagonal", lambda g: (*sample_inputs(g)[2:], offsets), True
     yield "nll", lambda g: (*sample_inputs(g), offsets), True
+    def basis_inputs(grad):
+        coeffs = (0.2 * torch.randn(2, 2 * 3, 5, 4, dtype=torch.float64)).requires_grad_(grad)
+        basis = torch.randn(STENCIL.S, 3, dtype=torch.float64).requires_grad_(grad)
+        return coeffs, basis
+
+    yield "nll_basis", lambda g: (*sample_inputs(g)[:3], *basis_inputs(g), offsets), True
+    yield "nll_basis_backward", lambda g: (torch.rand(2, dtype=torch.float64), *sample_inputs(False)[:3],
+                                           *basis_inputs(False), offsets), False
     yield "weight_grad", lambda g: (*sample_inputs(False)[:2], offsets), False
     yield "nll_backward", lambda g: (torch.rand(2, dtype=torch.float64), *sample_inputs(False), offsets), False
 

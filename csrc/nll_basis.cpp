@@ -1,0 +1,183 @@
+// The fused NLL with a learned basis (paper section 4.3): the S weights of each
+// pixel are w_{p,i} = sum_j basis[i, j] coeffs_j(p), formed one row at a time in
+// a buffer of S x W values; the (B, C*S, H, W) off_diag never exists.
+//
+// Backward, for upstream g_b (same sweep as nll.cpp, plus the basis):
+//   d/dcoeffs_j(p) = sum_i basis[i, j] gw_{p,i},   d/dbasis[i, j] = sum_p gw_{p,i} coeffs_j(p),
+// with gw_{p,i} = g u_p r_{p+delta_i} (the off_diag gradient, kept for one row
+// only). The basis gradient is reduced per plane in float64, then over planes in
+// order, so it is deterministic.
+#include <cmath>
+
+#include "nll_rows.h"
+
+namespace structlik {
+
+// wbuf[i*W + x] = sum_j basis[i, j] coeffs_j(y, x) for one row.
+template <typename scalar_t>
+static void basis_rows(const scalar_t* basis, const scalar_t* ck, int64_t S, int64_t nb, int64_t y, int64_t W,
+                       int64_t n, scalar_t* __restrict__ wbuf) {
+  for (int64_t i = 0; i < S; ++i) {
+    scalar_t* __restrict__ row = wbuf + i * W;
+    std::fill(row, row + W, scalar_t(0));
+    for (int64_t j = 0; j < nb; ++j) {
+      const scalar_t b = basis[i * nb + j];
+      const scalar_t* __restrict__ c = ck + j * n + y * W;
+      for (int64_t x = 0; x < W; ++x) row[x] += b * c[x];
+    }
+  }
+}
+
+static void check_basis(const at::Tensor& coeffs, const at::Tensor& basis, const at::Tensor& log_diag, int64_t S) {
+  TORCH_CHECK(basis.dim() == 2 && basis.size(0) == S, "basis: expected shape (S, n_b) with S=", S, ", got ",
+              basis.sizes());
+  TORCH_CHECK(basis.scalar_type() == log_diag.scalar_type() && basis.device().is_cpu(),
+              "basis: expected a CPU tensor of log_diag's dtype");
+  const int64_t nb = basis.size(1);
+  TORCH_CHECK(coeffs.dim() == 4 && coeffs.size(0) == log_diag.size(0) && coeffs.size(1) == log_diag.size(1) * nb &&
+                  coeffs.size(2) == log_diag.size(2) && coeffs.size(3) == log_diag.size(3),
+              "coeffs: expected shape (B, C*n_b, H, W) with n_b=", nb, ", got ", coeffs.sizes());
+  TORCH_CHECK(coeffs.scalar_type() == log_diag.scalar_type() && coeffs.device().is_cpu(),
+              "coeffs: expected a CPU tensor of log_diag's dtype");
+}
+
+at::Tensor nll_basis(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log_diag, const at::Tensor& coeffs,
+                     const at::Tensor& basis, at::IntArrayRef flat_offsets) {
+  const auto offsets = parse_offsets(flat_offsets);
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  TORCH_CHECK(log_diag.dim() == 4 && (log_diag.scalar_type() == at::kFloat || log_diag.scalar_type() == at::kDouble),
+              "log_diag: expected a float32 or float64 tensor of shape (B, C, H, W)");
+  check_image(x, "x", log_diag);
+  check_image(loc, "loc", log_diag);
+  check_basis(coeffs, basis, log_diag, S);
+  const auto xc = x.contiguous(), lc = loc.contiguous(), s = log_diag.contiguous(), cc = coeffs.contiguous(),
+             bc = basis.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W, nb = basis.size(1);
+  auto out = at::empty({B}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nll_basis", [&] {
+    using acc_t = at::acc_type<scalar_t, false>;
+    std::vector<acc_t> per_plane(B * C);
+    const scalar_t *x_p = xc.data_ptr<scalar_t>(), *l_p = lc.data_ptr<scalar_t>(), *s_p = s.data_ptr<scalar_t>(),
+                   *c_p = cc.data_ptr<scalar_t>(), *b_p = bc.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> r(n), u(W), d(W), wbuf(S * W);
+      for (int64_t k = begin; k < end; ++k) {
+        const scalar_t* sk = s_p + k * n;
+        residual(x_p + k * n, l_p + k * n, r.data(), n);
+        acc_t quad = 0, logdet = 0;
+        for (int64_t y = 0; y < H; ++y) {
+          basis_rows(b_p, c_p + k * nb * n, S, nb, y, W, n, wbuf.data());
+          u_row(r.data(), sk, wbuf.data(), W, y, H, W, offsets, d.data(), u.data());
+          const scalar_t* srow = sk + y * W;
+          _Pragma("omp simd reduction(+ : quad, logdet)")
+          for (int64_t xx = 0; xx < W; ++xx) {
+            quad += acc_t(u[xx]) * acc_t(u[xx]);
+            logdet += acc_t(srow[xx]);
+          }
+        }
+        per_plane[k] = 0.5 * quad - logdet;
+      }
+    });
+    const acc_t normaliser = 0.5 * acc_t(C * n) * std::log(2.0 * M_PI);
+    scalar_t* out_p = out.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      acc_t total = normaliser;
+      for (int64_t c = 0; c < C; ++c) total += per_plane[b * C + c];
+      out_p[b] = static_cast<scalar_t>(total);
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nll_basis_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log_diag,
+    const at::Tensor& coeffs, const at::Tensor& basis, at::IntArrayRef flat_offsets) {
+  const auto offsets = parse_offsets(flat_offsets);
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  TORCH_CHECK(log_diag.dim() == 4 && (log_diag.scalar_type() == at::kFloat || log_diag.scalar_type() == at::kDouble),
+              "log_diag: expected a float32 or float64 tensor of shape (B, C, H, W)");
+  check_image(x, "x", log_diag);
+  check_image(loc, "loc", log_diag);
+  check_basis(coeffs, basis, log_diag, S);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == x.size(0), "grad: expected shape (B,), got ", grad.sizes());
+  const auto xc = x.contiguous(), lc = loc.contiguous(), s = log_diag.contiguous(), cc = coeffs.contiguous(),
+             bc = basis.contiguous(), gc = grad.to(x.scalar_type()).contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W, nb = basis.size(1);
+  auto grad_x = at::empty_like(xc), grad_s = at::empty_like(s), grad_c = at::empty_like(cc);
+  auto grad_b = at::empty_like(bc);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nll_basis_backward", [&] {
+    using acc_t = at::acc_type<scalar_t, false>;
+    std::vector<acc_t> basis_acc(B * C * S * nb, acc_t(0));   // per plane, reduced in order below
+    const scalar_t *x_p = xc.data_ptr<scalar_t>(), *l_p = lc.data_ptr<scalar_t>(), *s_p = s.data_ptr<scalar_t>(),
+                   *c_p = cc.data_ptr<scalar_t>(), *b_p = bc.data_ptr<scalar_t>(), *g_p = gc.data_ptr<scalar_t>();
+    scalar_t *gx_p = grad_x.data_ptr<scalar_t>(), *gs_p = grad_s.data_ptr<scalar_t>(),
+             *gc_p = grad_c.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> r(n), u(W), d(W), wbuf(S * W), gwbuf(S * W);
+      for (int64_t k = begin; k < end; ++k) {
+        const scalar_t g = g_p[k / C];
+        const scalar_t* sk = s_p + k * n;
+        const scalar_t* ck = c_p + k * nb * n;
+        scalar_t* gx = gx_p + k * n;
+        acc_t* bacc = basis_acc.data() + k * S * nb;
+        residual(x_p + k * n, l_p + k * n, r.data(), n);
+        std::fill(gx, gx + n, scalar_t(0));
+        for (int64_t y = 0; y < H; ++y) {
+          basis_rows(b_p, ck, S, nb, y, W, n, wbuf.data());
+          u_row(r.data(), sk, wbuf.data(), W, y, H, W, offsets, d.data(), u.data());
+          const scalar_t* __restrict__ rrow = r.data() + y * W;
+          scalar_t* __restrict__ gsrow = gs_p + k * n + y * W;
+          scalar_t* __restrict__ gxrow = gx + y * W;
+          for (int64_t xx = 0; xx < W; ++xx) {
+            gsrow[xx] = g * (u[xx] * rrow[xx] * d[xx] - scalar_t(1));
+            gxrow[xx] += d[xx] * u[xx];
+          }
+          for (int64_t i = 0; i < S; ++i) {
+            const auto [dy, dx] = offsets[i];
+            scalar_t* __restrict__ gw = gwbuf.data() + i * W;
+            std::fill(gw, gw + W, scalar_t(0));
+            if (y + dy >= H) continue;
+            const scalar_t* __restrict__ wrow = wbuf.data() + i * W;
+            const scalar_t* __restrict__ rn = r.data() + (y + dy) * W + dx;
+            scalar_t* __restrict__ gxn = gx + (y + dy) * W + dx;
+            for (int64_t xx = col_lo(dx), hi = col_hi(dx, W); xx < hi; ++xx) {
+              gw[xx] = g * u[xx] * rn[xx];
+              gxn[xx] += wrow[xx] * u[xx];
+            }
+          }
+          for (int64_t j = 0; j < nb; ++j) {
+            const scalar_t* __restrict__ crow = ck + j * n + y * W;
+            scalar_t* __restrict__ gcrow = gc_p + (k * nb + j) * n + y * W;
+            std::fill(gcrow, gcrow + W, scalar_t(0));
+            for (int64_t i = 0; i < S; ++i) {
+              const scalar_t b = b_p[i * nb + j];
+              const scalar_t* __restrict__ gw = gwbuf.data() + i * W;
+              acc_t dot = 0;
+              _Pragma("omp simd reduction(+ : dot)")
+              for (int64_t xx = 0; xx < W; ++xx) {
+                gcrow[xx] += b * gw[xx];
+                dot += acc_t(gw[xx]) * acc_t(crow[xx]);
+              }
+              bacc[i * nb + j] += dot;
+            }
+          }
+          for (int64_t xx = 0; xx < W; ++xx) gxrow[xx] *= g;
+        }
+      }
+    });
+    scalar_t* gb_p = grad_b.data_ptr<scalar_t>();
+    for (int64_t e = 0; e < S * nb; ++e) {
+      acc_t total = 0;
+      for (int64_t k = 0; k < B * C; ++k) total += basis_acc[k * S * nb + e];
+      gb_p[e] = static_cast<scalar_t>(total);
+    }
+  });
+  return {grad_x, grad_s, grad_c, grad_b};
+}
+
+TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
+  m.impl("nll_basis", &nll_basis);
+  m.impl("nll_basis_backward", &nll_basis_backward);
+}
+
+}  // namespace structlik

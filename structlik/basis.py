@@ -1,0 +1,77 @@
+"""The learned basis of paper section 4.3: L = s(B W(z)).
+
+Each pixel's S off-diagonal weights are a linear combination of n_b basis
+vectors shared by all images: ``off_diag[c*S + i, p] = sum_j basis[i, j] *
+coeffs[c*n_b + j, p]``. The decoder then predicts n_b coefficients per pixel
+and channel instead of S weights. The fused ops (``ops.nll_basis``) form the S
+weights of each pixel on the fly, so the (B, C*S, H, W) tensor is never built;
+sampling materialises it with :func:`expand_basis`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _checks
+from .stencil import Stencil
+
+__all__ = ["LearnedBasis", "expand_basis"]
+
+
+def check_basis(coeffs, basis, stencil: Stencil, log_diag) -> int:
+    """Validate (coeffs (B, C*n_b, H, W), basis (S, n_b)); returns n_b."""
+    _checks.check_float_tensor("basis", basis, "(S, n_b)")
+    if basis.shape[0] != stencil.S:
+        raise ValueError(f"basis: expected shape (S, n_b) with S={stencil.S}, got {tuple(basis.shape)}")
+    n_b = basis.shape[1]
+    if n_b == 0:
+        raise ValueError("basis: expected at least one basis vector (n_b >= 1)")
+    _checks.check_float_tensor("coeffs", coeffs, "(B, C*n_b, H, W)")
+    B, C, H, W = log_diag.shape
+    _checks.check_same("coeffs", coeffs, "log_diag", log_diag, (B, C * n_b, H, W), f"(B, C*n_b, H, W) with n_b={n_b}")
+    if basis.dtype != log_diag.dtype:
+        raise TypeError(f"basis: dtype {basis.dtype} does not match log_diag's dtype {log_diag.dtype}")
+    if basis.device != log_diag.device:
+        raise ValueError(f"basis: device {basis.device} does not match log_diag's device {log_diag.device}")
+    return n_b
+
+
+def expand_basis(coeffs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """(B, C*n_b, H, W) coefficients and (S, n_b) basis -> (B, C*S, H, W) off_diag (materialised)."""
+    B, CNB, H, W = coeffs.shape
+    S, n_b = basis.shape
+    C = CNB // n_b
+    w = torch.einsum("ij,bcjhw->bcihw", basis, coeffs.reshape(B, C, n_b, H, W))
+    return w.reshape(B, C * S, H, W)
+
+
+class LearnedBasis(nn.Module):
+    """A learnable (S, n_b) basis for the off-diagonal weights, shared across images.
+
+    ``forward(coeffs)`` materialises off_diag (B, C*S, H, W) from coefficients
+    (B, C*n_b, H, W); pass ``basis=module.basis`` to ``structured_gaussian_nll`` /
+    ``StructuredNormal`` with the coefficients as ``off_diag`` for the fused path.
+
+    Args:
+        stencil: the sparsity pattern (S offsets).
+        n_basis: number of basis vectors n_b.
+    """
+
+    def __init__(self, stencil: Stencil, n_basis: int):
+        super().__init__()
+        _checks.check_stencil(stencil)
+        if not isinstance(n_basis, int) or n_basis < 1:
+            raise ValueError(f"n_basis: expected a positive integer, got {n_basis!r}")
+        self.stencil = stencil
+        # Small random init: every offset starts weakly coupled, so U starts near diagonal.
+        self.basis = nn.Parameter(torch.randn(stencil.S, n_basis) / (stencil.S * n_basis) ** 0.5)
+
+    @property
+    def n_basis(self) -> int:
+        return self.basis.shape[1]
+
+    def forward(self, coeffs: torch.Tensor) -> torch.Tensor:
+        return expand_basis(coeffs, self.basis)
+
+    def extra_repr(self) -> str:
+        return f"stencil={self.stencil!r}, n_basis={self.n_basis}"

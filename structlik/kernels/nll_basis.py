@@ -1,0 +1,131 @@
+"""The fused NLL with a learned basis: w_{p,i} = sum_j basis[i, j] coeffs_j(p), formed
+in registers from a (NB, BLOCK) tile of coefficients, never stored.
+
+Backward, two passes as nll.py: pass 1 stores u and writes d/ds, d/dcoeffs and
+each program's partial d/dbasis (summed on the host, deterministically);
+pass 2 forms d/dx = g U^T u, recomputing w at p - delta_i from the coefficients.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import acc_dtype, block_for, neighbour, tile
+
+
+@triton.jit
+def _coeff_tile(coeffs, k, q, ok, n, NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr):
+    """(NB_P2, BLOCK) coefficients of plane k at pixels q (zero where masked or j >= NB)."""
+    j = tl.arange(0, NB_P2)
+    ptrs = coeffs + (k * NB + j[:, None]) * n + q[None, :]
+    return tl.load(ptrs, (j[:, None] < NB) & ok[None, :], 0.0).to(ACC)
+
+
+@triton.jit
+def _basis_row(basis, i, NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr):
+    j = tl.arange(0, NB_P2)
+    return tl.load(basis + i * NB + j, j < NB, 0.0).to(ACC)
+
+
+@triton.jit
+def _u(x, loc, log_diag, coeffs, basis, k, p, y, xx, valid, H, W, OFFS: tl.constexpr, S: tl.constexpr,
+       NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr):
+    n = H * W
+    base = k * n
+    r = tl.load(x + base + p, valid, 0.0).to(ACC) - tl.load(loc + base + p, valid, 0.0).to(ACC)
+    s = tl.load(log_diag + base + p, valid, 0.0).to(ACC)
+    d = tl.exp(s)
+    u = d * r
+    c = _coeff_tile(coeffs, k, p, valid, n, NB, NB_P2, ACC)
+    for i in tl.static_range(S):
+        q, ok = neighbour(y, xx, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
+        w = tl.sum(_basis_row(basis, i, NB, NB_P2, ACC)[:, None] * c, axis=0)
+        r_q = tl.load(x + base + q, ok, 0.0).to(ACC) - tl.load(loc + base + q, ok, 0.0).to(ACC)
+        u += w * r_q
+    return r, s, d, u, c
+
+
+@triton.jit
+def nll_basis_kernel(x, loc, log_diag, coeffs, basis, partial, H, W, OFFS: tl.constexpr, S: tl.constexpr,
+                     NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    k, p, y, xx, valid = tile(H, W, BLOCK)
+    r, s, d, u, c = _u(x, loc, log_diag, coeffs, basis, k, p, y, xx, valid, H, W, OFFS, S, NB, NB_P2, ACC)
+    term = tl.where(valid, 0.5 * u * u - s, 0.0)
+    tl.store(partial + k * tl.num_programs(0) + tl.program_id(0), tl.sum(term, axis=0))
+
+
+@triton.jit
+def nll_basis_backward_u_kernel(grad, x, loc, log_diag, coeffs, basis, u_out, grad_s, grad_c, basis_partial, C, H, W,
+                                OFFS: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr,
+                                ACC: tl.constexpr, BLOCK: tl.constexpr):
+    k, p, y, xx, valid = tile(H, W, BLOCK)
+    n = H * W
+    base = k * n
+    g = tl.load(grad + k // C).to(ACC)
+    r, s, d, u, c = _u(x, loc, log_diag, coeffs, basis, k, p, y, xx, valid, H, W, OFFS, S, NB, NB_P2, ACC)
+    tl.store(u_out + base + p, u, valid)
+    tl.store(grad_s + base + p, (g * (u * r * d - 1.0)).to(grad_s.dtype.element_ty), valid)
+    j = tl.arange(0, NB_P2)
+    gc = tl.zeros([NB_P2, BLOCK], ACC)
+    program = k * tl.num_programs(0) + tl.program_id(0)
+    for i in tl.static_range(S):
+        q, ok = neighbour(y, xx, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
+        r_q = tl.load(x + base + q, ok, 0.0).to(ACC) - tl.load(loc + base + q, ok, 0.0).to(ACC)
+        gw = tl.where(ok, g * u * r_q, 0.0)                      # d/dw_{p,i}, never stored
+        gc += _basis_row(basis, i, NB, NB_P2, ACC)[:, None] * gw[None, :]
+        tl.store(basis_partial + (program * S + i) * NB_P2 + j, tl.sum(c * gw[None, :], axis=1))
+    ptrs = grad_c + (k * NB + j[:, None]) * n + p[None, :]
+    tl.store(ptrs, gc.to(grad_c.dtype.element_ty), (j[:, None] < NB) & valid[None, :])
+
+
+@triton.jit
+def nll_basis_backward_x_kernel(grad, u, log_diag, coeffs, basis, grad_x, C, H, W, OFFS: tl.constexpr,
+                                S: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr,
+                                BLOCK: tl.constexpr):
+    k, p, y, xx, valid = tile(H, W, BLOCK)
+    n = H * W
+    base = k * n
+    g = tl.load(grad + k // C).to(ACC)
+    acc = tl.exp(tl.load(log_diag + base + p, valid, 0.0).to(ACC)) * tl.load(u + base + p, valid, 0.0)
+    for i in tl.static_range(S):
+        q, ok = neighbour(y, xx, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
+        w = tl.sum(_basis_row(basis, i, NB, NB_P2, ACC)[:, None] * _coeff_tile(coeffs, k, q, ok, n, NB, NB_P2, ACC),
+                   axis=0)
+        acc += w * tl.load(u + base + q, ok, 0.0)
+    tl.store(grad_x + base + p, (g * acc).to(grad_x.dtype.element_ty), valid)
+
+
+def _meta(x, basis, offsets, n):
+    nb = basis.shape[1]
+    return dict(OFFS=tuple(offsets), S=len(offsets) // 2, NB=nb, NB_P2=max(2, triton.next_power_of_2(nb)),
+                ACC=acc_dtype(x), BLOCK=min(block_for(n), 256))   # the coefficient tile is NB_P2 x BLOCK
+
+
+def forward(x, loc, log_diag, coeffs, basis, offsets):
+    B, C, H, W = x.shape
+    x, loc, log_diag, coeffs, basis = (t.contiguous() for t in (x, loc, log_diag, coeffs, basis))
+    meta = _meta(x, basis, offsets, H * W)
+    tiles = triton.cdiv(H * W, meta["BLOCK"])
+    partial = torch.empty(B * C, tiles, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                          device=x.device)
+    nll_basis_kernel[(tiles, B * C)](x, loc, log_diag, coeffs, basis, partial, H, W, **meta)
+    return (partial.view(B, C * tiles).sum(1) + 0.5 * C * H * W * math.log(2 * math.pi)).to(x.dtype)
+
+
+def backward(grad, x, loc, log_diag, coeffs, basis, offsets):
+    B, C, H, W = x.shape
+    x, loc, log_diag, coeffs, basis, grad = (t.contiguous() for t in (x, loc, log_diag, coeffs, basis, grad))
+    meta = _meta(x, basis, offsets, H * W)
+    tiles = triton.cdiv(H * W, meta["BLOCK"])
+    S, nb, nb_p2 = meta["S"], meta["NB"], meta["NB_P2"]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    u = torch.empty(x.shape, dtype=acc, device=x.device)
+    grad_s, grad_c, grad_x = torch.empty_like(log_diag), torch.empty_like(coeffs), torch.empty_like(x)
+    basis_partial = torch.empty(B * C * tiles, S, nb_p2, dtype=acc, device=x.device)
+    grid = (tiles, B * C)
+    nll_basis_backward_u_kernel[grid](grad, x, loc, log_diag, coeffs, basis, u, grad_s, grad_c, basis_partial,
+                                      C, H, W, **meta)
+    nll_basis_backward_x_kernel[grid](grad, u, log_diag, coeffs, basis, grad_x, C, H, W, **meta)
+    grad_basis = basis_partial.sum(0)[:, :nb].to(basis.dtype).contiguous()
+    return grad_x, grad_s, grad_c, grad_basis
