@@ -13,7 +13,8 @@ timing: on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation
 before the call; on CPU, the rise of the process's peak resident set
 (``VmHWM`` in /proc/self/status, reset through /proc/self/clear_refs) over its
 resident set before the call, with glibc made to return freed blocks of 64 KiB
-or more to the OS (smaller temporaries are not seen).
+or more to the OS (smaller temporaries are not seen) and one thread (Linux adds
+other threads' page faults to the resident set lazily).
 """
 from __future__ import annotations
 
@@ -173,10 +174,15 @@ def run(family: str, cases: List[Case], device: torch.device, min_run_time: floa
             if row["status"] == "ok" and timings.get(case.fused):
                 row["ratio"] = row["ms"] / timings[case.fused]
         rows += case_rows
+    threads = torch.get_num_threads()
     if device.type == "cpu":
         _return_freed_memory_to_the_os()
+        # Linux counts a thread's page faults into the process's RSS lazily; with one
+        # thread the pages a call touches show up in VmHWM.
+        torch.set_num_threads(1)
     for row, c in timed:
         row["peak_mb"] = peak_memory_mb(c.fn, device)
+    torch.set_num_threads(threads)
     _write(family, rows, device, notes)
     return rows
 

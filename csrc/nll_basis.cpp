@@ -41,15 +41,22 @@ static void check_basis(const at::Tensor& coeffs, const at::Tensor& basis, const
               "coeffs: expected a CPU tensor of log_diag's dtype");
 }
 
-at::Tensor nll_basis(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log_diag, const at::Tensor& coeffs,
-                     const at::Tensor& basis, at::IntArrayRef flat_offsets) {
-  const auto offsets = parse_offsets(flat_offsets);
-  const int64_t S = static_cast<int64_t>(offsets.size());
-  TORCH_CHECK(log_diag.dim() == 4 && (log_diag.scalar_type() == at::kFloat || log_diag.scalar_type() == at::kDouble),
-              "log_diag: expected a float32 or float64 tensor of shape (B, C, H, W)");
+static std::vector<Offset> check_inputs(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log_diag,
+                                        const at::Tensor& coeffs, const at::Tensor& basis, at::IntArrayRef flat_offsets) {
+  auto offsets = parse_offsets(flat_offsets);
+  TORCH_CHECK(log_diag.dim() == 4 && log_diag.device().is_cpu() &&
+                  (log_diag.scalar_type() == at::kFloat || log_diag.scalar_type() == at::kDouble),
+              "log_diag: expected a float32 or float64 CPU tensor of shape (B, C, H, W)");
   check_image(x, "x", log_diag);
   check_image(loc, "loc", log_diag);
-  check_basis(coeffs, basis, log_diag, S);
+  check_basis(coeffs, basis, log_diag, static_cast<int64_t>(offsets.size()));
+  return offsets;
+}
+
+at::Tensor nll_basis(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log_diag, const at::Tensor& coeffs,
+                     const at::Tensor& basis, at::IntArrayRef flat_offsets) {
+  const auto offsets = check_inputs(x, loc, log_diag, coeffs, basis, flat_offsets);
+  const int64_t S = static_cast<int64_t>(offsets.size());
   const auto xc = x.contiguous(), lc = loc.contiguous(), s = log_diag.contiguous(), cc = coeffs.contiguous(),
              bc = basis.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W, nb = basis.size(1);
@@ -92,13 +99,8 @@ at::Tensor nll_basis(const at::Tensor& x, const at::Tensor& loc, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nll_basis_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log_diag,
     const at::Tensor& coeffs, const at::Tensor& basis, at::IntArrayRef flat_offsets) {
-  const auto offsets = parse_offsets(flat_offsets);
+  const auto offsets = check_inputs(x, loc, log_diag, coeffs, basis, flat_offsets);
   const int64_t S = static_cast<int64_t>(offsets.size());
-  TORCH_CHECK(log_diag.dim() == 4 && (log_diag.scalar_type() == at::kFloat || log_diag.scalar_type() == at::kDouble),
-              "log_diag: expected a float32 or float64 tensor of shape (B, C, H, W)");
-  check_image(x, "x", log_diag);
-  check_image(loc, "loc", log_diag);
-  check_basis(coeffs, basis, log_diag, S);
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == x.size(0), "grad: expected shape (B,), got ", grad.sizes());
   const auto xc = x.contiguous(), lc = loc.contiguous(), s = log_diag.contiguous(), cc = coeffs.contiguous(),
              bc = basis.contiguous(), gc = grad.to(x.scalar_type()).contiguous();

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["register"]
+__all__ = ["register", "OpsBackend"]
 
 
 def _offsets_count(offsets) -> int:
@@ -129,3 +129,38 @@ def register(ns: str, *, fakes: bool = True) -> None:
     reg(f"{ns}::precision_diagonal", precision_diagonal_backward, setup_context=save_inputs)
     reg(f"{ns}::nll", nll_backward, setup_context=save_inputs)
     reg(f"{ns}::nll_basis", nll_basis_backward, setup_context=save_inputs)
+
+
+class OpsBackend:
+    """The backend interface of ``structlik.reference`` over ``torch.ops.<namespace>``.
+
+    The compiled ops take the stencil as a flat int list; this passes it on.
+    """
+
+    def __init__(self, namespace: str):
+        self.namespace = namespace
+        self._ops = getattr(torch.ops, namespace)
+
+    def apply_upper(self, r, log_diag, off_diag, stencil):
+        return self._ops.apply_upper(r, log_diag, off_diag, stencil.flat_offsets)
+
+    def apply_upper_t(self, y, log_diag, off_diag, stencil):
+        return self._ops.apply_upper_t(y, log_diag, off_diag, stencil.flat_offsets)
+
+    def solve_upper(self, z, log_diag, off_diag, stencil):
+        return self._ops.solve_upper(z, log_diag, off_diag, stencil.flat_offsets)
+
+    def solve_upper_t(self, g, log_diag, off_diag, stencil):
+        return self._ops.solve_upper_t(g, log_diag, off_diag, stencil.flat_offsets)
+
+    def nll(self, x, loc, log_diag, off_diag, stencil):
+        return self._ops.nll(x, loc, log_diag, off_diag, stencil.flat_offsets)
+
+    def nll_basis(self, x, loc, log_diag, coeffs, basis, stencil):
+        return self._ops.nll_basis(x, loc, log_diag, coeffs, basis, stencil.flat_offsets)
+
+    def precision_diagonal(self, log_diag, off_diag, stencil):
+        return self._ops.precision_diagonal(log_diag, off_diag, stencil.flat_offsets)
+
+    def __repr__(self):
+        return f"OpsBackend({self.namespace!r})"

@@ -1,6 +1,7 @@
 """The one place that decides which implementation runs each op.
 
-Every backend is a module exposing the same functions as ``structlik.reference``
+Every backend is an object (the reference module, or an ``_autograd.OpsBackend``)
+exposing the same functions as ``structlik.reference``
 (``apply_upper``, ``apply_upper_t``, ``solve_upper``, ``solve_upper_t``, ``nll``,
 ``precision_diagonal``), each differentiable in its tensor arguments. Callers
 go through :func:`backend_for` and never name a backend themselves, so adding
@@ -16,8 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from types import ModuleType
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -28,10 +28,10 @@ ENV_VAR = "STRUCTLIK_BACKEND"
 
 # name -> loader returning the backend module, or raising ImportError/RuntimeError
 # with the reason it is unavailable. Later backends register themselves here.
-_LOADERS: Dict[str, Callable[[], ModuleType]] = {
+_LOADERS: Dict[str, Callable[[], Any]] = {
     "reference": lambda: reference,
-    "cpu": lambda: importlib.import_module("structlik.cpu"),
-    "triton": lambda: importlib.import_module("structlik.triton_backend"),
+    "cpu": lambda: importlib.import_module("structlik.cpu").backend,
+    "triton": lambda: importlib.import_module("structlik.triton_backend").backend,
 }
 # name -> the devices it runs on
 _DEVICES: Dict[str, tuple] = {
@@ -41,17 +41,17 @@ _DEVICES: Dict[str, tuple] = {
     "triton": ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
 }
 _warned: set = set()
-_loaded: Dict[str, Optional[ModuleType]] = {}
+_loaded: Dict[str, Optional[Any]] = {}
 _why_unavailable: Dict[str, str] = {}
 
 
-def register(name: str, loader: Callable[[], ModuleType], devices: tuple) -> None:
+def register(name: str, loader: Callable[[], Any], devices: tuple) -> None:
     _LOADERS[name] = loader
     _DEVICES[name] = devices
     _loaded.pop(name, None)
 
 
-def _load(name: str) -> Optional[ModuleType]:
+def _load(name: str) -> Optional[Any]:
     if name not in _loaded:
         loader = _LOADERS.get(name)
         if loader is None:
@@ -79,7 +79,7 @@ def forced() -> Optional[str]:
     return name
 
 
-def backend_for(device: torch.device) -> ModuleType:
+def backend_for(device: torch.device) -> Any:
     """The backend module to use for tensors on ``device``."""
     name = forced()
     if name is not None:

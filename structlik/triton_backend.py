@@ -1,6 +1,7 @@
 """The Triton backend: the kernels of structlik/kernels as torch.ops.structlik_triton.*.
 
-Each op is a ``torch.library.custom_op`` (opaque to torch.compile, which
+``backend`` has the interface of ``structlik.reference``. Each op is a
+``torch.library.custom_op`` (opaque to torch.compile, which
 traces it through the fake kernels of ``structlik._autograd`` without a graph
 break or a host sync) with the autograd formulas shared with the C++ backend.
 The kernels run on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1
@@ -21,8 +22,6 @@ from .kernels import nll_basis as _nll_basis
 from .kernels import precision_diagonal as _precision
 from .kernels import solve_upper as _solve
 from .kernels import weight_grad as _weight_grad
-
-__all__ = ["apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t", "nll", "nll_basis", "precision_diagonal"]
 
 NAMESPACE = "structlik_triton"
 
@@ -85,32 +84,4 @@ def _nll_basis_backward(grad: Tensor, x: Tensor, loc: Tensor, log_diag: Tensor, 
 
 
 _autograd.register(NAMESPACE)
-_ops = torch.ops.structlik_triton
-
-
-def apply_upper(r, log_diag, off_diag, stencil):
-    return _ops.apply_upper(r, log_diag, off_diag, stencil.flat_offsets)
-
-
-def apply_upper_t(y, log_diag, off_diag, stencil):
-    return _ops.apply_upper_t(y, log_diag, off_diag, stencil.flat_offsets)
-
-
-def solve_upper(z, log_diag, off_diag, stencil):
-    return _ops.solve_upper(z, log_diag, off_diag, stencil.flat_offsets)
-
-
-def solve_upper_t(g, log_diag, off_diag, stencil):
-    return _ops.solve_upper_t(g, log_diag, off_diag, stencil.flat_offsets)
-
-
-def nll(x, loc, log_diag, off_diag, stencil):
-    return _ops.nll(x, loc, log_diag, off_diag, stencil.flat_offsets)
-
-
-def nll_basis(x, loc, log_diag, coeffs, basis, stencil):
-    return _ops.nll_basis(x, loc, log_diag, coeffs, basis, stencil.flat_offsets)
-
-
-def precision_diagonal(log_diag, off_diag, stencil):
-    return _ops.precision_diagonal(log_diag, off_diag, stencil.flat_offsets)
+backend = _autograd.OpsBackend(NAMESPACE)

@@ -1,0 +1,37 @@
+"""Gather benchmarks/results/*.md into benchmarks/RESULTS.md, under a header that says how they were made.
+
+    python benchmarks/collect_results.py
+"""
+import glob
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+HEADER = """# Benchmark results
+
+Each section below was written by the benchmark named in its `command` line,
+on the device it names; nothing here is edited by hand. Re-run with
+
+    python benchmarks/bench_nll.py && python benchmarks/bench_solve_upper.py && python benchmarks/bench_nll_basis.py
+    python benchmarks/collect_results.py
+
+Every contender is checked against the reference before it is timed (the
+`error` column). See `benchmarks/harness.py` for how time, bandwidth and peak
+memory are measured.
+"""
+
+
+def main():
+    parts = [HEADER]
+    notes = os.path.join(HERE, "results", "NOTES.md")
+    if os.path.exists(notes):
+        parts.append(open(notes).read())
+    for path in sorted(glob.glob(os.path.join(HERE, "results", "*.md"))):
+        if os.path.basename(path) != "NOTES.md":
+            parts.append(open(path).read())
+    with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
+        f.write("\n\n".join(p.strip() for p in parts) + "\n")
+
+
+if __name__ == "__main__":
+    main()
