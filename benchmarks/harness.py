@@ -8,13 +8,12 @@ peak memory, and prints a markdown table with the ratio of each contender's
 time to the fused kernel's. Results are also written as CSV and markdown under
 ``benchmarks/results/`` with the device and versions.
 
-Peak memory is what one call allocates beyond its inputs, measured after all
-timing: on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation
-before the call; on CPU, the rise of the process's peak resident set
-(``VmHWM`` in /proc/self/status, reset through /proc/self/clear_refs) over its
-resident set before the call, with glibc made to return freed blocks of 64 KiB
-or more to the OS (smaller temporaries are not seen) and one thread (Linux adds
-other threads' page faults to the resident set lazily).
+Peak memory is what one call allocates beyond its inputs: on CUDA,
+``torch.cuda.max_memory_allocated`` minus the allocation before the call; on
+CPU, measured in a child process (see ``_cpu_peaks_in_child``), the rise of
+the peak resident set (``VmHWM`` in /proc/self/status, reset through
+/proc/self/clear_refs) over the resident set before the call. Temporaries
+under 64 KiB are not seen.
 """
 from __future__ import annotations
 
@@ -29,7 +28,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# STRUCTLIK_BENCH_RESULTS redirects the output (the test that smoke-runs the scripts uses it).
+RESULTS_DIR = os.environ.get("STRUCTLIK_BENCH_RESULTS",
+                             os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 
 
 @dataclasses.dataclass
@@ -80,25 +81,6 @@ def _status_kb(key: str) -> int:
         return int(re.search(key + r":\s+(\d+) kB", f.read()).group(1))
 
 
-def _return_freed_memory_to_the_os() -> None:
-    """Make glibc serve every allocation of 64 KiB or more with its own mmap, returned on free.
-
-    By default glibc raises its mmap threshold as large blocks are freed (up to
-    32 MiB) and keeps them in its heap, so a process's resident set no longer
-    rises when a call allocates; with a fixed threshold it does, and VmHWM then
-    measures the call's peak. Set only for the memory phase, after all timing,
-    since it changes how fast large allocations are.
-    """
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)     # M_MMAP_THRESHOLD (fixing it disables the dynamic raise)
-        libc.mallopt(-1, 64 * 1024)     # M_TRIM_THRESHOLD
-        libc.malloc_trim(0)
-    except OSError:
-        pass
-
-
 def copy_bandwidth_gbs(device: torch.device) -> float:
     """Device-to-device copy of 256 MiB: bytes read + written per second."""
     src = torch.empty(64 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
@@ -140,6 +122,9 @@ def run(family: str, cases: List[Case], device: torch.device, min_run_time: floa
         extra_columns: Optional[Callable[[Case, Contender, float], Dict[str, str]]] = None,
         notes: str = "") -> List[dict]:
     """Check, time, then measure memory; report and return the rows (also written to results/)."""
+    if os.environ.get(_CHILD_ENV):
+        _measure_cpu_peaks(cases, os.environ[_CHILD_ENV])
+        sys.exit(0)
     copy_gbs = copy_bandwidth_gbs(device)
     notes = (notes + "\n\n" if notes else "") + (
         f"Device-to-device copy measured in this run: {copy_gbs:.1f} GB/s (read + write). GB/s: the fewest bytes "
@@ -174,17 +159,56 @@ def run(family: str, cases: List[Case], device: torch.device, min_run_time: floa
             if row["status"] == "ok" and timings.get(case.fused):
                 row["ratio"] = row["ms"] / timings[case.fused]
         rows += case_rows
-    threads = torch.get_num_threads()
     if device.type == "cpu":
-        _return_freed_memory_to_the_os()
-        # Linux counts a thread's page faults into the process's RSS lazily; with one
-        # thread the pages a call touches show up in VmHWM.
-        torch.set_num_threads(1)
-    for row, c in timed:
-        row["peak_mb"] = peak_memory_mb(c.fn, device)
-    torch.set_num_threads(threads)
+        peaks = _cpu_peaks_in_child()
+        for row, c in timed:
+            row["peak_mb"] = peaks.get(f"{row['case']}|{row['mode']}|{c.name}", float("nan"))
+    else:
+        for row, c in timed:
+            row["peak_mb"] = peak_memory_mb(c.fn, device)
     _write(family, rows, device, notes)
     return rows
+
+
+_CHILD_ENV = "STRUCTLIK_BENCH_MEMORY_OUT"
+
+
+def _cpu_peaks_in_child() -> Dict[str, float]:
+    """Peak memory of every contender, measured by this script re-run in a child process.
+
+    The child starts with glibc's mmap threshold fixed at 64 KiB, so every block
+    of that size or more is mapped on allocation and unmapped on free (by
+    default glibc keeps freed blocks, and a later call reuses them without the
+    resident set rising), and with one thread (Linux adds other threads' page
+    faults to the resident set lazily).
+    """
+    import json
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "peaks.json")
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
+                   OMP_NUM_THREADS="1", **{_CHILD_ENV: out})
+        proc = subprocess.run([sys.executable] + sys.argv, env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.exists(out):
+            print(f"memory child failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return {}
+        with open(out) as f:
+            return json.load(f)
+
+
+def _measure_cpu_peaks(cases: List[Case], out_path: str) -> None:
+    import json
+    torch.set_num_threads(1)
+    peaks = {}
+    for case in cases:
+        for c in case.contenders:
+            if c.skip:
+                continue
+            c.fn()                                   # warm up: compile, caches, lazy imports
+            peaks[f"{case.label}|{case.mode}|{c.name}"] = peak_memory_mb(c.fn, torch.device("cpu"))
+    with open(out_path, "w") as f:
+        json.dump(peaks, f)
 
 
 def _fmt(v) -> str:

@@ -1,11 +1,18 @@
 import os
 
-# Triton kernels must see this before any of them is defined: it makes them run
-# on CPU tensors through the interpreter, so CI checks them without a GPU.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Where the tests' tensors live. Without a GPU (CI), Triton kernels run on CPU
+# tensors through the interpreter, which must be switched on before any kernel
+# is defined. With one, the same tests run on CUDA tensors, unchanged: tensors
+# are created on the default device. STRUCTLIK_TEST_DEVICE overrides the choice.
+TEST_DEVICE = os.environ.get("STRUCTLIK_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    torch.set_default_device(TEST_DEVICE)
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import itertools  # noqa: E402
@@ -54,14 +61,14 @@ def pytest_generate_tests(metafunc):
         chosen |= {n.strip() for n in (names.split(",") if isinstance(names, str) else names)}
     if "backend" in chosen:
         return          # the test chose its backends itself
-    names = available_backends()
+    names = available_backends(TEST_DEVICE)
     if metafunc.definition.get_closest_marker("not_interpreted") and os.environ.get("TRITON_INTERPRET") == "1":
         names = [n for n in names if n not in INTERPRETED]
     if not {"shape", "stencil"} <= set(metafunc.fixturenames) or {"shape", "stencil"} & chosen:
         metafunc.parametrize("backend", names, indirect=True)
         return
     params = []
-    for name in available_backends():
+    for name in names:
         if name in INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1":
             combos = [(SHAPES[i % len(SHAPES)], st) for i, st in enumerate(STENCILS)]
         else:

@@ -29,7 +29,7 @@ SHAPES = [
 ]
 
 
-def make_params(shape, stencil, dtype=torch.float64, scale=0.3, device="cpu", requires_grad=False):
+def make_params(shape, stencil, dtype=torch.float64, scale=0.3, device=None, requires_grad=False):
     """(loc, log_diag, off_diag) with U well conditioned: d ~ exp(N(0, scale^2)),
     off-diagonal weights ~ N(0, (scale / sqrt(S))^2), so the solves stay accurate."""
     B, C, H, W = shape
@@ -43,6 +43,7 @@ def make_params(shape, stencil, dtype=torch.float64, scale=0.3, device="cpu", re
 
 
 def available_backends(device="cpu"):
+    """The backends that run on ``device`` tensors here."""
     names = []
     for name in backends.NAMES:
         if backends.available(name) and device in backends._DEVICES[name]:

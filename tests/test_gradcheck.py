@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import TEST_DEVICE
 from helpers import available_backends, make_params
 from structlik import Stencil, StructuredNormal, ops, structured_gaussian_nll
 
@@ -87,7 +88,7 @@ INTERPRETED_CASES = [
 @pytest.mark.parametrize("stencil,shape", INTERPRETED_CASES)
 def test_gradcheck_interpreted_backend(stencil, shape, backend):
     """Every op's registered backward on the interpreted Triton kernels, fast_mode gradcheck."""
-    if backend not in available_backends():
+    if backend not in available_backends(TEST_DEVICE):
         pytest.skip("Triton is not available")
     loc, log_diag, off_diag = make_params(shape, stencil, requires_grad=True)
     x = (loc.detach() + torch.randn(shape, dtype=torch.float64)).requires_grad_()

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from helpers import make_params
-from structlik import Stencil, backends, structured_gaussian_nll
+from conftest import TEST_DEVICE
+from helpers import available_backends, make_params
+from structlik import Stencil, structured_gaussian_nll
 
-COMPILED = [name for name in ("cpu", "triton") if backends.available(name)]
+COMPILED = [name for name in available_backends(TEST_DEVICE) if name != "reference"]
 NAMESPACE = {"cpu": "structlik_cpu", "triton": "structlik_triton"}
 STENCIL = Stencil(1, (1, 2))
 
