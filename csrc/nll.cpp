@@ -38,24 +38,12 @@ at::Tensor nll(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log
         acc_t quad = 0, logdet = 0;
         for (int64_t y = 0; y < H; ++y) {
           u_row(r.data(), sk, w_p + k * S * n + y * W, n, y, H, W, offsets, d.data(), u.data());
-          const scalar_t* srow = sk + y * W;
-          // simd reduction: lets the compiler keep several partial sums (plain C++ may not reassociate)
-          _Pragma("omp simd reduction(+ : quad, logdet)")
-          for (int64_t x = 0; x < W; ++x) {
-            quad += acc_t(u[x]) * acc_t(u[x]);
-            logdet += acc_t(srow[x]);
-          }
+          reduce_row(u.data(), sk + y * W, W, quad, logdet);
         }
         per_plane[k] = 0.5 * quad - logdet;
       }
     });
-    const acc_t normaliser = 0.5 * acc_t(C * n) * std::log(2.0 * M_PI);
-    scalar_t* out_p = out.data_ptr<scalar_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      acc_t total = normaliser;
-      for (int64_t c = 0; c < C; ++c) total += per_plane[b * C + c];
-      out_p[b] = static_cast<scalar_t>(total);
-    }
+    finish_nll(per_plane, B, C, n, out.data_ptr<scalar_t>());
   });
   return out;
 }

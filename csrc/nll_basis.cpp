@@ -75,23 +75,12 @@ at::Tensor nll_basis(const at::Tensor& x, const at::Tensor& loc, const at::Tenso
         for (int64_t y = 0; y < H; ++y) {
           basis_rows(b_p, c_p + k * nb * n, S, nb, y, W, n, wbuf.data());
           u_row(r.data(), sk, wbuf.data(), W, y, H, W, offsets, d.data(), u.data());
-          const scalar_t* srow = sk + y * W;
-          _Pragma("omp simd reduction(+ : quad, logdet)")
-          for (int64_t xx = 0; xx < W; ++xx) {
-            quad += acc_t(u[xx]) * acc_t(u[xx]);
-            logdet += acc_t(srow[xx]);
-          }
+          reduce_row(u.data(), sk + y * W, W, quad, logdet);
         }
         per_plane[k] = 0.5 * quad - logdet;
       }
     });
-    const acc_t normaliser = 0.5 * acc_t(C * n) * std::log(2.0 * M_PI);
-    scalar_t* out_p = out.data_ptr<scalar_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      acc_t total = normaliser;
-      for (int64_t c = 0; c < C; ++c) total += per_plane[b * C + c];
-      out_p[b] = static_cast<scalar_t>(total);
-    }
+    finish_nll(per_plane, B, C, n, out.data_ptr<scalar_t>());
   });
   return out;
 }

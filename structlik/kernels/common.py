@@ -7,6 +7,8 @@ plane are indexed in raster order; a program handles ``BLOCK`` consecutive
 pixels of one plane (grid: (tiles, planes)). Plane offsets are computed in
 int64 so that B*C*S*H*W may exceed 2^31.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -42,3 +44,15 @@ def tile(H, W, BLOCK: tl.constexpr):
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = p < H * W
     return k, p, p // W, p % W, valid
+
+
+def partial_buffer(x: torch.Tensor, planes: int, tiles: int) -> torch.Tensor:
+    """One partial sum per program, in the accumulation dtype."""
+    return torch.empty(planes, tiles, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                       device=x.device)
+
+
+def finish_nll(partial: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-image NLL from per-program partials (B*C, tiles): a deterministic sum plus the normaliser."""
+    B, C, H, W = x.shape
+    return (partial.view(B, -1).sum(1) + 0.5 * C * H * W * math.log(2 * math.pi)).to(x.dtype)

@@ -11,13 +11,11 @@ another program computes:
      d/dw_{p,i} = g u_p r_{p+delta_i}, both of which need only u_p;
   2. d/dx = g (d u + sum_i w_{p-delta_i,i} u_{p-delta_i}); d/dloc = -d/dx.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_for, neighbour, tile
+from .common import acc_dtype, block_for, finish_nll, neighbour, partial_buffer, tile
 
 
 @triton.jit
@@ -84,12 +82,10 @@ def forward(x, loc, log_diag, off_diag, offsets):
     x, loc, log_diag, off_diag = _prepare(x, loc, log_diag, off_diag)
     block = block_for(H * W)
     tiles = triton.cdiv(H * W, block)
-    partial_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    partial = torch.empty(B * C, tiles, dtype=partial_dtype, device=x.device)
+    partial = partial_buffer(x, B * C, tiles)
     nll_kernel[(tiles, B * C)](x, loc, log_diag, off_diag, partial, H, W, OFFS=tuple(offsets),
                                S=len(offsets) // 2, ACC=acc_dtype(x), BLOCK=block)
-    normaliser = 0.5 * C * H * W * math.log(2 * math.pi)
-    return (partial.view(B, C * tiles).sum(1) + normaliser).to(x.dtype)
+    return finish_nll(partial, x)
 
 
 def backward(grad, x, loc, log_diag, off_diag, offsets):

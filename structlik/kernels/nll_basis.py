@@ -5,13 +5,11 @@ Backward, two passes as nll.py: pass 1 stores u and writes d/ds, d/dcoeffs and
 each program's partial d/dbasis (summed on the host, deterministically);
 pass 2 forms d/dx = g U^T u, recomputing w at p - delta_i from the coefficients.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_for, neighbour, tile
+from .common import acc_dtype, block_for, finish_nll, neighbour, partial_buffer, tile
 
 
 @triton.jit
@@ -107,10 +105,9 @@ def forward(x, loc, log_diag, coeffs, basis, offsets):
     x, loc, log_diag, coeffs, basis = (t.contiguous() for t in (x, loc, log_diag, coeffs, basis))
     meta = _meta(x, basis, offsets, H * W)
     tiles = triton.cdiv(H * W, meta["BLOCK"])
-    partial = torch.empty(B * C, tiles, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                          device=x.device)
+    partial = partial_buffer(x, B * C, tiles)
     nll_basis_kernel[(tiles, B * C)](x, loc, log_diag, coeffs, basis, partial, H, W, **meta)
-    return (partial.view(B, C * tiles).sum(1) + 0.5 * C * H * W * math.log(2 * math.pi)).to(x.dtype)
+    return finish_nll(partial, x)
 
 
 def backward(grad, x, loc, log_diag, coeffs, basis, offsets):
