@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nll_backward(const at::Tensor& gr
     at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       // One sweep over the rows: row y of u gives row y of d/ds and d/dw, and scatters
       // w_{p,i} u_p into rows y + dy_i of U^T u; row y of d/dx is complete once row y is done.
-      std::vector<scalar_t> r(n), u(W), d(W);
+      std::vector<scalar_t> r(n), u(W), d(W), gw_row(W);
       for (int64_t k = begin; k < end; ++k) {
         const scalar_t g = g_p[k / C];
         const scalar_t* sk = s_p + k * n;
@@ -93,24 +93,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nll_backward(const at::Tensor& gr
           for (int64_t i = 0; i < S; ++i) {
             const auto [dy, dx] = offsets[i];
             const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
-            scalar_t* __restrict__ gwrow = gw_p + (k * S + i) * n + y * W;
-            if (y + dy >= H || lo >= hi) {   // the neighbour is outside for the whole row
-              std::fill(gwrow, gwrow + W, scalar_t(0));
-              continue;
+            scalar_t* __restrict__ gwrow = gw_row.data();   // formed in L1, then streamed out
+            std::fill(gwrow, gwrow + W, scalar_t(0));
+            if (y + dy < H && lo < hi) {
+              const scalar_t* __restrict__ wrow = wk + i * n + y * W;
+              const scalar_t* __restrict__ rn = r.data() + (y + dy) * W + dx;
+              scalar_t* __restrict__ gxn = gx + (y + dy) * W + dx;
+              for (int64_t x = lo; x < hi; ++x) {
+                gwrow[x] = g * u[x] * rn[x];
+                gxn[x] += wrow[x] * u[x];   // (U^T u)_{p+delta_i} += w_{p,i} u_p
+              }
             }
-            const scalar_t* __restrict__ wrow = wk + i * n + y * W;
-            const scalar_t* __restrict__ rn = r.data() + (y + dy) * W + dx;
-            scalar_t* __restrict__ gxn = gx + (y + dy) * W + dx;
-            std::fill(gwrow, gwrow + lo, scalar_t(0));
-            for (int64_t x = lo; x < hi; ++x) {
-              gwrow[x] = g * u[x] * rn[x];
-              gxn[x] += wrow[x] * u[x];   // (U^T u)_{p+delta_i} += w_{p,i} u_p
-            }
-            std::fill(gwrow + hi, gwrow + W, scalar_t(0));
+            stream_row(gw_p + (k * S + i) * n + y * W, gwrow, W);
           }
           for (int64_t x = 0; x < W; ++x) gxrow[x] *= g;
         }
       }
+      stream_fence();   // the streaming stores are visible before the task ends
     });
   });
   return {grad_x, grad_s, grad_w};

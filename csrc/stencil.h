@@ -17,6 +17,10 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace structlik {
 
 struct Offset {
@@ -108,6 +112,34 @@ inline void exp_row(const float* __restrict__ s, float* __restrict__ out, int64_
 
 inline void exp_row(const double* __restrict__ s, double* __restrict__ out, int64_t len) {
   for (int64_t j = 0; j < len; ++j) out[j] = std::exp(s[j]);
+}
+
+// dst[0:W) = src[0:W) with streaming (non-temporal) stores where possible: for
+// outputs written once and not read again soon (the off_diag gradient), this
+// skips reading each destination cache line from memory before writing it.
+// Callers finish a kernel with stream_fence().
+inline void stream_row(float* dst, const float* src, int64_t W) {
+  int64_t x = 0;
+#if defined(__AVX__)
+  for (; x < W && (reinterpret_cast<uintptr_t>(dst + x) & 31); ++x) dst[x] = src[x];
+  for (; x + 8 <= W; x += 8) _mm256_stream_ps(dst + x, _mm256_loadu_ps(src + x));
+#endif
+  for (; x < W; ++x) dst[x] = src[x];
+}
+
+inline void stream_row(double* dst, const double* src, int64_t W) {
+  int64_t x = 0;
+#if defined(__AVX__)
+  for (; x < W && (reinterpret_cast<uintptr_t>(dst + x) & 31); ++x) dst[x] = src[x];
+  for (; x + 4 <= W; x += 4) _mm256_stream_pd(dst + x, _mm256_loadu_pd(src + x));
+#endif
+  for (; x < W; ++x) dst[x] = src[x];
+}
+
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 // Grain for at::parallel_for over planes: about 16K pixels of work per task.
