@@ -27,16 +27,25 @@ static std::vector<std::pair<int64_t, const scalar_t*>> in_row_offsets(const sca
   return out;
 }
 
+// Row y of the output starts as the right-hand side; inv_d = 1 / d for that row,
+// computed vectorised so that no division sits on the sequential in-row path.
+template <typename scalar_t>
+static scalar_t* start_row(const scalar_t* rhs, const scalar_t* s, int64_t y, int64_t W, scalar_t* out,
+                           scalar_t* inv_d) {
+  scalar_t* row = out + y * W;
+  std::copy(rhs + y * W, rhs + (y + 1) * W, row);
+  exp_row(s + y * W, inv_d, W);
+  for (int64_t x = 0; x < W; ++x) inv_d[x] = scalar_t(1) / inv_d[x];
+  return row;
+}
+
 template <typename scalar_t>
 static void solve_plane(const scalar_t* rhs, const scalar_t* s, const scalar_t* w, scalar_t* out, int64_t H, int64_t W,
                         const std::vector<Offset>& offsets, scalar_t* inv_d) {
   const int64_t n = H * W;
   const auto in_row = in_row_offsets(w, n, offsets);
   for (int64_t y = H - 1; y >= 0; --y) {
-    scalar_t* row = out + y * W;
-    std::copy(rhs + y * W, rhs + (y + 1) * W, row);
-    exp_row(s + y * W, inv_d, W);
-    for (int64_t x = 0; x < W; ++x) inv_d[x] = scalar_t(1) / inv_d[x];  // off the sequential path below
+    scalar_t* row = start_row(rhs, s, y, W, out, inv_d);
     for (size_t i = 0; i < offsets.size(); ++i) {
       const auto [dy, dx] = offsets[i];
       if (dy == 0 || y + dy >= H) continue;
@@ -60,10 +69,7 @@ static void solve_t_plane(const scalar_t* rhs, const scalar_t* s, const scalar_t
   const int64_t n = H * W;
   const auto in_row = in_row_offsets(w, n, offsets);
   for (int64_t y = 0; y < H; ++y) {
-    scalar_t* row = out + y * W;
-    std::copy(rhs + y * W, rhs + (y + 1) * W, row);
-    exp_row(s + y * W, inv_d, W);
-    for (int64_t x = 0; x < W; ++x) inv_d[x] = scalar_t(1) / inv_d[x];  // off the sequential path below
+    scalar_t* row = start_row(rhs, s, y, W, out, inv_d);
     for (size_t i = 0; i < offsets.size(); ++i) {
       const auto [dy, dx] = offsets[i];
       if (dy == 0 || y - dy < 0) continue;
