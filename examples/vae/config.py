@@ -1,0 +1,57 @@
+"""Run configurations: ``tiny`` (tests), ``cpu`` (the README's main job), ``gpu`` (closer to the paper)."""
+from __future__ import annotations
+
+import dataclasses
+
+# The three models of the paper's comparison: (beta, structured likelihood?, variance minimiser?)
+MODELS = {
+    "diagonal": dict(beta=None, structured=False),     # beta = 1
+    "beta": dict(beta="beta", structured=False),       # beta = Config.beta (the paper's 30)
+    "structured": dict(beta=None, structured=True),    # structlik + the variance-minimiser schedule
+}
+
+
+@dataclasses.dataclass
+class Config:
+    epochs: int = 30
+    batch: int = 64                  # per process
+    lr: float = 1e-3
+    grad_clip: float = float("inf")  # max gradient norm per step (off, as in the paper; norms are logged)
+    latent: int = 32
+    base_width: int = 32
+    size: int = 32                   # mnist / photo crops; a folder uses folder_size
+    folder_size: int = 64
+    n_train: int = 4000              # mnist: at most 4000 (5000 minus the test split); photos: crops per epoch
+    n_test: int = 1000
+    n_valid: int = 250               # held out from training; picks the epoch whose model is evaluated
+    iwae_samples: int = 100          # S of the importance-weighted bound (the paper uses 500)
+    mi_samples: int = 10             # z samples per image for the mutual information
+    eval_batch: int = 50
+    radius: int = 2
+    dilations: tuple = (1,)
+    factor: int = 4                  # chroma down-sampling
+    beta: float = 30.0               # the paper found 30 better than beta-VAE's 62.5
+    warmup_weight: float = 5e3       # variance minimiser alpha: the paper's 5e3 ...
+    weight: float = 10.0             # ... then 10
+    warmup_fraction: float = 10 / 110   # ... for the first 10 of 110 epochs
+    gamma_prior: tuple | None = None     # (concentration, rate) of eq. 13; off, as in the paper's runs
+    flips: bool = True               # left-right flips (not for digits: a flipped digit is another shape)
+    n_figure: int = 8
+
+    @property
+    def warmup_epochs(self) -> int:
+        return max(1, round(self.epochs * self.warmup_fraction))
+
+
+PRESETS = {
+    "tiny": Config(epochs=2, batch=16, latent=4, base_width=8, n_train=64, n_test=32, n_valid=16, iwae_samples=4,
+                   mi_samples=2, eval_batch=16, radius=1, n_figure=4, folder_size=16),
+    "cpu": Config(epochs=20, base_width=16, n_test=500),
+    "gpu": Config(epochs=110, n_train=20000, iwae_samples=500, eval_batch=20, latent=64, base_width=64),
+}
+
+
+def preset(name: str, **overrides) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"config: expected one of {sorted(PRESETS)}, got {name!r}")
+    return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})

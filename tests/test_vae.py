@@ -1,0 +1,238 @@
+"""The reference VAE in examples/vae: data, likelihood heads, estimators, training, resume, DDP."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import structlik  # noqa: E402
+from examples.vae import data as vdata  # noqa: E402
+from examples.vae.__main__ import main  # noqa: E402
+from examples.vae.config import preset  # noqa: E402
+from examples.vae.evaluate import iwae_nll, mutual_information  # noqa: E402
+from examples.vae.likelihoods import Likelihood, YCbCrDiagonalNormal  # noqa: E402
+from examples.vae.model import ConvVAE  # noqa: E402
+from examples.vae.train import train  # noqa: E402
+from structlik.color import downsample_chroma, rgb_to_ycbcr  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _cpu_default_device():
+    """The example runs on CPU here even when the kernel tests use a GPU default device."""
+    previous = torch.get_default_device()
+    torch.set_default_device("cpu")
+    yield
+    torch.set_default_device(previous)
+
+
+# ---- data -------------------------------------------------------------------------------------------
+
+def test_dequantise_stays_in_its_bin():
+    levels = torch.arange(256, dtype=torch.uint8).repeat(50)
+    x = vdata.dequantise(levels, torch.Generator().manual_seed(0))
+    k = levels.double()
+    assert ((x >= k / 256) & (x < (k + 1) / 256)).all()
+    with pytest.raises(TypeError, match="images: expected uint8"):
+        vdata.dequantise(levels.float())
+
+
+def test_mnist_is_padded_and_split():
+    train, test = vdata.mnist(n_test=100, seed=0)
+    assert train.shape == (4900, 1, 32, 32) and test.shape == (100, 1, 32, 32) and train.dtype == torch.uint8
+    assert train[..., :2, :].max() == 0 and train[..., :, -2:].max() == 0      # the 2-pixel padding
+    assert not (test[:, None] == train[None, :200]).flatten(2).all(-1).any()   # no test digit in train
+
+
+def test_random_crops_are_windows_of_one_image():
+    # every pixel encodes (image, row, column), so a crop proves where it came from
+    images = [torch.stack([torch.full((40, 50), i), torch.arange(40)[:, None].expand(40, 50),
+                           torch.arange(50)[None].expand(40, 50)]) for i in range(3)]
+    crops = vdata.random_crops(images, 20, 8, torch.Generator().manual_seed(0))
+    assert crops.shape == (20, 3, 8, 8)
+    for crop in crops:
+        assert (crop[0] == crop[0, 0, 0]).all()
+        y0, x0 = int(crop[1, 0, 0]), int(crop[2, 0, 0])
+        assert torch.equal(crop, images[int(crop[0, 0, 0])][:, y0:y0 + 8, x0:x0 + 8])
+
+
+def test_photos_split_by_image():
+    assert not set(vdata.PHOTOS_TRAIN) & set(vdata.PHOTOS_TEST)
+    photos = vdata.photos(vdata.PHOTOS_TEST, short_side=64)
+    assert all(p.dtype == torch.uint8 and p.shape[0] == 3 and min(p.shape[1:]) == 64 for p in photos)
+
+
+def _write_folder(root: Path):
+    from PIL import Image
+    import numpy as np
+
+    (root / "nested").mkdir(parents=True)
+    # a 30x40 image whose centre 30x30 square is red and whose margins are blue
+    im = np.zeros((30, 40, 3), np.uint8)
+    im[..., 2] = 255
+    im[:, 5:35] = (255, 0, 0)
+    Image.fromarray(im).save(root / "a.png")
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(root / "nested" / f"{i}.jpg")
+    (root / "notes.txt").write_text("not an image")
+
+
+def test_image_folder_crops_centre_square_and_resizes(tmp_path):
+    _write_folder(tmp_path)
+    images = vdata.image_folder(tmp_path, size=16)
+    assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8
+    red = images[0]                           # a.png sorts first: its centre square is pure red
+    assert (red[0] == 255).all() and (red[1:] == 0).all()
+    assert vdata.image_folder(tmp_path, size=16, crop=0.5).shape == (6, 3, 16, 16)
+    with pytest.raises(FileNotFoundError, match="root: no"):
+        vdata.image_folder(tmp_path / "nested" / "missing", size=16)
+    with pytest.raises(ValueError, match="crop"):
+        vdata.image_folder(tmp_path, size=16, crop=0.0)
+
+
+def test_flip_half_flips_only_whole_images():
+    images = torch.arange(2 * 8 * 1 * 3 * 4).view(16, 1, 3, 4).to(torch.uint8)
+    out = vdata.flip_half(images, torch.Generator().manual_seed(0))
+    flipped = [(o == i.flip(-1)).all() for o, i in zip(out, images)]
+    kept = [(o == i).all() for o, i in zip(out, images)]
+    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+
+
+# ---- likelihoods and model heads -------------------------------------------------------------------
+
+@pytest.mark.parametrize("color", [False, True])
+@pytest.mark.parametrize("structured", [False, True])
+def test_model_heads_give_a_distribution_over_the_image(color, structured):
+    stencil = structlik.Stencil(1, dilations=(1, 2)) if structured else None
+    model = ConvVAE(Likelihood(color, stencil), size=16, latent=3, base_width=8)
+    x = torch.rand(5, 3 if color else 1, 16, 16)
+    loss, parts = model(x, beta=2.0, alpha=3.0)
+    assert loss.shape == (5,) and torch.isfinite(loss).all()
+    torch.testing.assert_close(loss, parts["nll"] + 2.0 * parts["kl"] + 3.0 * parts["sq_error"])
+    loss.mean().backward()
+    p = model.decode(torch.randn(5, 3))
+    assert p.mean.shape == x.shape and p.rsample().shape == x.shape
+
+
+def test_ycbcr_diagonal_log_prob_is_three_normals():
+    B, H, W, f = 2, 8, 8, 4
+    y_loc, y_ls = torch.rand(B, 1, H, W), torch.randn(B, 1, H, W) * 0.1
+    c_loc, c_ls = torch.rand(B, 2, H // f, W // f), torch.randn(B, 2, H // f, W // f) * 0.1
+    rgb = torch.rand(B, 3, H, W, dtype=torch.float32)
+    dist = YCbCrDiagonalNormal(y_loc, y_ls, c_loc, c_ls, f)
+    ycc = rgb_to_ycbcr(rgb)
+    chroma = downsample_chroma(ycc[:, 1:], f)
+
+    def normal(v, m, ls):
+        return (-0.5 * ((v - m) / ls.exp()) ** 2 - ls - 0.5 * math.log(2 * math.pi)).sum((1, 2, 3))
+
+    expected = normal(ycc[:, :1], y_loc, y_ls) + normal(chroma, c_loc, c_ls)
+    torch.testing.assert_close(dist.log_prob(rgb), expected)
+    assert dist.rsample().shape == rgb.shape
+
+
+def test_gamma_prior_option_only_for_structured():
+    model = ConvVAE(Likelihood(True, structlik.Stencil(1)), size=16, latent=3, base_width=8)
+    loss, parts = model(torch.rand(2, 3, 16, 16), gamma_prior=(2.0, 1.0))
+    assert torch.isfinite(parts["gamma_prior"]).all()
+    diag = ConvVAE(Likelihood(False, None), size=16, latent=3, base_width=8)
+    with pytest.raises(ValueError, match="gamma prior"):
+        diag(torch.rand(2, 1, 16, 16), gamma_prior=(2.0, 1.0))
+
+
+# ---- estimators ------------------------------------------------------------------------------------
+
+class _IgnoresZ:
+    """A decoder whose p(x|z) = N(x; m, s^2 I) for every z: then log p(x) is known exactly."""
+
+    def __init__(self, m, s):
+        self.m, self.s = m, s
+
+    def decode(self, z):
+        n = z.shape[0]
+        return torch.distributions.Independent(torch.distributions.Normal(self.m.expand(n, -1, -1, -1),
+                                                                          self.s), 3)
+
+
+def test_iwae_is_exact_when_the_posterior_is_the_prior():
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    m = torch.full((1, 1, 4, 4), 0.5, dtype=torch.float64)
+    model = _IgnoresZ(m, 0.3)
+    q = torch.distributions.Normal(torch.zeros(3, 2, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64))
+    exact = -torch.distributions.Normal(m, 0.3).log_prob(x).sum((1, 2, 3))
+    torch.testing.assert_close(iwae_nll(model, x, q, samples=7, chunk=3), exact)
+
+
+def test_mutual_information_limits():
+    g = torch.Generator().manual_seed(0)
+    N, L = 40, 3
+    same = mutual_information(torch.zeros(N, L), torch.ones(N, L), 5, g)
+    torch.testing.assert_close(same, torch.zeros(N), atol=1e-5, rtol=0)           # q(z|x) = q(z)
+    apart = mutual_information(torch.arange(N).float()[:, None].expand(N, L) * 100, torch.ones(N, L), 5, g)
+    torch.testing.assert_close(apart, torch.full((N,), math.log(N)), atol=1e-4, rtol=0)   # at log N
+
+
+# ---- training, resume, the whole run ---------------------------------------------------------------
+
+def _params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_resume_continues_exactly(tmp_path):
+    cfg = preset("tiny", epochs=3)
+    data = vdata.ImageData("toy", torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8),
+                           train=torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8), flips=True,
+                           valid=torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8))
+    straight, hist = train("structured", data, cfg, tmp_path / "a", 0, torch.device("cpu"), progress=False)
+    assert [h["alpha"] for h in hist] == [5e3, 10.0, 10.0]        # warm-up, then the paper's 10
+    import dataclasses
+    train("structured", data, dataclasses.replace(cfg, epochs=1), tmp_path / "b", 0, torch.device("cpu"),
+          progress=False)
+    resumed, hist_b = train("structured", data, cfg, tmp_path / "b", 0, torch.device("cpu"), progress=False)
+    assert torch.equal(_params(straight), _params(resumed))
+    assert [h["epoch"] for h in hist_b] == [0, 1, 2]
+    assert [h["valid_nelbo"] for h in hist_b] == [h["valid_nelbo"] for h in hist]
+
+
+def test_main_writes_table_json_and_figures(tmp_path):
+    main(["--config", "tiny", "--data", "mnist", "photos", "--out", str(tmp_path), "--no-progress"])
+    report = json.loads((tmp_path / "results.json").read_text())
+    for name in ("mnist", "photos"):
+        models = report["datasets"][name]["models"]
+        assert set(models) == {"diagonal", "beta", "structured"}
+        for m in models.values():
+            assert all(math.isfinite(v["mean"]) for v in m["summary"].values())
+        for fig in ("reconstructions", "samples", "nll_hist", "residual_correlations"):
+            assert (tmp_path / f"{name}_{fig}.png").stat().st_size > 1000
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("| structured") == 2 and "YCbCr" in table
+
+
+def test_main_trains_on_a_folder(tmp_path):
+    _write_folder(tmp_path / "images")
+    for i in range(10):      # enough images for a train/test split and one batch
+        _write_folder(tmp_path / "images" / f"copy{i}")
+    main(["--config", "tiny", "--data", "folder", "--folder", str(tmp_path / "images"), "--batch", "8",
+          "--models", "structured", "--out", str(tmp_path / "out"), "--no-progress"])
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["datasets"]["folder"]["size"] == 16 and report["datasets"]["folder"]["color"]
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "examples.vae", "--config", "tiny", "--data", "mnist", "--models", "diagonal", "structured",
+           "--out", str(tmp_path), "--no-progress"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "mnist/structured: parameters identical on all 2 ranks" in done.stdout
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["world_size"] == 2
