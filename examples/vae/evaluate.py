@@ -17,10 +17,6 @@ from .data import dequantise
 from .model import ConvVAE
 
 
-def _log_normal(z: torch.Tensor, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (-0.5 * ((z - mu) / std).square() - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-
 @torch.no_grad()
 def iwae_nll(model: ConvVAE, x: torch.Tensor, q: Normal, samples: int, chunk: int) -> torch.Tensor:
     """-log (1/S sum_s p(x|z_s) p(z_s) / q(z_s|x)), z_s ~ q(z|x): an upper bound on -log p(x), (B,)."""
@@ -47,8 +43,8 @@ def mutual_information(mu: torch.Tensor, std: torch.Tensor, samples: int, genera
         m, s = mu[start:start + chunk], std[start:start + chunk]
         eps = torch.randn((samples,) + m.shape, generator=generator, dtype=m.dtype).to(m.device)
         z = m + s * eps                                                  # (M, n, L)
-        own = _log_normal(z, m, s)                                       # (M, n)
-        all_ = _log_normal(z[..., None, :], mu, std)                     # (M, n, N)
+        own = Normal(m, s).log_prob(z).sum(-1)                                       # (M, n)
+        all_ = Normal(mu, std).log_prob(z[..., None, :]).sum(-1)                     # (M, n, N)
         marginal = torch.logsumexp(all_, -1) - math.log(N)
         out.append((own - marginal).mean(0))
     return torch.cat(out)

@@ -111,14 +111,16 @@ def train(model_name: str, data: ImageData, cfg: Config, out: Path, seed: int, d
                                          f"step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item())
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).detach())
             opt.step()
+            # kept on the device; read back once per epoch, not once per metric and step
             for k, v in {"loss": loss.detach(), **{k: v.mean() for k, v in parts.items()}}.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+                sums[k] = sums.get(k, 0.0) + v
             if progress and rank == 0 and step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.1f}", nll=f"{float(parts['nll'].mean()):.1f}",
                                 kl=f"{float(parts['kl'].mean()):.1f}")
-        norms_t = torch.tensor(norms)
+        norms_t = torch.stack(norms).cpu()
+        sums = {k: float(v) for k, v in sums.items()}
         # without validation images, the last epoch is the one evaluated
         valid = validation_nelbo(model, data, seed, device) if data.valid is not None else float("-inf")
         if best is None or valid <= best["valid_nelbo"]:
