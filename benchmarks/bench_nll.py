@@ -1,6 +1,7 @@
 """NLL forward and forward+backward: the fused kernel against the reference and the peers.
 
-    python benchmarks/bench_nll.py                 # the sizes of the CPU-kernel issue
+    python benchmarks/bench_nll.py                 # the targets' sizes for the device (see common.DEFAULT_SIZES)
+    python benchmarks/bench_nll.py --sizes B16-C1-256x256-r3
     python benchmarks/bench_nll.py --quick         # seconds: checks the script runs
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     fused_name, fused = common.fused_backend(device)
     cases = []
-    for label, (B, C, H, W, stencil) in common.selected_sizes(args).items():
+    for label, (B, C, H, W, stencil) in common.selected_sizes(args, "nll").items():
         inputs = common.make_inputs(B, C, H, W, stencil, dtype, device)
         filters = peers.onehot_filters(stencil, C, dtype, device)
         compiled = torch.compile(reference.nll, dynamic=False)
@@ -60,11 +61,14 @@ def main():
             "fwd": (3 + stencil.S) * pixels * esize,                        # read x, loc, log_diag, off_diag
             "fwd+bwd": (3 + stencil.S + 2 + stencil.S) * pixels * esize,    # ... and write their gradients (not x's)
         }
+        inputs_bytes = (3 + stencil.S) * pixels * esize
+        outputs_bytes = {"fwd": B * esize, "fwd+bwd": B * esize + (2 + stencil.S) * pixels * esize}
         for mode in ("fwd", "fwd+bwd"):
             cases.append(harness.Case(
                 label=label, mode=mode, contenders=contenders_for(nll_fns, inputs, mode),
                 check=lambda got, exp, tol=tol: harness.assert_close_report(got, exp, **tol),
-                fused="fused", reference="reference", min_bytes=fewest_bytes[mode]))
+                fused="fused", reference="reference", min_bytes=fewest_bytes[mode],
+                input_bytes=inputs_bytes, output_bytes=outputs_bytes[mode]))
     harness.run("nll", cases, device, min_run_time=args.min_run_time)
 
 

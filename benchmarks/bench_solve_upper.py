@@ -5,7 +5,9 @@
 
 Before timing, the fused solve is checked in float64 against a dense
 ``torch.linalg.solve_triangular`` at a small size (the "exact" row), and every
-contender against the reference at each size.
+contender against the reference at each size. ``of_nll_fwd`` is each time over
+the fused NLL forward's at the same size, timed in the same run: a sample
+should cost a small multiple of evaluating the density.
 """
 from __future__ import annotations
 
@@ -64,19 +66,26 @@ def main():
              f"B4 C2 19x23, radius 2, dilations (1, 2): max deviation {rel:.2e} relative to the largest entry.")
     print(exact)
     assert rel < 1e-13, rel
-    cases = []
-    for label, size in common.selected_sizes(args).items():
+    sizes = common.selected_sizes(args, "solve_upper")
+    cases, nll_fwd_ms = [], {}
+    for label, size in sizes.items():
         B, C, H, W, stencil = size
-        fewest_bytes = (3 + stencil.S) * B * C * H * W * common.element_bytes(dtype)   # z, log_diag, off_diag, out
+        x, loc, s, w = common.make_inputs(B, C, H, W, stencil, dtype, device)
+        with torch.no_grad():
+            nll_fwd_ms[label] = harness.median_ms(lambda: fused.nll(x, loc, s, w, stencil), device,
+                                                  args.min_run_time)
+        plane = B * C * H * W * common.element_bytes(dtype)
+        fewest_bytes = (3 + stencil.S) * plane            # read z, log_diag, off_diag; write the sample
         tol = dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
         cases.append(harness.Case(
             label=label, mode="sample", contenders=contenders_for(size, fused_name, fused, dtype, device),
             check=lambda got, exp, tol=tol: harness.assert_close_report(got, exp, **tol),
-            fused="fused", reference="reference", min_bytes=fewest_bytes))
+            fused="fused", reference="reference", min_bytes=fewest_bytes,
+            input_bytes=(2 + stencil.S) * plane, output_bytes=plane))
 
     def per_image(case, contender, ms):
-        B, C = common.selected_sizes(args)[case.label][:2]
-        return {"ms_per_image": ms / (B * C)}
+        B, C = sizes[case.label][:2]
+        return {"ms_per_image": ms / (B * C), "of_nll_fwd": ms / nll_fwd_ms[case.label]}
 
     harness.run("solve_upper", cases, device, min_run_time=args.min_run_time, extra_columns=per_image,
                 notes=exact)

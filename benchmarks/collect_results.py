@@ -9,16 +9,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 HEADER = """# Benchmark results
 
-Each section below was written by the benchmark named in its `command` line,
-on the device it names; nothing here is edited by hand. Re-run with
+Each section below was written by the script named in its `command` line, on
+the device it names; nothing here is edited by hand but the notes. Re-run with
 
-    python benchmarks/bench_nll.py && python benchmarks/bench_solve_upper.py && python benchmarks/bench_nll_basis.py
+    python benchmarks/bench_nll.py && python benchmarks/bench_solve_upper.py
+    python benchmarks/bench_nll_basis.py && python benchmarks/bench_vae_step.py
+    python benchmarks/targets.py --device cpu      # or --device cuda
     python benchmarks/collect_results.py
 
-Every contender is checked against the reference before it is timed (the
-`error` column). See `benchmarks/harness.py` for how time, bandwidth and peak
-memory are measured.
+(`benchmarks/gpu_session.sh` does all of it on a GPU machine.) Every contender
+is checked against the reference before it is timed (the `error` column). See
+`benchmarks/harness.py` for how time, bandwidth and peak memory are measured.
 """
+
+
+def _order(path: str):
+    """Targets first, then the tables; GPU results before CPU ones."""
+    name = os.path.basename(path)[:-len(".md")]
+    device = name.rsplit("-", 1)[-1]
+    return (not name.startswith("targets-"), device != "cuda", name)
 
 
 def main():
@@ -26,7 +35,7 @@ def main():
     notes = os.path.join(HERE, "results", "NOTES.md")
     if os.path.exists(notes):
         parts.append(open(notes).read())
-    for path in sorted(glob.glob(os.path.join(HERE, "results", "*.md"))):
+    for path in sorted(glob.glob(os.path.join(HERE, "results", "*.md")), key=_order):
         if os.path.basename(path) != "NOTES.md":
             parts.append(open(path).read())
     with open(os.path.join(HERE, "RESULTS.md"), "w") as f:

@@ -15,11 +15,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from structlik import Stencil, backends  # noqa: E402
 
-# The sizes the CPU-kernel issue fixes: (B, C, H, W, stencil).
+# (B, C, H, W, stencil) by name.
 SIZES = {
     "B64-C1-64x64-r1": (64, 1, 64, 64, Stencil(1)),
+    "B64-C1-64x64-r2": (64, 1, 64, 64, Stencil(2)),
     "B64-C1-64x64-r3": (64, 1, 64, 64, Stencil(3)),
     "B8-C3-128x128-r2": (8, 3, 128, 128, Stencil(2)),
+    "B16-C1-256x256-r3": (16, 1, 256, 256, Stencil(3)),
+}
+# What each benchmark runs by default: on a CPU, the sizes the CPU-kernel issue
+# sets targets for; on a GPU, those and the sizes of the GPU issue's targets.
+_CPU = ["B64-C1-64x64-r1", "B64-C1-64x64-r3", "B8-C3-128x128-r2"]
+DEFAULT_SIZES = {
+    ("nll", "cpu"): _CPU,
+    ("nll", "cuda"): _CPU + ["B16-C1-256x256-r3"],
+    ("solve_upper", "cpu"): _CPU,
+    ("solve_upper", "cuda"): _CPU + ["B64-C1-64x64-r2"],
 }
 QUICK = {"B4-C1-16x16-r1": (4, 1, 16, 16, Stencil(1)), "B2-C3-24x20-r2d12": (2, 3, 24, 20, Stencil(2, (1, 2)))}
 
@@ -29,15 +40,20 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check that the script runs")
-    p.add_argument("--sizes", nargs="*", help=f"subset of {list(SIZES)}")
+    p.add_argument("--sizes", nargs="*", help=f"any of {list(SIZES)} (default: the targets' sizes for the device)")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per CPU measurement")
     return p
 
 
-def selected_sizes(args):
-    table = QUICK if args.quick else SIZES
-    names = args.sizes or list(table)
-    return {name: table[name] for name in names}
+def selected_sizes(args, family: str):
+    if args.quick:
+        return dict(QUICK)
+    device_type = torch.device(args.device).type
+    names = args.sizes or DEFAULT_SIZES[(family, "cpu" if device_type == "cpu" else "cuda")]
+    unknown = [n for n in names if n not in SIZES]
+    if unknown:
+        raise SystemExit(f"--sizes: unknown {unknown}; expected any of {list(SIZES)}")
+    return {name: SIZES[name] for name in names}
 
 
 def fused_backend(device: torch.device):

@@ -50,6 +50,8 @@ class Case:
     fused: str                          # name of the contender the ratios refer to
     reference: str                      # name of the contender the others are checked against
     min_bytes: int = 0                  # fewest bytes the op must move: each input read once, each output written once
+    input_bytes: int = 0                # the inputs' size, and the outputs' (gradients included): with both,
+    output_bytes: int = 0               # mem_of_io = (inputs + peak) / (inputs + outputs), 1 at best
 
 
 def device_name(device: torch.device) -> str:
@@ -166,6 +168,12 @@ def run(family: str, cases: List[Case], device: torch.device, min_run_time: floa
     else:
         for row, c in timed:
             row["peak_mb"] = peak_memory_mb(c.fn, device)
+    by_label = {(case.label, case.mode): case for case in cases}
+    for row, c in timed:
+        case = by_label[(row["case"], row["mode"])]
+        if case.input_bytes and case.output_bytes:
+            io = case.input_bytes + case.output_bytes
+            row["mem_of_io"] = (case.input_bytes + row["peak_mb"] * 2**20) / io
     _write(family, rows, device, notes)
     return rows
 
@@ -228,7 +236,8 @@ def _write(family: str, rows: List[dict], device: torch.device, notes: str = "")
     os.makedirs(RESULTS_DIR, exist_ok=True)
     meta = {"device": device_name(device), "date": datetime.date.today().isoformat(), **versions(),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
-    columns = ["case", "mode", "contender", "ms", "ratio", "GBps", "of_copy", "peak_mb", "error", "status", "note"]
+    columns = ["case", "mode", "contender", "ms", "ratio", "GBps", "of_copy", "peak_mb", "mem_of_io", "error", "status",
+               "note"]
     present = {k for r in rows for k in r}
     columns = [c for c in columns if c in present] + sorted(present - set(columns) - {"family"})
     tag = f"{family}-{device.type}"
@@ -242,8 +251,9 @@ def _write(family: str, rows: List[dict], device: torch.device, notes: str = "")
     with open(os.path.join(RESULTS_DIR, f"{tag}.md"), "w") as f:
         f.write(f"## {family} on {device.type}\n\n{header}\n\n"
                 "ms: median time; ratio: time / the fused kernel's (higher is slower); peak_mb: memory one call "
-                "allocates beyond its inputs (MiB); error: max abs deviation from the reference contender / that "
-                "relative to the reference's largest entry.\n\n"
+                "allocates beyond its inputs (MiB); mem_of_io: (inputs + peak) / (inputs + outputs, gradients "
+                "included), 1 when nothing but the outputs is allocated; error: max abs deviation from the reference "
+                "contender / that relative to the reference's largest entry.\n\n"
                 + (f"{notes}\n\n" if notes else "") + f"{table}\n")
     print(f"\n## {family} on {device.type}\n\n{header}\n\n{table}\n")
 

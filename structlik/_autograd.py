@@ -106,19 +106,25 @@ def register(ns: str, *, fakes: bool = True) -> None:
                 2 * off_diag * ops.weight_grad(torch.ones_like(G), G, ctx.offsets) if need[1] else None,
                 None)
 
-    # The fused backward returns d/dx; d/dloc is its negative.
+    # The fused backward returns d/dx; d/dloc is its negative. x is usually data (no
+    # gradient): then d/dloc is negated in place, so the backward's peak holds one
+    # image plane fewer.
+    def x_and_loc_grads(gx, need):
+        if not need[1]:
+            return (gx if need[0] else None), None
+        return (gx, -gx) if need[0] else (None, gx.neg_())
+
     def nll_backward(ctx, grad):
         x, loc, log_diag, off_diag = ctx.saved_tensors
         need = ctx.needs_input_grad
         gx, gs, gw = ops.nll_backward(grad, x, loc, log_diag, off_diag, ctx.offsets)
-        return (gx if need[0] else None, -gx if need[1] else None,
-                gs if need[2] else None, gw if need[3] else None, None)
+        return (*x_and_loc_grads(gx, need), gs if need[2] else None, gw if need[3] else None, None)
 
     def nll_basis_backward(ctx, grad):
         x, loc, log_diag, coeffs, basis = ctx.saved_tensors
         need = ctx.needs_input_grad
         gx, gs, gc, gb = ops.nll_basis_backward(grad, x, loc, log_diag, coeffs, basis, ctx.offsets)
-        return (gx if need[0] else None, -gx if need[1] else None, gs if need[2] else None,
+        return (*x_and_loc_grads(gx, need), gs if need[2] else None,
                 gc if need[3] else None, gb if need[4] else None, None)
 
     reg = torch.library.register_autograd

@@ -3,6 +3,7 @@
 They check every contender against the reference before timing, so this also
 checks the peers (one-hot convolution, unfold, scipy, sparse CSR, dense) agree.
 """
+import csv
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("script", ["bench_nll.py", "bench_solve_upper.py", "bench_nll_basis.py"])
+@pytest.mark.parametrize("script", ["bench_nll.py", "bench_solve_upper.py", "bench_nll_basis.py", "bench_vae_step.py"])
 def test_benchmark_script_runs(script, tmp_path):
     pytest.importorskip("scipy")
     env = dict(os.environ, STRUCTLIK_BENCH_RESULTS=str(tmp_path), STRUCTLIK_BACKEND="")
@@ -22,4 +23,33 @@ def test_benchmark_script_runs(script, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     family = script[len("bench_"):-len(".py")]
     assert (tmp_path / f"{family}-cpu.csv").exists() and (tmp_path / f"{family}-cpu.md").exists()
-    assert "| fused |" in (tmp_path / f"{family}-cpu.md").read_text()
+    assert ("| diagonal |" if family == "vae_step" else "| fused |") in (tmp_path / f"{family}-cpu.md").read_text()
+
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_targets_are_read_off_the_results(tmp_path, monkeypatch):
+    """Met, missed and missing targets are told apart; a missing row is never reported as met."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import harness
+    import targets
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
+    meta = {"command": "python benchmarks/bench_nll.py", "device": "H100", "date": "d", "torch": "t"}
+    nll = [{"case": "B64-C1-64x64-r1", "mode": "fwd+bwd", "contender": "fused", "ratio": 1, "mem_of_io": 1.05, **meta},
+           {"case": "B64-C1-64x64-r1", "mode": "fwd+bwd", "contender": "one-hot conv", "ratio": 12.5, **meta},
+           {"case": "B64-C1-64x64-r1", "mode": "fwd+bwd", "contender": "compiled reference", "ratio": 1.5, **meta}]
+    _write_csv(tmp_path / "nll-cuda.csv", nll)
+    rows, sources = targets.evaluate("cuda")
+    by_text = {(r["target"], r["case"]): (r["measured"], r["met"]) for r in rows}
+    case = "B64-C1-64x64-r1"
+    assert by_text[("NLL fwd+bwd >= 10x faster than the one-hot convolution", case)] == ("12.5x", "yes")
+    assert by_text[("NLL fwd+bwd >= 2x faster than torch.compile of the reference", case)] == ("1.5x", "**no**")
+    assert by_text[("NLL fwd+bwd peak memory <= 1.1x inputs + gradients", case)] == ("1.05", "yes")
+    missing = [r for r in rows if r["case"] != case]
+    assert missing and all(r["measured"] == "not measured" and r["met"] == "—" for r in missing)
+    assert sources == ["python benchmarks/bench_nll.py (H100, d, torch t)"]

@@ -57,3 +57,17 @@ def test_half_precision_inputs_accumulate_in_float32():
     upcast = reference.nll(*[t.float() for t in half], stencil)
     torch.testing.assert_close(got, upcast)
     torch.testing.assert_close(got, expected, rtol=0.05, atol=1.0)
+
+
+@pytest.mark.parametrize("wants", [("x",), ("loc",), ("x", "loc")], ids=lambda w: "+".join(w))
+def test_x_and_loc_gradients_for_each_subset(wants, backend):
+    """d/dloc = -d/dx whichever of them asks for a gradient (d/dloc reuses d/dx's buffer when x has none)."""
+    stencil = STENCILS[0].values[0]
+    loc, log_diag, off_diag = make_params((2, 2, 6, 7), stencil)
+    x = loc + torch.randn_like(loc)
+    tensors = {"x": x.clone().requires_grad_("x" in wants), "loc": loc.clone().requires_grad_("loc" in wants)}
+    grads = torch.autograd.grad(ops.nll(tensors["x"], tensors["loc"], log_diag, off_diag, stencil).sum(),
+                                [tensors[name] for name in wants])
+    expected_x = torch.func.grad(lambda t: reference.nll(t, loc, log_diag, off_diag, stencil).sum())(x)
+    for name, got in zip(wants, grads):
+        torch.testing.assert_close(got, expected_x if name == "x" else -expected_x, rtol=1e-10, atol=1e-12)

