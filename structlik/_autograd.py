@@ -20,6 +20,11 @@ def _offsets_count(offsets) -> int:
     return len(offsets) // 2
 
 
+def nll_dtype(x: torch.Tensor) -> torch.dtype:
+    """The NLL's dtype: the input's for float32/float64; float32 for float16/bfloat16 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def register(ns: str, *, fakes: bool = True) -> None:
     ops = getattr(torch.ops, ns)
 
@@ -39,7 +44,7 @@ def register(ns: str, *, fakes: bool = True) -> None:
 
         @torch.library.register_fake(f"{ns}::nll")
         def _(x, loc, log_diag, off_diag, offsets):
-            return x.new_empty(x.shape[0])
+            return x.new_empty(x.shape[0], dtype=nll_dtype(x))
 
         @torch.library.register_fake(f"{ns}::nll_backward")
         def _(grad, x, loc, log_diag, off_diag, offsets):
@@ -47,7 +52,7 @@ def register(ns: str, *, fakes: bool = True) -> None:
 
         @torch.library.register_fake(f"{ns}::nll_basis")
         def _(x, loc, log_diag, coeffs, basis, offsets):
-            return x.new_empty(x.shape[0])
+            return x.new_empty(x.shape[0], dtype=nll_dtype(x))
 
         @torch.library.register_fake(f"{ns}::nll_basis_backward")
         def _(grad, x, loc, log_diag, coeffs, basis, offsets):
@@ -141,10 +146,14 @@ class OpsBackend:
     """The backend interface of ``structlik.reference`` over ``torch.ops.<namespace>``.
 
     The compiled ops take the stencil as a flat int list; this passes it on.
+    ``half_nll``: its ``nll`` and ``nll_basis`` read float16/bfloat16 inputs
+    themselves (accumulating in float32, returning a float32 NLL and gradients
+    in the inputs' dtype), so ``structlik.ops`` need not upcast them first.
     """
 
-    def __init__(self, namespace: str):
+    def __init__(self, namespace: str, half_nll: bool = False):
         self.namespace = namespace
+        self.half_nll = half_nll
         self._ops = getattr(torch.ops, namespace)
 
     def apply_upper(self, r, log_diag, off_diag, stencil):

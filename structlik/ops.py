@@ -3,7 +3,9 @@
 Shapes: images (``r``, ``y``, ``z``, ``g``, ``x``, ``loc``) and ``log_diag`` are
 (B, C, H, W); ``off_diag`` is (B, C*S, H, W), channel c / offset i at c*S + i.
 float32 and float64 compute in their own dtype; float16 and bfloat16 are
-computed in float32 and cast back (the NLL stays float32).
+computed in float32 and cast back (the NLL stays float32). The Triton NLL
+kernels read float16/bfloat16 themselves; other backends and ops get float32
+copies.
 """
 from __future__ import annotations
 
@@ -27,6 +29,11 @@ def _upcast(*tensors):
     if tensors[0].dtype in _HALF:
         return tuple(t.float() for t in tensors)
     return tensors
+
+
+def _nll_args(backend, *tensors):
+    """The NLL's inputs for that backend: float16/bfloat16 upcast unless its kernels read them."""
+    return tensors if getattr(backend, "half_nll", False) else _upcast(*tensors)
 
 
 def _image_op(name: str, image_name: str, image, log_diag, off_diag, stencil):
@@ -72,8 +79,8 @@ def nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, off_diag: to
     _checks.check_image("x", x, log_diag)
     _checks.check_image("loc", loc, log_diag)
     _checks.check_finite(x=x, loc=loc, log_diag=log_diag, off_diag=off_diag)
-    args = _upcast(x, loc, log_diag, off_diag)
-    return backend_for(x.device).nll(*args, stencil)
+    backend = backend_for(x.device)
+    return backend.nll(*_nll_args(backend, x, loc, log_diag, off_diag), stencil)
 
 
 def nll_basis(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, coeffs: torch.Tensor, basis: torch.Tensor,
@@ -93,8 +100,8 @@ def nll_basis(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, coeffs
     _checks.check_image("x", x, log_diag)
     _checks.check_image("loc", loc, log_diag)
     _checks.check_finite(x=x, loc=loc, log_diag=log_diag, coeffs=coeffs, basis=basis)
-    args = _upcast(x, loc, log_diag, coeffs, basis)
-    return backend_for(x.device).nll_basis(*args, stencil)
+    backend = backend_for(x.device)
+    return backend.nll_basis(*_nll_args(backend, x, loc, log_diag, coeffs, basis), stencil)
 
 
 def precision_diagonal(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:

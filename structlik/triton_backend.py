@@ -84,4 +84,5 @@ def _nll_basis_backward(grad: Tensor, x: Tensor, loc: Tensor, log_diag: Tensor, 
 
 
 _autograd.register(NAMESPACE)
-backend = _autograd.OpsBackend(NAMESPACE)
+# The NLL kernels load float16/bfloat16 directly (half the bytes of an upcast copy) and accumulate in float32.
+backend = _autograd.OpsBackend(NAMESPACE, half_nll=True)

@@ -66,3 +66,12 @@ def test_compile_inductor_nll(backend):
     compiled = torch.compile(lambda *a: structured_gaussian_nll(*a, STENCIL), fullgraph=True)
     torch.testing.assert_close(compiled(x, loc, log_diag, off_diag),
                                structured_gaussian_nll(x, loc, log_diag, off_diag, STENCIL))
+
+
+@pytest.mark.skipif("triton" not in COMPILED, reason="the Triton backend is unavailable")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_opcheck_triton_nll_half(dtype):
+    """The Triton NLL reads half inputs itself: its fake kernel must give the real float32 output."""
+    x, loc, log_diag, off_diag = [t.detach().to(dtype).requires_grad_(i > 0)
+                                  for i, t in enumerate(sample_inputs(False))]
+    torch.library.opcheck(torch.ops.structlik_triton.nll, (x, loc, log_diag, off_diag, STENCIL.flat_offsets))

@@ -53,6 +53,8 @@ def partial_buffer(x: torch.Tensor, planes: int, tiles: int) -> torch.Tensor:
 
 
 def finish_nll(partial: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-image NLL from per-program partials (B*C, tiles): a deterministic sum plus the normaliser."""
+    """Per-image NLL from per-program partials (B*C, tiles): a deterministic sum plus the normaliser.
+
+    In the accumulation dtype: float16/bfloat16 inputs give a float32 NLL."""
     B, C, H, W = x.shape
-    return (partial.view(B, -1).sum(1) + 0.5 * C * H * W * math.log(2 * math.pi)).to(x.dtype)
+    return partial.view(B, -1).sum(1) + 0.5 * C * H * W * math.log(2 * math.pi)
