@@ -50,3 +50,17 @@ def available_backends(device="cpu"):
             names.append(name)
     return names
 
+
+
+def assert_half_nll_matches_float32(fused_nll, reference_nll, values, dtype):
+    """An NLL on float16/bfloat16 ``values`` (x first, then parameters) against the reference on
+    their float32 copies: a float32 NLL, and gradients in ``dtype`` that equal the float32
+    gradients rounded once (float32 accumulation: within a unit of the dtype's last place)."""
+    half = [t.to(dtype).requires_grad_(i > 0) for i, t in enumerate(values)]
+    full = [t.to(dtype).float().requires_grad_(i > 0) for i, t in enumerate(values)]
+    got, expected = fused_nll(*half), reference_nll(*full)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+    for g, e in zip(torch.autograd.grad(got.sum(), half[1:]), torch.autograd.grad(expected.sum(), full[1:])):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), e.to(dtype).float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-4)

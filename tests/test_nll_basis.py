@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import make_params
+from helpers import assert_half_nll_matches_float32, make_params
 from structlik import LearnedBasis, Stencil, StructuredNormal, expand_basis, ops, reference, structured_gaussian_nll
 
 CASES = [
@@ -45,18 +45,10 @@ def test_nll_basis_matches_materialised(stencil, shape, n_b, backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_nll_basis_half_inputs(dtype, backend):
-    """float32 NLL of the half values; gradients in the dtype, within a unit of its last place."""
     stencil, shape, n_b = Stencil(2), (2, 1, 6, 5), 3
-    values = [t.to(dtype) for t in make(stencil, shape, n_b, dtype=torch.float32)]
-    half = [t.clone().requires_grad_(i > 0) for i, t in enumerate(values)]
-    full = [t.float().requires_grad_(i > 0) for i, t in enumerate(values)]
-    got = ops.nll_basis(*half, stencil)
-    expected = reference.nll_basis(*full, stencil)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
-    for g, e in zip(torch.autograd.grad(got.sum(), half[1:]), torch.autograd.grad(expected.sum(), full[1:])):
-        assert g.dtype == dtype
-        torch.testing.assert_close(g.float(), e.to(dtype).float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-4)
+    assert_half_nll_matches_float32(lambda *a: ops.nll_basis(*a, stencil),
+                                    lambda *a: reference.nll_basis(*a, stencil),
+                                    make(stencil, shape, n_b, dtype=torch.float32), dtype)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"], indirect=True)
