@@ -8,8 +8,9 @@ the likelihood's log_prob (+ KL, + the variance minimiser for the structured
 model, whose weight is on during warm-up), backward and an Adam update, on one
 batch already on the device. The paper's claim is a "minimal increase in
 complexity": ``of_diagonal`` is each model's time over the diagonal model's,
-measured in the same run; on a GPU, also the memory one step allocates. The beta-VAE differs from the diagonal model by a
-constant factor in the loss, so it is not timed separately.
+measured in the same run; on a GPU, also the memory one step allocates. The
+beta-VAE differs from the diagonal model by a constant factor in the loss, so
+it is not timed separately.
 """
 from __future__ import annotations
 
