@@ -45,11 +45,15 @@ def main():
                               "expand_basis, then the reference NLL"),
         ]
         tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-9)
-        pixels, esize = B * C * H * W, common.element_bytes(dtype)
-        fewest = (3 + n_b + 2 + n_b) * pixels * esize     # read x, loc, log_diag, coeffs; write their gradients
+        esize = common.element_bytes(dtype)
+        plane = B * C * H * W * esize
+        basis_bytes = basis.numel() * esize
+        inputs_bytes = (3 + n_b) * plane + basis_bytes                      # x, loc, log_diag, coeffs, basis
+        outputs_bytes = B * esize + (2 + n_b) * plane + basis_bytes         # the NLL, the gradients but x's
         cases.append(harness.Case(label=label, mode="fwd+bwd", contenders=contenders,
                                   check=lambda got, exp, tol=tol: harness.assert_close_report(got, exp, **tol),
-                                  fused="fused", reference="reference", min_bytes=fewest))
+                                  fused="fused", reference="reference", input_bytes=inputs_bytes,
+                                  output_bytes=outputs_bytes))
     harness.run("nll_basis", cases, device, min_run_time=args.min_run_time)
 
 

@@ -49,9 +49,12 @@ class Case:
     check: Callable[[object, object], str]   # (got, expected) -> error description, raises if wrong
     fused: str                          # name of the contender the ratios refer to
     reference: str                      # name of the contender the others are checked against
-    min_bytes: int = 0                  # fewest bytes the op must move: each input read once, each output written once
-    input_bytes: int = 0                # the inputs' size, and the outputs' (gradients included): with both,
-    output_bytes: int = 0               # mem_of_io = (inputs + peak) / (inputs + outputs), 1 at best
+    input_bytes: int = 0                # the inputs' size, and the outputs' (gradients included): the fewest
+    output_bytes: int = 0               # bytes the op must move is their sum (each read or written once)
+
+    @property
+    def min_bytes(self) -> int:
+        return self.input_bytes + self.output_bytes
 
 
 def device_name(device: torch.device) -> str:
@@ -171,9 +174,8 @@ def run(family: str, cases: List[Case], device: torch.device, min_run_time: floa
     by_label = {(case.label, case.mode): case for case in cases}
     for row, c in timed:
         case = by_label[(row["case"], row["mode"])]
-        if case.input_bytes and case.output_bytes:
-            io = case.input_bytes + case.output_bytes
-            row["mem_of_io"] = (case.input_bytes + row["peak_mb"] * 2**20) / io
+        if case.min_bytes:     # (inputs + peak) / (inputs + outputs), 1 at best
+            row["mem_of_io"] = (case.input_bytes + row["peak_mb"] * 2**20) / case.min_bytes
     _write(family, rows, device, notes)
     return rows
 

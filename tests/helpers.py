@@ -51,7 +51,6 @@ def available_backends(device="cpu"):
     return names
 
 
-
 def assert_half_nll_matches_float32(fused_nll, reference_nll, values, dtype):
     """An NLL on float16/bfloat16 ``values`` (x first, then parameters) against the reference on
     their float32 copies: a float32 NLL, and gradients in ``dtype`` that equal the float32
