@@ -1,8 +1,17 @@
-"""NLL forward and forward+backward: the fused kernel against the reference and the peers.
+"""NLL forward and forward+backward: the fused kernel against the public API, the reference and the peers.
 
     python benchmarks/bench_nll.py                 # the targets' sizes for the device (see common.DEFAULT_SIZES)
     python benchmarks/bench_nll.py --sizes B16-C1-256x256-r3
     python benchmarks/bench_nll.py --quick         # seconds: checks the script runs
+
+"fused" is the kernel alone on contiguous tensors. Every other contender gets
+what users have: loc, log_diag and off_diag as views of one decoder head
+(``head.split([C, C, C*S], dim=1)``), gradients taken with respect to the head.
+"public" is ``structlik.structured_gaussian_nll`` with its default validation,
+timed while validation is on (asserted; the torch.compile contender runs last,
+since dynamo turns validation off for the whole process). "split backward
+alone" is what autograd's backward of ``head.split`` costs by itself (a cat of
+the three gradients); ``public_net`` = (public - that) / fused.
 """
 from __future__ import annotations
 
@@ -15,25 +24,53 @@ import structlik
 from structlik import reference
 
 
+def split_head(loc, log_diag, off_diag):
+    """The decoder head these came from (a leaf), and a function splitting it back into views."""
+    C, CS = loc.shape[1], off_diag.shape[1]
+    head = torch.cat([loc, log_diag, off_diag], dim=1).detach().requires_grad_()
+    return head, lambda h: h.split([C, C, CS], dim=1)
+
+
 def contenders_for(nll_fns, inputs, mode):
     x, loc, log_diag, off_diag = inputs
     params = [t.detach().clone().requires_grad_() for t in (loc, log_diag, off_diag)]
+    head, split = split_head(loc, log_diag, off_diag)
 
-    def wrap(fn):
+    def wrap(fn, on_views):
         if mode == "fwd":
             def run():
                 with torch.no_grad():
-                    return fn(x, *params)
+                    return fn(x, *(split(head) if on_views else params))
             return run
 
         def run():
             # autograd.grad, not .backward(): no .grad kept between calls, so the peak
             # memory of one call counts its gradients
+            if on_views:
+                out = fn(x, *split(head)).sum()
+                return (out, *split(torch.autograd.grad(out, head)[0]))
             out = fn(x, *params).sum()
             return (out, *torch.autograd.grad(out, params))
         return run
 
-    return [harness.Contender(name, wrap(fn), note) for name, fn, note in nll_fns]
+    out = [harness.Contender(name, wrap(fn, name != "fused"), note, validated=name == "public",
+                             compiles=name == "compiled reference") for name, fn, note in nll_fns]
+    if mode == "fwd+bwd":
+        grads = [torch.randn_like(t) for t in (loc, log_diag, off_diag)]
+        out.append(harness.Contender(
+            "split backward alone", lambda: torch.autograd.grad(split(head), head, grads)[0],
+            "autograd's backward of head.split by itself", checked=False))
+    return out
+
+
+def public_net(rows):
+    """(public - split backward alone) / fused: the public path's cost over the kernel's."""
+    public, split, fused = (rows.get(n, {}).get("ms") for n in ("public", "split backward alone", "fused"))
+    if public and fused:
+        rows["public"]["public_net"] = (public - (split or 0.0)) / fused
+    onehot = rows.get("one-hot conv", {}).get("ms")
+    if public and onehot:
+        rows["public"]["onehot_over_public"] = onehot / public
 
 
 def main():
@@ -44,11 +81,11 @@ def main():
     for label, (B, C, H, W, stencil) in common.selected_sizes(args, "nll").items():
         inputs = common.make_inputs(B, C, H, W, stencil, dtype, device)
         filters = peers.onehot_filters(stencil, C, dtype, device)
-        compiled = torch.compile(reference.nll, dynamic=False)
+        compiled = common.compiled_lazily(reference.nll)
         nll_fns = [
-            ("fused", lambda *a, st=stencil: fused.nll(*a, st), f"structlik {fused_name} kernel"),
-            ("fused + checks", lambda *a, st=stencil: structlik.structured_gaussian_nll(*a, st, reduction="none"),
-             "public API: shape and NaN/inf checks"),
+            ("fused", lambda *a, st=stencil: fused.nll(*a, st), f"structlik {fused_name} kernel, contiguous inputs"),
+            ("public", lambda *a, st=stencil: structlik.structured_gaussian_nll(*a, st, reduction="none"),
+             "structured_gaussian_nll, default validation"),
             ("reference", lambda *a, st=stencil: reference.nll(*a, st), "padded shifts, autograd"),
             ("one-hot conv", lambda *a, st=stencil, f=filters: peers.onehot_conv_nll(*a, st, f),
              "SUPN / authors' method"),
@@ -66,7 +103,10 @@ def main():
                 label=label, mode=mode, contenders=contenders_for(nll_fns, inputs, mode),
                 check=lambda got, exp, tol=tol: harness.assert_close_report(got, exp, **tol),
                 fused="fused", reference="reference", input_bytes=inputs_bytes, output_bytes=outputs_bytes[mode]))
-    harness.run("nll", cases, device, min_run_time=args.min_run_time)
+    harness.run("nll", cases, device, min_run_time=args.min_run_time, derive=public_net,
+                notes="Every contender but \"fused\" reads loc, log_diag and off_diag as views of one head "
+                      "(head.split); \"public\" ran with Distribution validation on (asserted). public_net: "
+                      "(public - split backward alone) / fused; onehot_over_public: one-hot conv / public.")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
 """Sampling x = loc + U^-1 z: the fused solve against the reference, scipy and dense solves.
 
     python benchmarks/bench_solve_upper.py
+    python benchmarks/bench_solve_upper.py --dtype float64 --sizes B16-C1-64x64-r2   # the public-path target
     python benchmarks/bench_solve_upper.py --quick
+
+"fused" is the kernel alone on contiguous tensors; "public solve_upper" and
+"public rsample" are ``structlik.ops.solve_upper`` and
+``StructuredNormal(...).rsample()`` with their default validation (asserted
+on), their parameters views of one decoder head (``head.split``). rsample
+returns loc + eps; its contender returns eps, drawn from the same seed as z.
 
 Before timing, the fused solve is checked in float64 against a dense
 ``torch.linalg.solve_triangular`` at a small size (the "exact" row), and every
@@ -16,6 +23,7 @@ import torch
 import common
 import harness
 import peers
+import structlik
 from structlik import Stencil, reference
 
 
@@ -34,14 +42,30 @@ def exactness(fused, device):
     return rel
 
 
+SEED = 1234
+
+
 def contenders_for(size, fused_name, fused, dtype, device):
     B, C, H, W, stencil = size
-    _, _, s, w = common.make_inputs(B, C, H, W, stencil, dtype, device)
-    z = torch.randn(B, C, H, W, dtype=dtype, device=device)
+    _, loc, s, w = common.make_inputs(B, C, H, W, stencil, dtype, device)
+    torch.manual_seed(SEED)
+    z = torch.randn(B, C, H, W, dtype=dtype, device=device)      # what rsample draws after manual_seed(SEED)
+    head = torch.cat([loc, s, w], dim=1)
+    loc_v, s_v, w_v = head.split([C, C, C * stencil.S], dim=1)
+
+    def rsample_eps():
+        torch.manual_seed(SEED)
+        dist = structlik.StructuredNormal(loc_v, s_v, w_v, stencil)
+        return dist.rsample() - loc_v
+
     n = H * W
     dense_gib = B * C * n * n * z.element_size() / 2**30
     out = [
         harness.Contender("fused", lambda: fused.solve_upper(z, s, w, stencil), f"structlik {fused_name} kernel"),
+        harness.Contender("public solve_upper", lambda: structlik.ops.solve_upper(z, s_v, w_v, stencil),
+                          "structlik.ops.solve_upper on split-head views, default validation", validated=True),
+        harness.Contender("public rsample", rsample_eps,
+                          "StructuredNormal(...).rsample() on split-head views, default validation", validated=True),
         harness.Contender("reference", lambda: reference.solve_upper(z, s, w, stencil), "wavefronts in Python"),
     ]
     pattern = peers.CSRPattern(stencil, H, W)
@@ -86,8 +110,15 @@ def main():
         B, C = sizes[case.label][:2]
         return {"ms_per_image": ms / (B * C), "of_nll_fwd": ms / nll_fwd_ms[case.label]}
 
-    harness.run("solve_upper", cases, device, min_run_time=args.min_run_time, extra_columns=per_image,
-                notes=exact)
+    def scipy_over(rows):
+        scipy_ms = rows.get("scipy spsolve_triangular", {}).get("ms")
+        for name in ("public solve_upper", "public rsample", "fused"):
+            if scipy_ms and rows.get(name, {}).get("ms"):
+                rows[name]["scipy_over"] = scipy_ms / rows[name]["ms"]
+
+    family = "solve_upper" if dtype == torch.float32 else f"solve_upper_{args.dtype}"
+    harness.run(family, cases, device, min_run_time=args.min_run_time, extra_columns=per_image, notes=exact,
+                derive=scipy_over)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,13 @@ class Contender:
     fn: Callable[[], object]            # the timed call; returns what the check compares
     note: str = ""
     skip: Optional[str] = None          # reason it cannot run at this size
+    # What users run: timed with Distribution validation on, asserted (any torch.compile in
+    # the process turns it off for good: torch/_dynamo/eval_frame.py).
+    validated: bool = False
+    # Runs torch.compile: timed in a second phase, after every other contender of every case.
+    compiles: bool = False
+    # Compared with the reference before timing (False for a part of a path, e.g. one backward).
+    checked: bool = True
 
 
 @dataclasses.dataclass
@@ -123,10 +130,28 @@ def median_ms(fn: Callable, device: torch.device, min_run_time: float) -> float:
     return m.median * 1e3
 
 
+def _phases(cases: List[Case]):
+    """(case, contender) in timing order: every contender that does not compile, case by case,
+    then those that do, so that validated contenders run before dynamo switches validation off."""
+    for compiles in (False, True):
+        for case in cases:
+            for c in case.contenders:
+                if c.compiles == compiles:
+                    yield case, c
+
+
+def _assert_validation_on(c: Contender) -> None:
+    if c.validated and not torch.distributions.Distribution._validate_args:
+        raise AssertionError(f"{c.name} must be timed with Distribution validation on (the default); something "
+                             f"turned it off in this process (torch.compile does)")
+
+
 def run(family: str, cases: List[Case], device: torch.device, min_run_time: float = 1.0,
         extra_columns: Optional[Callable[[Case, Contender, float], Dict[str, str]]] = None,
-        notes: str = "") -> List[dict]:
-    """Check, time, then measure memory; report and return the rows (also written to results/)."""
+        notes: str = "", derive: Optional[Callable[[Dict[str, dict]], None]] = None) -> List[dict]:
+    """Check, time, then measure memory; report and return the rows (also written to results/).
+
+    ``derive(rows_by_contender)`` may add columns computed from several rows of one case."""
     if os.environ.get(_CHILD_ENV):
         _measure_cpu_peaks(cases, os.environ[_CHILD_ENV])
         sys.exit(0)
@@ -134,36 +159,49 @@ def run(family: str, cases: List[Case], device: torch.device, min_run_time: floa
     notes = (notes + "\n\n" if notes else "") + (
         f"Device-to-device copy measured in this run: {copy_gbs:.1f} GB/s (read + write). GB/s: the fewest bytes "
         f"the op must move (each input read once, each output written once) / time; of_copy: that / the copy's.")
-    rows, timed = [], []
+    timed = []
+    row_of = {}
     for case in cases:
-        by_name = {c.name: c for c in case.contenders}
-        expected = by_name[case.reference].fn()
-        timings = {}
-        case_rows = []
         for c in case.contenders:
-            row = {"family": family, "case": case.label, "mode": case.mode, "contender": c.name, "note": c.note}
-            case_rows.append(row)
-            if c.skip:
-                row.update(status=f"skipped: {c.skip}")
-                continue
+            row_of[(case.label, case.mode, c.name)] = {"family": family, "case": case.label, "mode": case.mode,
+                                                      "contender": c.name, "note": c.note}
+    expected = {}
+    for case, c in _phases(cases):
+        row = row_of[(case.label, case.mode, c.name)]
+        if c.skip:
+            row.update(status=f"skipped: {c.skip}")
+            continue
+        key = (case.label, case.mode)
+        if key not in expected:
+            expected[key] = next(r for r in case.contenders if r.name == case.reference).fn()
+        _assert_validation_on(c)
+        got = c.fn()                                   # also warms up (compiles, caches)
+        error = "-"
+        if c.checked:
             try:
-                error = case.check(c.fn(), expected)   # also warms up (compiles, caches)
+                error = case.check(got, expected[key])
             except AssertionError as err:
                 raise AssertionError(f"{family} {case.label}: {c.name} disagrees with {case.reference}: {err}")
-            ms = median_ms(c.fn, device, min_run_time)
-            timings[c.name] = ms
-            row.update(status="ok", ms=ms, error=error)
-            if case.min_bytes:
-                gbs = case.min_bytes / (ms * 1e-3) / 1e9
-                row.update(GBps=gbs, of_copy=gbs / copy_gbs)
-            if extra_columns:
-                row.update(extra_columns(case, c, ms))
-            timed.append((row, c))
-            print(f"  {case.label:24s} {case.mode:8s} {c.name:26s} {ms:10.3f} ms", file=sys.stderr, flush=True)
-        for row in case_rows:
-            if row["status"] == "ok" and timings.get(case.fused):
-                row["ratio"] = row["ms"] / timings[case.fused]
-        rows += case_rows
+        ms = median_ms(c.fn, device, min_run_time)
+        _assert_validation_on(c)
+        row.update(status="ok", ms=ms, error=error)
+        if case.min_bytes and c.checked:
+            gbs = case.min_bytes / (ms * 1e-3) / 1e9
+            row.update(GBps=gbs, of_copy=gbs / copy_gbs)
+        if extra_columns:
+            row.update(extra_columns(case, c, ms))
+        timed.append((row, c))
+        print(f"  {case.label:24s} {case.mode:8s} {c.name:26s} {ms:10.3f} ms", file=sys.stderr, flush=True)
+    rows = []
+    for case in cases:
+        case_rows = {c.name: row_of[(case.label, case.mode, c.name)] for c in case.contenders}
+        fused_ms = case_rows[case.fused].get("ms")
+        for row in case_rows.values():
+            if row.get("status") == "ok" and fused_ms:
+                row["ratio"] = row["ms"] / fused_ms
+        if derive:
+            derive(case_rows)
+        rows += case_rows.values()
     if device.type == "cpu":
         peaks = _cpu_peaks_in_child()
         for row, c in timed:
@@ -211,12 +249,11 @@ def _measure_cpu_peaks(cases: List[Case], out_path: str) -> None:
     import json
     torch.set_num_threads(1)
     peaks = {}
-    for case in cases:
-        for c in case.contenders:
-            if c.skip:
-                continue
-            c.fn()                                   # warm up: compile, caches, lazy imports
-            peaks[f"{case.label}|{case.mode}|{c.name}"] = peak_memory_mb(c.fn, torch.device("cpu"))
+    for case, c in _phases(cases):
+        if c.skip:
+            continue
+        c.fn()                                       # warm up: compile, caches, lazy imports
+        peaks[f"{case.label}|{case.mode}|{c.name}"] = peak_memory_mb(c.fn, torch.device("cpu"))
     with open(out_path, "w") as f:
         json.dump(peaks, f)
 

@@ -65,7 +65,17 @@ CPU = [Target("NLL fwd+bwd >= 5x faster than the one-hot convolution", "nll", ca
            lambda v, b=_s_planes_of_io(case): v < b, unit="") for case in common.DEFAULT_SIZES[("nll", "cpu")]] + [
     Target("sampling >= 20x faster than scipy (CSR per image)", "solve_upper", case, "sample",
            _ratio_of("scipy spsolve_triangular"), lambda v: v >= 20)
-    for case in common.DEFAULT_SIZES[("solve_upper", "cpu")]]
+    for case in common.DEFAULT_SIZES[("solve_upper", "cpu")]] + [
+    # What users run (the public API on split-head views, validation on):
+    Target("public NLL fwd+bwd on split-head views <= 1.15x the fused kernel on contiguous inputs "
+           "(less the split's own backward)", "nll", case, "fwd+bwd", _column("public_net", "public"),
+           lambda v: v <= 1.15) for case in common.DEFAULT_SIZES[("nll", "cpu")]] + [
+    Target("public NLL fwd+bwd >= 8x faster than the one-hot convolution, both on split-head views", "nll", case,
+           "fwd+bwd", _column("onehot_over_public", "public"), lambda v: v >= 8)
+    for case in common.DEFAULT_SIZES[("nll", "cpu")]] + [
+    Target(f"public sampling ({name}) >= 20x faster than scipy per image, float64", "solve_upper_float64",
+           "B16-C1-64x64-r2", "sample", _column("scipy_over", name), lambda v: v >= 20)
+    for name in ("public solve_upper", "public rsample")]
 
 CUDA = [
     Target("NLL fwd+bwd >= 80% of the copy bandwidth (fewest-bytes model)", "nll", "B16-C1-256x256-r3", "fwd+bwd",

@@ -9,15 +9,15 @@ namespace structlik {
 
 template <typename scalar_t, bool transposed>
 static void apply_plane(const scalar_t* __restrict__ in, const scalar_t* __restrict__ s,
-                        const scalar_t* __restrict__ w, scalar_t* __restrict__ out, int64_t H, int64_t W,
-                        const std::vector<Offset>& offsets) {
+                        const scalar_t* __restrict__ w, int64_t w_stride, scalar_t* __restrict__ out, int64_t H,
+                        int64_t W, const std::vector<Offset>& offsets) {
   const int64_t n = H * W;
   exp_row(s, out, n);
   for (int64_t p = 0; p < n; ++p) out[p] *= in[p];
   for (size_t i = 0; i < offsets.size(); ++i) {
     const auto [dy, dx] = offsets[i];
     const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
-    const scalar_t* wi = w + i * n;
+    const scalar_t* wi = w + i * w_stride;
     for (int64_t y = 0; y + dy < H; ++y) {
       const int64_t row = y * W, nrow = (y + dy) * W + dx;
       if (transposed) {
@@ -33,19 +33,17 @@ template <bool transposed>
 static at::Tensor apply_upper_impl(const at::Tensor& image, const at::Tensor& log_diag, const at::Tensor& off_diag,
                                    at::IntArrayRef flat_offsets) {
   const auto offsets = check_params(log_diag, off_diag, flat_offsets);
-  check_image(image, transposed ? "y" : "r", log_diag);
-  const auto in = image.contiguous(), s = log_diag.contiguous(), w = off_diag.contiguous();
-  auto out = at::empty_like(in);
-  const int64_t planes = in.size(0) * in.size(1), H = in.size(2), W = in.size(3), n = H * W;
+  check_image(image, transposed ? "y" : "r", log_diag, /*params_repeat=*/true);
+  const auto in = planes_contiguous(image), s = planes_contiguous(log_diag), w = planes_contiguous(off_diag);
+  auto out = at::empty(in.sizes(), in.options());
+  const int64_t C = in.size(1), planes = in.size(0) * C, H = in.size(2), W = in.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "apply_upper", [&] {
-    const scalar_t* in_p = in.data_ptr<scalar_t>();
-    const scalar_t* s_p = s.data_ptr<scalar_t>();
-    const scalar_t* w_p = w.data_ptr<scalar_t>();
+    const Planes<scalar_t> In(in, C), Sd(s, C), Wt(w, C, S);
     scalar_t* out_p = out.data_ptr<scalar_t>();
     at::parallel_for(0, planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k)
-        apply_plane<scalar_t, transposed>(in_p + k * n, s_p + k * n, w_p + k * S * n, out_p + k * n, H, W, offsets);
+        apply_plane<scalar_t, transposed>(In(k), Sd(k), Wt(k), Wt.weight_stride(), out_p + k * n, H, W, offsets);
     });
   });
   return out;

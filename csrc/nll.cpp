@@ -7,6 +7,8 @@
 //   d/dw_{p,i} = g u_p r_{p+delta_i}
 // Each task keeps one plane-sized buffer (r = x - loc) and rows of u and d; no
 // tensor of S values per pixel exists besides the off_diag gradient itself.
+// Inputs are read in place (Planes: split-head views are not copied); the
+// gradients are written contiguous.
 #include <cmath>
 
 #include "nll_rows.h"
@@ -18,26 +20,24 @@ at::Tensor nll(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log
   const auto offsets = check_params(log_diag, off_diag, flat_offsets);
   check_image(x, "x", log_diag);
   check_image(loc, "loc", log_diag);
-  const auto xc = x.contiguous(), lc = loc.contiguous(), s = log_diag.contiguous(), w = off_diag.contiguous();
+  const auto xc = planes_contiguous(x), lc = planes_contiguous(loc), s = planes_contiguous(log_diag),
+             w = planes_contiguous(off_diag);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
   auto out = at::empty({B}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nll", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;   // double for float and double
     std::vector<acc_t> per_plane(B * C);
-    const scalar_t* x_p = xc.data_ptr<scalar_t>();
-    const scalar_t* l_p = lc.data_ptr<scalar_t>();
-    const scalar_t* s_p = s.data_ptr<scalar_t>();
-    const scalar_t* w_p = w.data_ptr<scalar_t>();
+    const Planes<scalar_t> X(xc, C), L(lc, C), Sd(s, C), Wt(w, C, S);
     at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       // Rows outer, offsets inner: the rows of r that one row of u reads stay in L1.
       std::vector<scalar_t> r(n), u(W), d(W);
       for (int64_t k = begin; k < end; ++k) {
-        const scalar_t* sk = s_p + k * n;
-        residual(x_p + k * n, l_p + k * n, r.data(), n);
+        const scalar_t* sk = Sd(k);
+        residual(X(k), L(k), r.data(), n);
         acc_t quad = 0, logdet = 0;
         for (int64_t y = 0; y < H; ++y) {
-          u_row(r.data(), sk, w_p + k * S * n + y * W, n, y, H, W, offsets, d.data(), u.data());
+          u_row(r.data(), sk, Wt(k) + y * W, Wt.weight_stride(), y, H, W, offsets, d.data(), u.data());
           reduce_row(u.data(), sk + y * W, W, quad, logdet);
         }
         per_plane[k] = 0.5 * quad - logdet;
@@ -55,16 +55,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nll_backward(const at::Tensor& gr
   check_image(x, "x", log_diag);
   check_image(loc, "loc", log_diag);
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == x.size(0), "grad: expected shape (B,), got ", grad.sizes());
-  const auto xc = x.contiguous(), lc = loc.contiguous(), s = log_diag.contiguous(), w = off_diag.contiguous();
+  const auto xc = planes_contiguous(x), lc = planes_contiguous(loc), s = planes_contiguous(log_diag),
+             w = planes_contiguous(off_diag);
   const auto gc = grad.to(x.scalar_type()).contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
-  auto grad_x = at::empty_like(xc), grad_s = at::empty_like(s), grad_w = at::empty_like(w);
+  // The gradients are contiguous whatever the inputs' strides.
+  auto grad_x = at::empty(x.sizes(), x.options()), grad_s = at::empty(log_diag.sizes(), x.options()),
+       grad_w = at::empty(off_diag.sizes(), x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nll_backward", [&] {
-    const scalar_t* x_p = xc.data_ptr<scalar_t>();
-    const scalar_t* l_p = lc.data_ptr<scalar_t>();
-    const scalar_t* s_p = s.data_ptr<scalar_t>();
-    const scalar_t* w_p = w.data_ptr<scalar_t>();
+    const Planes<scalar_t> X(xc, C), L(lc, C), Sd(s, C), Wt(w, C, S);
     const scalar_t* g_p = gc.data_ptr<scalar_t>();
     scalar_t* gx_p = grad_x.data_ptr<scalar_t>();
     scalar_t* gs_p = grad_s.data_ptr<scalar_t>();
@@ -75,14 +75,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nll_backward(const at::Tensor& gr
       std::vector<scalar_t> r(n), u(W), d(W), gw_row(W);
       for (int64_t k = begin; k < end; ++k) {
         const scalar_t g = g_p[k / C];
-        const scalar_t* sk = s_p + k * n;
-        const scalar_t* wk = w_p + k * S * n;
+        const scalar_t* sk = Sd(k);
+        const scalar_t* wk = Wt(k);
+        const int64_t ws = Wt.weight_stride();
         scalar_t* gx = gx_p + k * n;
         scalar_t* gs = gs_p + k * n;
-        residual(x_p + k * n, l_p + k * n, r.data(), n);
+        residual(X(k), L(k), r.data(), n);
         std::fill(gx, gx + n, scalar_t(0));
         for (int64_t y = 0; y < H; ++y) {
-          u_row(r.data(), sk, wk + y * W, n, y, H, W, offsets, d.data(), u.data());
+          u_row(r.data(), sk, wk + y * W, ws, y, H, W, offsets, d.data(), u.data());
           const scalar_t* __restrict__ rrow = r.data() + y * W;
           scalar_t* __restrict__ gsrow = gs + y * W;
           scalar_t* __restrict__ gxrow = gx + y * W;
@@ -96,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nll_backward(const at::Tensor& gr
             scalar_t* __restrict__ gwrow = gw_row.data();   // formed in L1, then streamed out
             std::fill(gwrow, gwrow + W, scalar_t(0));
             if (y + dy < H && lo < hi) {
-              const scalar_t* __restrict__ wrow = wk + i * n + y * W;
+              const scalar_t* __restrict__ wrow = wk + i * ws + y * W;
               const scalar_t* __restrict__ rn = r.data() + (y + dy) * W + dx;
               scalar_t* __restrict__ gxn = gx + (y + dy) * W + dx;
               for (int64_t x = lo; x < hi; ++x) {

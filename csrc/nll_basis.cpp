@@ -16,13 +16,13 @@ namespace structlik {
 // wbuf[i*W + x] = sum_j basis[i, j] coeffs_j(y, x) for one row.
 template <typename scalar_t>
 static void basis_rows(const scalar_t* basis, const scalar_t* ck, int64_t S, int64_t nb, int64_t y, int64_t W,
-                       int64_t n, scalar_t* __restrict__ wbuf) {
+                       int64_t c_stride, scalar_t* __restrict__ wbuf) {
   for (int64_t i = 0; i < S; ++i) {
     scalar_t* __restrict__ row = wbuf + i * W;
     std::fill(row, row + W, scalar_t(0));
     for (int64_t j = 0; j < nb; ++j) {
       const scalar_t b = basis[i * nb + j];
-      const scalar_t* __restrict__ c = ck + j * n + y * W;
+      const scalar_t* __restrict__ c = ck + j * c_stride + y * W;
       for (int64_t x = 0; x < W; ++x) row[x] += b * c[x];
     }
   }
@@ -57,23 +57,23 @@ at::Tensor nll_basis(const at::Tensor& x, const at::Tensor& loc, const at::Tenso
                      const at::Tensor& basis, at::IntArrayRef flat_offsets) {
   const auto offsets = check_inputs(x, loc, log_diag, coeffs, basis, flat_offsets);
   const int64_t S = static_cast<int64_t>(offsets.size());
-  const auto xc = x.contiguous(), lc = loc.contiguous(), s = log_diag.contiguous(), cc = coeffs.contiguous(),
-             bc = basis.contiguous();
+  const auto xc = planes_contiguous(x), lc = planes_contiguous(loc), s = planes_contiguous(log_diag),
+             cc = planes_contiguous(coeffs), bc = basis.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W, nb = basis.size(1);
   auto out = at::empty({B}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nll_basis", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
     std::vector<acc_t> per_plane(B * C);
-    const scalar_t *x_p = xc.data_ptr<scalar_t>(), *l_p = lc.data_ptr<scalar_t>(), *s_p = s.data_ptr<scalar_t>(),
-                   *c_p = cc.data_ptr<scalar_t>(), *b_p = bc.data_ptr<scalar_t>();
+    const Planes<scalar_t> X(xc, C), L(lc, C), Sd(s, C), Cf(cc, C, nb);
+    const scalar_t* b_p = bc.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> r(n), u(W), d(W), wbuf(S * W);
       for (int64_t k = begin; k < end; ++k) {
-        const scalar_t* sk = s_p + k * n;
-        residual(x_p + k * n, l_p + k * n, r.data(), n);
+        const scalar_t* sk = Sd(k);
+        residual(X(k), L(k), r.data(), n);
         acc_t quad = 0, logdet = 0;
         for (int64_t y = 0; y < H; ++y) {
-          basis_rows(b_p, c_p + k * nb * n, S, nb, y, W, n, wbuf.data());
+          basis_rows(b_p, Cf(k), S, nb, y, W, Cf.weight_stride(), wbuf.data());
           u_row(r.data(), sk, wbuf.data(), W, y, H, W, offsets, d.data(), u.data());
           reduce_row(u.data(), sk + y * W, W, quad, logdet);
         }
@@ -91,30 +91,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nll_basis_backward(
   const auto offsets = check_inputs(x, loc, log_diag, coeffs, basis, flat_offsets);
   const int64_t S = static_cast<int64_t>(offsets.size());
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == x.size(0), "grad: expected shape (B,), got ", grad.sizes());
-  const auto xc = x.contiguous(), lc = loc.contiguous(), s = log_diag.contiguous(), cc = coeffs.contiguous(),
-             bc = basis.contiguous(), gc = grad.to(x.scalar_type()).contiguous();
+  const auto xc = planes_contiguous(x), lc = planes_contiguous(loc), s = planes_contiguous(log_diag),
+             cc = planes_contiguous(coeffs), bc = basis.contiguous(), gc = grad.to(x.scalar_type()).contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W, nb = basis.size(1);
-  auto grad_x = at::empty_like(xc), grad_s = at::empty_like(s), grad_c = at::empty_like(cc);
+  auto grad_x = at::empty(x.sizes(), x.options()), grad_s = at::empty(log_diag.sizes(), x.options()),
+       grad_c = at::empty(coeffs.sizes(), x.options());
   auto grad_b = at::empty_like(bc);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nll_basis_backward", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
     std::vector<acc_t> basis_acc(B * C * S * nb, acc_t(0));   // per plane, reduced in order below
-    const scalar_t *x_p = xc.data_ptr<scalar_t>(), *l_p = lc.data_ptr<scalar_t>(), *s_p = s.data_ptr<scalar_t>(),
-                   *c_p = cc.data_ptr<scalar_t>(), *b_p = bc.data_ptr<scalar_t>(), *g_p = gc.data_ptr<scalar_t>();
+    const Planes<scalar_t> X(xc, C), L(lc, C), Sd(s, C), Cf(cc, C, nb);
+    const scalar_t *b_p = bc.data_ptr<scalar_t>(), *g_p = gc.data_ptr<scalar_t>();
     scalar_t *gx_p = grad_x.data_ptr<scalar_t>(), *gs_p = grad_s.data_ptr<scalar_t>(),
              *gc_p = grad_c.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> r(n), u(W), d(W), wbuf(S * W), gwbuf(S * W);
       for (int64_t k = begin; k < end; ++k) {
         const scalar_t g = g_p[k / C];
-        const scalar_t* sk = s_p + k * n;
-        const scalar_t* ck = c_p + k * nb * n;
+        const scalar_t* sk = Sd(k);
+        const scalar_t* ck = Cf(k);
+        const int64_t cs = Cf.weight_stride();
         scalar_t* gx = gx_p + k * n;
         acc_t* bacc = basis_acc.data() + k * S * nb;
-        residual(x_p + k * n, l_p + k * n, r.data(), n);
+        residual(X(k), L(k), r.data(), n);
         std::fill(gx, gx + n, scalar_t(0));
         for (int64_t y = 0; y < H; ++y) {
-          basis_rows(b_p, ck, S, nb, y, W, n, wbuf.data());
+          basis_rows(b_p, ck, S, nb, y, W, cs, wbuf.data());
           u_row(r.data(), sk, wbuf.data(), W, y, H, W, offsets, d.data(), u.data());
           const scalar_t* __restrict__ rrow = r.data() + y * W;
           scalar_t* __restrict__ gsrow = gs_p + k * n + y * W;
@@ -137,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nll_basis_backward(
             }
           }
           for (int64_t j = 0; j < nb; ++j) {
-            const scalar_t* __restrict__ crow = ck + j * n + y * W;
+            const scalar_t* __restrict__ crow = ck + j * cs + y * W;
             scalar_t* __restrict__ gcrow = gc_p + (k * nb + j) * n + y * W;
             std::fill(gcrow, gcrow + W, scalar_t(0));
             for (int64_t i = 0; i < S; ++i) {

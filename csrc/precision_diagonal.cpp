@@ -6,24 +6,23 @@ namespace structlik {
 
 at::Tensor precision_diagonal(const at::Tensor& log_diag, const at::Tensor& off_diag, at::IntArrayRef flat_offsets) {
   const auto offsets = check_params(log_diag, off_diag, flat_offsets);
-  const auto s = log_diag.contiguous(), w = off_diag.contiguous();
-  auto out = at::empty_like(s);
-  const int64_t planes = s.size(0) * s.size(1), H = s.size(2), W = s.size(3), n = H * W;
+  const auto s = planes_contiguous(log_diag), w = planes_contiguous(off_diag);
+  auto out = at::empty(s.sizes(), s.options());
+  const int64_t C = s.size(1), planes = s.size(0) * C, H = s.size(2), W = s.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "precision_diagonal", [&] {
-    const scalar_t* s_p = s.data_ptr<scalar_t>();
-    const scalar_t* w_p = w.data_ptr<scalar_t>();
+    const Planes<scalar_t> Sd(s, C), Wt(w, C, S);
     scalar_t* out_p = out.data_ptr<scalar_t>();
     at::parallel_for(0, planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
-        const scalar_t* sk = s_p + k * n;
+        const scalar_t* sk = Sd(k);
         scalar_t* o = out_p + k * n;
         exp_row(sk, o, n);
         for (int64_t p = 0; p < n; ++p) o[p] *= o[p];
         for (int64_t i = 0; i < S; ++i) {
           const auto [dy, dx] = offsets[i];
           const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
-          const scalar_t* wi = w_p + (k * S + i) * n;
+          const scalar_t* wi = Wt.weight(k, i);
           for (int64_t y = 0; y + dy < H; ++y) {
             const scalar_t* wrow = wi + y * W;
             scalar_t* orow = o + (y + dy) * W + dx;

@@ -19,11 +19,11 @@ namespace structlik {
 
 // The offsets (0, dx) and their weight planes: the only ones on the sequential path.
 template <typename scalar_t>
-static std::vector<std::pair<int64_t, const scalar_t*>> in_row_offsets(const scalar_t* w, int64_t n,
+static std::vector<std::pair<int64_t, const scalar_t*>> in_row_offsets(const scalar_t* w, int64_t w_stride,
                                                                        const std::vector<Offset>& offsets) {
   std::vector<std::pair<int64_t, const scalar_t*>> out;
   for (size_t i = 0; i < offsets.size(); ++i)
-    if (offsets[i].dy == 0) out.emplace_back(offsets[i].dx, w + i * n);
+    if (offsets[i].dy == 0) out.emplace_back(offsets[i].dx, w + i * w_stride);
   return out;
 }
 
@@ -40,17 +40,17 @@ static scalar_t* start_row(const scalar_t* rhs, const scalar_t* s, int64_t y, in
 }
 
 template <typename scalar_t>
-static void solve_plane(const scalar_t* rhs, const scalar_t* s, const scalar_t* w, scalar_t* out, int64_t H, int64_t W,
+static void solve_plane(const scalar_t* rhs, const scalar_t* s, const scalar_t* w, int64_t w_stride, scalar_t* out, int64_t H, int64_t W,
                         const std::vector<Offset>& offsets, scalar_t* inv_d) {
   const int64_t n = H * W;
-  const auto in_row = in_row_offsets(w, n, offsets);
+  const auto in_row = in_row_offsets(w, w_stride, offsets);
   for (int64_t y = H - 1; y >= 0; --y) {
     scalar_t* row = start_row(rhs, s, y, W, out, inv_d);
     for (size_t i = 0; i < offsets.size(); ++i) {
       const auto [dy, dx] = offsets[i];
       if (dy == 0 || y + dy >= H) continue;
       const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
-      const scalar_t* wrow = w + i * n + y * W;
+      const scalar_t* wrow = w + i * w_stride + y * W;
       const scalar_t* below = out + (y + dy) * W + dx;
       for (int64_t x = lo; x < hi; ++x) row[x] -= wrow[x] * below[x];
     }
@@ -64,10 +64,10 @@ static void solve_plane(const scalar_t* rhs, const scalar_t* s, const scalar_t* 
 }
 
 template <typename scalar_t>
-static void solve_t_plane(const scalar_t* rhs, const scalar_t* s, const scalar_t* w, scalar_t* out, int64_t H,
+static void solve_t_plane(const scalar_t* rhs, const scalar_t* s, const scalar_t* w, int64_t w_stride, scalar_t* out, int64_t H,
                           int64_t W, const std::vector<Offset>& offsets, scalar_t* inv_d) {
   const int64_t n = H * W;
-  const auto in_row = in_row_offsets(w, n, offsets);
+  const auto in_row = in_row_offsets(w, w_stride, offsets);
   for (int64_t y = 0; y < H; ++y) {
     scalar_t* row = start_row(rhs, s, y, W, out, inv_d);
     for (size_t i = 0; i < offsets.size(); ++i) {
@@ -75,7 +75,7 @@ static void solve_t_plane(const scalar_t* rhs, const scalar_t* s, const scalar_t
       if (dy == 0 || y - dy < 0) continue;
       // x - dx must lie in [0, W): x in [dx, W + dx)
       const int64_t lo = std::max<int64_t>(0, dx), hi = std::min<int64_t>(W, W + dx);
-      const scalar_t* wrow = w + i * n + (y - dy) * W - dx;
+      const scalar_t* wrow = w + i * w_stride + (y - dy) * W - dx;
       const scalar_t* above = out + (y - dy) * W - dx;
       for (int64_t x = lo; x < hi; ++x) row[x] -= wrow[x] * above[x];
     }
@@ -92,23 +92,23 @@ template <bool transposed>
 static at::Tensor solve_impl(const at::Tensor& rhs, const at::Tensor& log_diag, const at::Tensor& off_diag,
                              at::IntArrayRef flat_offsets) {
   const auto offsets = check_params(log_diag, off_diag, flat_offsets);
-  check_image(rhs, transposed ? "g" : "z", log_diag);
-  const auto b = rhs.contiguous(), s = log_diag.contiguous(), w = off_diag.contiguous();
-  auto out = at::empty_like(b);
-  const int64_t planes = b.size(0) * b.size(1), H = b.size(2), W = b.size(3), n = H * W;
+  // Samples of one distribution: z may hold several images per set of parameters.
+  check_image(rhs, transposed ? "g" : "z", log_diag, /*params_repeat=*/true);
+  const auto b = planes_contiguous(rhs), s = planes_contiguous(log_diag), w = planes_contiguous(off_diag);
+  auto out = at::empty(b.sizes(), b.options());
+  const int64_t C = b.size(1), planes = b.size(0) * C, H = b.size(2), W = b.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
   AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "solve_upper", [&] {
-    const scalar_t* b_p = b.data_ptr<scalar_t>();
-    const scalar_t* s_p = s.data_ptr<scalar_t>();
-    const scalar_t* w_p = w.data_ptr<scalar_t>();
+    const Planes<scalar_t> Rhs(b, C), Sd(s, C), Wt(w, C, S);
+    const int64_t ws = Wt.weight_stride();
     scalar_t* out_p = out.data_ptr<scalar_t>();
     at::parallel_for(0, planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> inv_d(W);   // one row of exp(-log_diag)
       for (int64_t k = begin; k < end; ++k) {
         if (transposed)
-          solve_t_plane(b_p + k * n, s_p + k * n, w_p + k * S * n, out_p + k * n, H, W, offsets, inv_d.data());
+          solve_t_plane(Rhs(k), Sd(k), Wt(k), ws, out_p + k * n, H, W, offsets, inv_d.data());
         else
-          solve_plane(b_p + k * n, s_p + k * n, w_p + k * S * n, out_p + k * n, H, W, offsets, inv_d.data());
+          solve_plane(Rhs(k), Sd(k), Wt(k), ws, out_p + k * n, H, W, offsets, inv_d.data());
       }
     });
   });

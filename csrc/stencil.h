@@ -40,11 +40,43 @@ inline std::vector<Offset> parse_offsets(at::IntArrayRef flat) {
   return out;
 }
 
-inline void check_image(const at::Tensor& t, const char* name, const at::Tensor& log_diag) {
+// An operand's H x W planes, read in place. Each plane must be contiguous (row
+// stride W, element stride 1); the batch and channel strides are free, so views
+// of one decoder head (head.split(...) along channels) and channel slices are
+// not copied. Plane k of the image (b = k / C, c = k % C) reads the operand's
+// batch b % batch: parameters with fewer images than the image operand repeat
+// over it (the solves use this to sample many times from one set of
+// parameters); a batch stride of 0 (an expanded tensor) also works.
+// per_channel is S for off_diag (channel c, offset i at c*S + i), 1 otherwise.
+template <typename T>
+struct Planes {
+  const T* data;
+  int64_t batch, sb, sc, C, per_channel;
+  Planes(const at::Tensor& t, int64_t C_, int64_t per_channel_ = 1)
+      : data(t.data_ptr<T>()), batch(t.size(0)), sb(t.stride(0)), sc(t.stride(1)), C(C_),
+        per_channel(per_channel_) {}
+  const T* operator()(int64_t k) const { return data + ((k / C) % batch) * sb + (k % C) * per_channel * sc; }
+  // offset i's weight plane of image plane k (off_diag only)
+  const T* weight(int64_t k, int64_t i) const { return (*this)(k) + i * sc; }
+  int64_t weight_stride() const { return sc; }
+};
+
+// t itself when its planes are contiguous (see Planes), else one contiguous copy.
+inline at::Tensor planes_contiguous(const at::Tensor& t) {
+  const bool rows_ok = t.size(2) <= 1 || t.stride(2) == t.size(3);
+  const bool cols_ok = t.size(3) <= 1 || t.stride(3) == 1;
+  return rows_ok && cols_ok ? t : t.contiguous();
+}
+
+// An image operand: (N, C, H, W) of log_diag's dtype, with log_diag's (C, H, W);
+// its batch N equals log_diag's, or is a multiple of it where params_repeat.
+inline void check_image(const at::Tensor& t, const char* name, const at::Tensor& log_diag,
+                        bool params_repeat = false) {
   TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor");
   TORCH_CHECK(t.dim() == 4, name, ": expected shape (B, C, H, W), got ", t.sizes());
-  TORCH_CHECK(t.sizes() == log_diag.sizes(), name, ": expected shape (B, C, H, W) = ", log_diag.sizes(), ", got ",
-              t.sizes());
+  const bool batch_ok = params_repeat ? t.size(0) % log_diag.size(0) == 0 : t.size(0) == log_diag.size(0);
+  TORCH_CHECK(batch_ok && t.sizes().slice(1) == log_diag.sizes().slice(1), name, ": expected shape (B, C, H, W) = ",
+              log_diag.sizes(), params_repeat ? " (or a multiple of its B)" : "", ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == log_diag.scalar_type(), name, ": dtype ", t.scalar_type(),
               " does not match log_diag's ", log_diag.scalar_type());
 }

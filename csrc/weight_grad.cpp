@@ -10,18 +10,17 @@ at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef
   TORCH_CHECK(a.device().is_cpu() && a.dim() == 4, "a: expected a CPU tensor of shape (B, C, H, W), got ", a.sizes());
   TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble, "a: expected float32 or float64");
   check_image(b, "b", a);
-  const auto ac = a.contiguous(), bc = b.contiguous();
+  const auto ac = planes_contiguous(a), bc = planes_contiguous(b);
   const int64_t B = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
   auto out = at::empty({B, C * S, H, W}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "weight_grad", [&] {
-    const scalar_t* a_p = ac.data_ptr<scalar_t>();
-    const scalar_t* b_p = bc.data_ptr<scalar_t>();
+    const Planes<scalar_t> A(ac, C), Bp(bc, C);
     scalar_t* out_p = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
-        const scalar_t* ak = a_p + k * n;
-        const scalar_t* bk = b_p + k * n;
+        const scalar_t* ak = A(k);
+        const scalar_t* bk = Bp(k);
         for (int64_t i = 0; i < S; ++i) {
           const auto [dy, dx] = offsets[i];
           const int64_t lo = col_lo(dx), hi = col_hi(dx, W);

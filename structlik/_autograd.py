@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import sum_repeats
+
 __all__ = ["register", "OpsBackend"]
 
 
@@ -87,11 +89,13 @@ def register(ns: str, *, fakes: bool = True) -> None:
                 ops.weight_grad(y, g, ctx.offsets) if need[2] else None,
                 None)
 
-    # After v = U^-T g (solve_upper) or a = U^-1 h (solve_upper_t): dL/dU_{pq} = -v_p sol_q.
+    # After v = U^-T g (solve_upper) or a = U^-1 h (solve_upper_t): dL/dU_{pq} = -v_p sol_q,
+    # summed over the samples that share one set of parameters (the solves' params may repeat).
     def solve_grads(ctx, v, sol, log_diag, off_diag):
         need = ctx.needs_input_grad
-        return (-(v * sol * log_diag.exp()) if need[1] else None,
-                -ops.weight_grad(v, sol, ctx.offsets) if need[2] else None)
+        batch = log_diag.shape[0]
+        return (-sum_repeats(v * sol, batch) * log_diag.exp() if need[1] else None,
+                -sum_repeats(ops.weight_grad(v, sol, ctx.offsets), batch) if need[2] else None)
 
     def solve_upper_backward(ctx, g):
         eps, log_diag, off_diag = ctx.saved_tensors

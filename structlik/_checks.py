@@ -1,10 +1,15 @@
 """Input validation shared by every public entry point.
 
 Shape, dtype and device checks are free (metadata only) and always run. Value
-checks (finiteness) read the data, i.e. cost a device sync, so they follow
+checks (NaN/inf) cost nothing on the success path: every op's output is
+non-finite wherever an input it reads is, so :func:`check_result` reads only
+the op's result (the NLL's B values, or one pass over a solve's output), and
+scans the inputs only when that result is bad, to name the culprit. That is
+one small device-to-host read per call on CUDA. The checks follow
 ``torch.distributions.Distribution``'s global switch (on by default, off with
-``Distribution.set_default_validate_args(False)``) and are skipped while
-``torch.compile`` traces.
+``Distribution.set_default_validate_args(False)``), and are skipped while
+``torch.compile`` traces and for meta, fake and ``torch.func``-transformed
+tensors, whose values cannot be read.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import contextlib
 import threading
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .stencil import Stencil
 
@@ -28,8 +34,9 @@ def _shape(t) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def check_float_tensor(name: str, t, layout: str) -> torch.Tensor:
-    """``t`` is a floating-point tensor with ``len(layout)`` dimensions."""
+def check_float_tensor(name: str, t, layout: str, min_dim: int = 0) -> torch.Tensor:
+    """``t`` is a floating-point tensor with ``len(layout)`` dimensions (at least ``min_dim``
+    if that is given: leading batch dimensions)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape {layout}, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
@@ -38,7 +45,7 @@ def check_float_tensor(name: str, t, layout: str) -> torch.Tensor:
             f"of shape {layout}, got dtype {t.dtype}"
         )
     ndim = layout.count(",") + 1
-    if t.dim() != ndim:
+    if (t.dim() < min_dim) if min_dim else (t.dim() != ndim):
         raise ValueError(f"{name}: expected shape {layout}, got {_shape(t)}")
     return t
 
@@ -54,53 +61,88 @@ def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, sha
         raise ValueError(f"{name}: device {t.device} does not match {ref_name}'s device {ref.device}")
 
 
+def check_consistent(**tensors) -> None:
+    """One dtype and one device for all: the argument that differs from the others (the
+    first listed, on a tie) is named."""
+    for attr, error in (("dtype", TypeError), ("device", ValueError)):
+        values = [getattr(t, attr) for t in tensors.values()]
+        common = max(values, key=values.count)          # the first of the most frequent
+        for name, t in tensors.items():
+            if getattr(t, attr) != common:
+                others = ", ".join(n for n, u in tensors.items() if getattr(u, attr) == common)
+                raise error(f"{name}: {attr} {getattr(t, attr)} does not match the {attr} {common} of {others}")
+
+
 def check_params(log_diag, off_diag, stencil) -> tuple:
-    """Validate the parameters of U; returns (B, C, H, W)."""
+    """Validate the parameters of U when no image goes with them; returns (B, C, H, W)."""
     check_stencil(stencil)
     check_float_tensor("log_diag", log_diag, "(B, C, H, W)")
+    if min(log_diag.shape) == 0:
+        raise ValueError(f"log_diag: expected non-empty (B, C, H, W), got {_shape(log_diag)}")
     check_float_tensor("off_diag", off_diag, "(B, C*S, H, W)")
     B, C, H, W = log_diag.shape
     check_same("off_diag", off_diag, "log_diag", log_diag, (B, C * stencil.S, H, W),
                f"(B, C*S, H, W) with S={stencil.S}")
-    if min(B, C, H, W) == 0:
-        raise ValueError(f"log_diag: expected non-empty (B, C, H, W), got {_shape(log_diag)}")
     return B, C, H, W
 
 
-def check_image(name: str, t, log_diag) -> None:
-    """An image-shaped operand of U: same shape, dtype and device as log_diag."""
-    check_float_tensor(name, t, "(B, C, H, W)")
-    check_same(name, t, "log_diag", log_diag, log_diag.shape, "(B, C, H, W)")
+def check_against_image(image_name: str, image, stencil, params, params_repeat: bool = False) -> tuple:
+    """Validate an image (the data x, a value, or an operand of U) and then each of
+    ``params`` against it: the image is the reference for shape, dtype and device, so
+    the message names the argument that disagrees with it. ``params`` holds
+    (name, tensor, channels per image channel, layout) for log_diag, loc, off_diag or
+    coeffs. With ``params_repeat`` the parameters' batch may divide the image's (many
+    samples of one distribution). Returns the image's (B, C, H, W)."""
+    check_stencil(stencil)
+    check_float_tensor(image_name, image, "(B, C, H, W)")
+    B, C, H, W = image.shape
+    if min(B, C, H, W) == 0:
+        raise ValueError(f"{image_name}: expected non-empty (B, C, H, W), got {_shape(image)}")
+    for name, t, per_channel, layout in params:
+        check_float_tensor(name, t, layout)
+        batch = t.shape[0] if params_repeat and t.dim() == 4 and t.shape[0] and B % t.shape[0] == 0 else B
+        check_same(name, t, image_name, image, (batch, C * per_channel, H, W), layout)
+    return B, C, H, W
 
 
-_skip = threading.local()
+_override = threading.local()
 
 
 @contextlib.contextmanager
-def values_unchecked():
-    """Skip value checks inside (a distribution built with validate_args=False)."""
-    previous = getattr(_skip, "on", False)
-    _skip.on = True
+def validation(on: bool):
+    """Value checks on or off inside, whatever the global default: a distribution built
+    with ``validate_args=True`` or ``False`` runs its ops in this."""
+    previous = getattr(_override, "on", None)
+    _override.on = on
     try:
         yield
     finally:
-        _skip.on = previous
+        _override.on = previous
 
 
 def values_checked() -> bool:
-    if torch.compiler.is_compiling() or getattr(_skip, "on", False):
+    if torch.compiler.is_compiling():
         return False
-    return bool(torch.distributions.Distribution._validate_args)
+    on = getattr(_override, "on", None)
+    return bool(torch.distributions.Distribution._validate_args) if on is None else on
 
 
-def check_finite(**tensors) -> None:
-    if not values_checked():
+def _readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read: not meta, fake or wrapped by a torch.func transform."""
+    return (t.device.type != "meta" and not is_fake(t)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def check_result(out: torch.Tensor, **inputs) -> None:
+    """Raise a ValueError naming the first input with NaN/inf, if ``out`` (computed from
+    them) is not finite. The inputs are read only then: with finite inputs a non-finite
+    ``out`` is an overflow of a finite computation and is returned as it is."""
+    if not values_checked() or not _readable(out):
         return
-    flags = [torch.isfinite(t.detach()).all() for t in tensors.values()]
-    if bool(torch.stack(flags).all()):          # one host sync for all of them
+    if bool(torch.isfinite(out.detach()).all()):            # the one host read on the success path
         return
-    for name, ok in zip(tensors, flags):
-        if not bool(ok):
+    for name, t in inputs.items():
+        if _readable(t) and not bool(torch.isfinite(t.detach()).all()):
             raise ValueError(f"{name}: contains NaN or infinite values")
 
 

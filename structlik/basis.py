@@ -18,28 +18,32 @@ from .stencil import Stencil
 __all__ = ["LearnedBasis", "expand_basis"]
 
 
-def check_basis(coeffs, basis, stencil: Stencil, log_diag) -> int:
-    """Validate (coeffs (B, C*n_b, H, W), basis (S, n_b)); returns n_b."""
+def check_basis(basis, stencil: Stencil, dtype=None, device=None) -> int:
+    """Validate the (S, n_b) basis (of that dtype and device, when given); returns n_b."""
     _checks.check_float_tensor("basis", basis, "(S, n_b)")
     if basis.shape[0] != stencil.S:
         raise ValueError(f"basis: expected shape (S, n_b) with S={stencil.S}, got {tuple(basis.shape)}")
     n_b = basis.shape[1]
     if n_b == 0:
         raise ValueError("basis: expected at least one basis vector (n_b >= 1)")
-    _checks.check_float_tensor("coeffs", coeffs, "(B, C*n_b, H, W)")
-    B, C, H, W = log_diag.shape
-    _checks.check_same("coeffs", coeffs, "log_diag", log_diag, (B, C * n_b, H, W), f"(B, C*n_b, H, W) with n_b={n_b}")
-    if basis.dtype != log_diag.dtype:
-        raise TypeError(f"basis: dtype {basis.dtype} does not match log_diag's dtype {log_diag.dtype}")
-    if basis.device != log_diag.device:
-        raise ValueError(f"basis: device {basis.device} does not match log_diag's device {log_diag.device}")
+    if dtype is not None and basis.dtype != dtype:
+        raise TypeError(f"basis: dtype {basis.dtype} does not match the images' dtype {dtype}")
+    if device is not None and basis.device != device:
+        raise ValueError(f"basis: device {basis.device} does not match the images' device {device}")
     return n_b
 
 
 def expand_basis(coeffs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """(B, C*n_b, H, W) coefficients and (S, n_b) basis -> (B, C*S, H, W) off_diag (materialised)."""
-    B, CNB, H, W = coeffs.shape
+    _checks.check_float_tensor("basis", basis, "(S, n_b)")
     S, n_b = basis.shape
+    _checks.check_float_tensor("coeffs", coeffs, "(B, C*n_b, H, W)")
+    B, CNB, H, W = coeffs.shape
+    if n_b == 0 or CNB % n_b:
+        raise ValueError(f"coeffs: expected shape (B, C*n_b, H, W) with n_b={n_b} (basis: {tuple(basis.shape)}), "
+                         f"got {tuple(coeffs.shape)}")
+    if coeffs.dtype != basis.dtype:
+        raise TypeError(f"basis: dtype {basis.dtype} does not match coeffs' dtype {coeffs.dtype}")
     C = CNB // n_b
     w = torch.einsum("ij,bcjhw->bcihw", basis, coeffs.reshape(B, C, n_b, H, W))
     return w.reshape(B, C * S, H, W)

@@ -1,7 +1,6 @@
 """``StructuredNormal``: the structured Gaussian as a torch.distributions.Distribution."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -49,57 +48,62 @@ class StructuredNormal(Distribution):
 
     def __init__(self, loc, log_diag, off_diag, stencil: Stencil, validate_args=None, *, basis=None):
         _checks.check_stencil(stencil)
+        coef = "off_diag"
+        for name, t, layout in (("loc", loc, "(*batch, C, H, W)"), ("log_diag", log_diag, "(*batch, C, H, W)"),
+                                (coef, off_diag, "(*batch, C*S, H, W)" if basis is None else
+                                 "(*batch, C*n_b, H, W)")):
+            _checks.check_float_tensor(name, t, layout, min_dim=3)
         if basis is not None:
-            _checks.check_float_tensor("basis", basis, "(S, n_b)")
-            if basis.shape[0] != stencil.S or basis.shape[1] == 0:
-                raise ValueError(f"basis: expected shape (S, n_b) with S={stencil.S}, got {tuple(basis.shape)}")
+            check_basis(basis, stencil)
         per_channel = stencil.S if basis is None else basis.shape[1]
         what = "C*S" if basis is None else "C*n_b"
-        for name, t, layout in (("loc", loc, "(*batch, C, H, W)"), ("log_diag", log_diag, "(*batch, C, H, W)"),
-                                ("off_diag", off_diag, "(*batch, C*S, H, W)")):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor of shape {layout}, got {type(t).__name__}")
-            if t.dim() < 3:
-                raise ValueError(f"{name}: expected shape {layout}, got {tuple(t.shape)}")
         event = tuple(loc.shape[-3:])
         C, H, W = event
         if tuple(log_diag.shape[-3:]) != event:
             raise ValueError(f"log_diag: expected shape (*batch, C, H, W) with (C, H, W) = {event}, "
                              f"got {tuple(log_diag.shape)}")
         if tuple(off_diag.shape[-3:]) != (C * per_channel, H, W):
-            raise ValueError(f"off_diag: expected shape (*batch, {what}, H, W) = (*batch, {C * per_channel}, {H}, {W}) "
+            raise ValueError(f"{coef}: expected shape (*batch, {what}, H, W) = (*batch, {C * per_channel}, {H}, {W}) "
                              f"with {what[2:]}={per_channel}, got {tuple(off_diag.shape)}")
         try:
             batch = torch.broadcast_shapes(loc.shape[:-3], log_diag.shape[:-3], off_diag.shape[:-3])
         except RuntimeError:
-            raise ValueError(f"loc, log_diag, off_diag: batch shapes {tuple(loc.shape[:-3])}, "
+            raise ValueError(f"loc, log_diag, {coef}: batch shapes {tuple(loc.shape[:-3])}, "
                              f"{tuple(log_diag.shape[:-3])}, {tuple(off_diag.shape[:-3])} do not broadcast") from None
-        def first(t):   # one image is enough to check dtype, device and emptiness
-            return t.reshape(-1, *t.shape[-3:])[:1]
-
-        if basis is None:
-            _checks.check_params(first(log_diag), first(off_diag), stencil)
-        else:
-            check_basis(first(off_diag), basis, stencil, first(log_diag))
-        _checks.check_image("loc", first(loc), first(log_diag))
+        _checks.check_consistent(loc=loc, log_diag=log_diag, off_diag=off_diag,
+                                 **({} if basis is None else {"basis": basis}))
+        if min(event) == 0:
+            raise ValueError(f"loc: expected a non-empty event (C, H, W), got {tuple(loc.shape)}")
         self.stencil = stencil
         self.basis = basis
         self.loc = loc.expand(batch + event)
         self.log_diag = log_diag.expand(batch + event)
         self.off_diag = off_diag.expand(batch + off_diag.shape[-3:])
-        super().__init__(batch_shape=batch, event_shape=torch.Size(event), validate_args=validate_args)
+        # Not Distribution's own parameter validation: it reads every parameter and syncs on
+        # construction. The ops find NaN/inf from their results instead (structlik._checks).
+        super().__init__(batch_shape=batch, event_shape=torch.Size(event), validate_args=False)
+        self._validate_args = (torch.distributions.Distribution._validate_args if validate_args is None
+                               else bool(validate_args))
 
     # -- helpers --------------------------------------------------------------
 
     def _value_checks(self):
-        return contextlib.nullcontext() if self._validate_args else _checks.values_unchecked()
+        """This instance's validate_args decides, whatever the global default is now."""
+        return _checks.validation(self._validate_args)
 
-    def _flat_params(self, lead: torch.Size, materialise: bool = True):
-        """log_diag and off_diag broadcast to ``lead`` and flattened to (N, ...); with a
-        basis, off_diag is formed from it unless ``materialise`` is False."""
-        ld = self.log_diag.expand(lead + self.log_diag.shape[-3:])
-        od = self.off_diag.expand(lead + self.off_diag.shape[-3:])
-        ld, od = ld.reshape(-1, *ld.shape[-3:]), od.reshape(-1, *od.shape[-3:])
+    def _blame(self):
+        """The user's tensors to name when a result is not finite."""
+        out = {"log_diag": self.log_diag, "off_diag": self.off_diag}
+        if self.basis is not None:
+            out["basis"] = self.basis
+        return out
+
+    def _flat_params(self, materialise: bool = True):
+        """log_diag and off_diag flattened over the batch to (N, ...): views, also for
+        broadcast batch dims (stride 0); with a basis, off_diag is formed from it
+        unless ``materialise`` is False."""
+        ld = self.log_diag.reshape(-1, *self.log_diag.shape[-3:])
+        od = self.off_diag.reshape(-1, *self.off_diag.shape[-3:])
         if self.basis is not None and materialise:
             od = expand_basis(od, self.basis)
         return ld, od
@@ -129,36 +133,59 @@ class StructuredNormal(Distribution):
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
         z = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        ld, od = self._flat_params(shape[:-3])
+        ld, od = self._flat_params()
+        # One solve for every sample: the kernels read sample r*N + b's parameters at b,
+        # so the parameters are never copied per sample.
+        with _checks.validation(False):
+            eps = ops.image_op("solve_upper", "z", z.reshape(-1, *self.event_shape), ld, od, self.stencil,
+                               params_repeat=True)
+        sample = self.loc + eps.reshape(shape)
         with self._value_checks():
-            eps = ops.solve_upper(z.reshape(-1, *self.event_shape), ld, od, self.stencil)
-        return self.loc + eps.reshape(shape)
+            _checks.check_result(sample, loc=self.loc, **self._blame())
+        return sample
+
+    def _validate_sample(self, value):
+        """Shape only: NaN/inf in ``value`` are found from the NLL the kernel computes."""
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"value: expected a torch.Tensor of shape (*sample, *batch, C, H, W), "
+                            f"got {type(value).__name__}")
+        event = tuple(self.event_shape)
+        if value.dim() < 3 or tuple(value.shape[-3:]) != event:
+            raise ValueError(f"value: expected shape (*sample, *batch, C, H, W) with (C, H, W) = {event}, "
+                             f"got {tuple(value.shape)}")
+        try:
+            torch.broadcast_shapes(value.shape, self.loc.shape)
+        except RuntimeError:
+            raise ValueError(f"value: shape {tuple(value.shape)} does not broadcast with the distribution's "
+                             f"{tuple(self.loc.shape)}") from None
 
     def log_prob(self, value):
-        if self._validate_args:
-            self._validate_sample(value)
-        if not isinstance(value, torch.Tensor) or value.dtype != self.loc.dtype or value.device != self.loc.device:
+        self._validate_sample(value)
+        if value.dtype != self.loc.dtype or value.device != self.loc.device:
             raise TypeError(f"value: expected a {self.loc.dtype} tensor on {self.loc.device} of shape "
                             f"(*sample, *batch, C, H, W) = (*, {', '.join(map(str, self.event_shape))})")
         shape = torch.broadcast_shapes(value.shape, self.loc.shape)
         lead = shape[:-3]
-        ld, od = self._flat_params(lead, materialise=False)
+        ld = self.log_diag.expand(lead + self.event_shape).reshape(-1, *self.event_shape)
+        od = self.off_diag.expand(lead + self.off_diag.shape[-3:]).reshape(-1, *self.off_diag.shape[-3:])
         x = value.expand(shape).reshape(-1, *self.event_shape)
         loc = self.loc.expand(shape).reshape(-1, *self.event_shape)
         with self._value_checks():
-            if self.basis is None:
-                nll = ops.nll(x, loc, ld, od, self.stencil)
-            else:
-                nll = ops.nll_basis(x, loc, ld, od, self.basis, self.stencil)
+            nll = ops.checked_nll("value", x, loc, ld, od, self.stencil, basis=self.basis)
         return -nll.reshape(lead)
 
     def entropy(self):
+        """(batch,) in the parameters' dtype, float32 for float16/bfloat16 (like log_prob)."""
         n = self.event_shape.numel()
-        return 0.5 * n * (1.0 + math.log(2.0 * math.pi)) - self.log_diag.sum((-3, -2, -1))
+        dtype = torch.float32 if self.log_diag.dtype in (torch.float16, torch.bfloat16) else self.log_diag.dtype
+        out = 0.5 * n * (1.0 + math.log(2.0 * math.pi)) - self.log_diag.sum((-3, -2, -1), dtype=dtype)
+        with self._value_checks():
+            _checks.check_result(out, log_diag=self.log_diag)
+        return out
 
     def precision_diagonal(self):
         """Diagonal of the precision ``U^T U``, shape batch_shape + (C, H, W)."""
-        ld, od = self._flat_params(self.batch_shape)
+        ld, od = self._flat_params()
         with self._value_checks():
-            out = ops.precision_diagonal(ld, od, self.stencil)
+            out = ops.precision_diagonal(ld, od, self.stencil, blame=self._blame())
         return out.reshape(self.batch_shape + self.event_shape)

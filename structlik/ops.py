@@ -2,12 +2,20 @@
 
 Shapes: images (``r``, ``y``, ``z``, ``g``, ``x``, ``loc``) and ``log_diag`` are
 (B, C, H, W); ``off_diag`` is (B, C*S, H, W), channel c / offset i at c*S + i.
-float32 and float64 compute in their own dtype; float16 and bfloat16 are
-computed in float32 and cast back (the NLL stays float32). The Triton NLL
-kernels read float16/bfloat16 themselves; other backends and ops get float32
-copies.
+Each H x W plane must be contiguous; batch and channel strides are free, so
+views of one decoder head (``head.split``) are read in place. Other layouts
+are copied once. float32 and float64 compute in their own dtype; float16 and
+bfloat16 are computed in float32 and cast back (the NLL stays float32). The
+Triton NLL kernels read float16/bfloat16 themselves; other backends and ops
+get float32 copies.
+
+Validation: the image operand (x, or r/y/z/g) is the reference for shapes,
+dtype and device, so an error names the argument that disagrees with it.
+NaN/inf are found from each op's result (see ``_checks.check_result``).
 """
 from __future__ import annotations
+
+from typing import Dict, Optional
 
 import torch
 
@@ -36,23 +44,33 @@ def _nll_args(backend, *tensors):
     return tensors if getattr(backend, "half_nll", False) else _upcast(*tensors)
 
 
-def _image_op(name: str, image_name: str, image, log_diag, off_diag, stencil):
-    _checks.check_params(log_diag, off_diag, stencil)
-    _checks.check_image(image_name, image, log_diag)
-    _checks.check_finite(**{image_name: image, "log_diag": log_diag, "off_diag": off_diag})
+def _params(stencil, log_diag, off_diag, off_name="off_diag"):
+    return (("log_diag", log_diag, 1, "(B, C, H, W)"),
+            (off_name, off_diag, stencil.S, f"(B, C*S, H, W) with S={stencil.S}"))
+
+
+def image_op(name: str, image_name: str, image, log_diag, off_diag, stencil, *, params_repeat: bool = False,
+             blame: Optional[Dict[str, torch.Tensor]] = None):
+    """One of the four primitives. ``params_repeat``: log_diag and off_diag may hold fewer
+    images than ``image`` (image b uses parameters b % their batch; the distribution's
+    samples). ``blame``: the tensors to name when the result is not finite (default:
+    the op's own arguments)."""
+    _checks.check_stencil(stencil)
+    _checks.check_against_image(image_name, image, stencil, _params(stencil, log_diag, off_diag), params_repeat)
     args = _upcast(image, log_diag, off_diag)
-    out = getattr(backend_for(image.device), name)(*args, stencil)
-    return out.to(image.dtype)
+    out = getattr(backend_for(image.device), name)(*args, stencil).to(image.dtype)
+    _checks.check_result(out, **(blame or {image_name: image, "log_diag": log_diag, "off_diag": off_diag}))
+    return out
 
 
 def apply_upper(r: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
     """``U r``: ``(U r)_p = exp(log_diag_p) r_p + sum_i off_diag_{p,i} r_{p+delta_i}``; (B, C, H, W)."""
-    return _image_op("apply_upper", "r", r, log_diag, off_diag, stencil)
+    return image_op("apply_upper", "r", r, log_diag, off_diag, stencil)
 
 
 def apply_upper_t(y: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
     """``U^T y``, the transposed stencil; (B, C, H, W)."""
-    return _image_op("apply_upper_t", "y", y, log_diag, off_diag, stencil)
+    return image_op("apply_upper_t", "y", y, log_diag, off_diag, stencil)
 
 
 def solve_upper(z: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
@@ -61,12 +79,12 @@ def solve_upper(z: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor,
     With ``z ~ N(0, I)``, ``loc + solve_upper(z, ...)`` is a sample of the
     structured Gaussian. Differentiable in all three tensors.
     """
-    return _image_op("solve_upper", "z", z, log_diag, off_diag, stencil)
+    return image_op("solve_upper", "z", z, log_diag, off_diag, stencil)
 
 
 def solve_upper_t(g: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
     """``U^-T g`` (forward substitution in raster order); (B, C, H, W)."""
-    return _image_op("solve_upper_t", "g", g, log_diag, off_diag, stencil)
+    return image_op("solve_upper_t", "g", g, log_diag, off_diag, stencil)
 
 
 def nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor,
@@ -75,12 +93,32 @@ def nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, off_diag: to
 
     ``0.5 * ||U (x - loc)||^2 - sum(log_diag) + (C*H*W / 2) * log(2 pi)``.
     """
-    _checks.check_params(log_diag, off_diag, stencil)
-    _checks.check_image("x", x, log_diag)
-    _checks.check_image("loc", loc, log_diag)
-    _checks.check_finite(x=x, loc=loc, log_diag=log_diag, off_diag=off_diag)
+    return checked_nll("x", x, loc, log_diag, off_diag, stencil)
+
+
+def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None):
+    """The NLL (``basis``: with a learned basis, off_diag then being its coefficients),
+    with the data tensor called ``x_name`` in errors (``value`` for log_prob)."""
+    _checks.check_stencil(stencil)
+    off_name = "off_diag" if basis is None else "coeffs"
+    if basis is None:
+        per_channel, layout = stencil.S, f"(B, C*S, H, W) with S={stencil.S}"
+    else:
+        _checks.check_float_tensor(x_name, x, "(B, C, H, W)")
+        per_channel = check_basis(basis, stencil, x.dtype, x.device)
+        layout = f"(B, C*n_b, H, W) with n_b={per_channel}"
+    _checks.check_against_image(x_name, x, stencil, (("loc", loc, 1, "(B, C, H, W)"),
+                                                     ("log_diag", log_diag, 1, "(B, C, H, W)"),
+                                                     (off_name, off_diag, per_channel, layout)))
     backend = backend_for(x.device)
-    return backend.nll(*_nll_args(backend, x, loc, log_diag, off_diag), stencil)
+    inputs = {x_name: x, "loc": loc, "log_diag": log_diag, off_name: off_diag}
+    if basis is None:
+        out = backend.nll(*_nll_args(backend, x, loc, log_diag, off_diag), stencil)
+    else:
+        out = backend.nll_basis(*_nll_args(backend, x, loc, log_diag, off_diag, basis), stencil)
+        inputs["basis"] = basis
+    _checks.check_result(out, **inputs)
+    return out
 
 
 def nll_basis(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, coeffs: torch.Tensor, basis: torch.Tensor,
@@ -92,24 +130,17 @@ def nll_basis(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, coeffs
     reduction over all pixels). Equivalent to ``nll(x, loc, log_diag,
     expand_basis(coeffs, basis), stencil)`` without the (B, C*S, H, W) tensor.
     """
-    _checks.check_stencil(stencil)
-    _checks.check_float_tensor("log_diag", log_diag, "(B, C, H, W)")
-    if min(log_diag.shape) == 0:
-        raise ValueError(f"log_diag: expected non-empty (B, C, H, W), got {tuple(log_diag.shape)}")
-    check_basis(coeffs, basis, stencil, log_diag)
-    _checks.check_image("x", x, log_diag)
-    _checks.check_image("loc", loc, log_diag)
-    _checks.check_finite(x=x, loc=loc, log_diag=log_diag, coeffs=coeffs, basis=basis)
-    backend = backend_for(x.device)
-    return backend.nll_basis(*_nll_args(backend, x, loc, log_diag, coeffs, basis), stencil)
+    return checked_nll("x", x, loc, log_diag, coeffs, stencil, basis=basis)
 
 
-def precision_diagonal(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
+def precision_diagonal(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil, *,
+                       blame: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
     """Diagonal of ``Lambda = U^T U``: ``exp(2 log_diag_p) + sum_i off_diag_{p-delta_i,i}^2``; (B, C, H, W)."""
     _checks.check_params(log_diag, off_diag, stencil)
-    _checks.check_finite(log_diag=log_diag, off_diag=off_diag)
     args = _upcast(log_diag, off_diag)
-    return backend_for(log_diag.device).precision_diagonal(*args, stencil).to(log_diag.dtype)
+    out = backend_for(log_diag.device).precision_diagonal(*args, stencil).to(log_diag.dtype)
+    _checks.check_result(out, **(blame or {"log_diag": log_diag, "off_diag": off_diag}))
+    return out
 
 
 def to_dense_upper(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:

@@ -156,39 +156,54 @@ def _padded(t: torch.Tensor) -> torch.Tensor:
     return F.pad(t, (0, 1))
 
 
+def repeats(image: torch.Tensor, params: torch.Tensor) -> int:
+    """How many images share each set of parameters (the solves take R samples per image)."""
+    return image.shape[0] // params.shape[0]
+
+
+def sum_repeats(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """(R*batch, ...) -> (batch, ...): a parameter's gradient summed over the samples that share it."""
+    return t if t.shape[0] == batch else t.reshape(-1, batch, *t.shape[1:]).sum(0)
+
+
+def _solve_operands(rhs, log_diag, off_diag, stencil):
+    """rhs as (R, B*C, n) and the parameters as (B*C, n) and (B*C, S, n): image r*B + b uses parameters b."""
+    Bp, C, H, W = log_diag.shape
+    n = H * W
+    return (rhs.reshape(repeats(rhs, log_diag), Bp * C, n), log_diag.exp().reshape(Bp * C, n),
+            weights(off_diag, stencil).reshape(Bp * C, stencil.S, n))
+
+
 @torch.no_grad()
 def _solve_upper_values(z, log_diag, off_diag, stencil):
-    B, C, H, W = z.shape
-    n, S = H * W, stencil.S
-    rhs = z.reshape(B * C, n)
-    d = log_diag.exp().reshape(B * C, n)
-    w = weights(off_diag, stencil).reshape(B * C, S, n)
-    out = z.new_zeros(B * C, n + 1)
+    H, W = z.shape[-2:]
+    rhs, d, w = _solve_operands(z, log_diag, off_diag, stencil)
+    out = z.new_zeros(*rhs.shape[:2], H * W + 1)
     for p, fwd, _ in _schedule(stencil, H, W, z.device):
-        acc = (w[:, :, p] * out[:, fwd]).sum(1)      # sum_i w_{p,i} eps_{p+delta_i}
-        out[:, p] = (rhs[:, p] - acc) / d[:, p]
-    return out[:, :n].reshape(B, C, H, W)
+        acc = (w[:, :, p] * out[..., fwd]).sum(-2)      # sum_i w_{p,i} eps_{p+delta_i}
+        out[..., p] = (rhs[..., p] - acc) / d[:, p]
+    return out[..., :H * W].reshape(z.shape)
 
 
 @torch.no_grad()
 def _solve_upper_t_values(g, log_diag, off_diag, stencil):
-    B, C, H, W = g.shape
-    n, S = H * W, stencil.S
-    rhs = g.reshape(B * C, n)
-    d = log_diag.exp().reshape(B * C, n)
-    w = _padded(weights(off_diag, stencil).reshape(B * C, S, n))
-    out = g.new_zeros(B * C, n + 1)
+    H, W = g.shape[-2:]
+    rhs, d, w = _solve_operands(g, log_diag, off_diag, stencil)
+    w = _padded(w)
+    out = g.new_zeros(*rhs.shape[:2], H * W + 1)
     for p, _, bwd in reversed(_schedule(stencil, H, W, g.device)):
-        w_from = torch.gather(w, 2, bwd.expand(B * C, -1, -1))   # w_{p-delta_i, i}
-        acc = (w_from * out[:, bwd]).sum(1)
-        out[:, p] = (rhs[:, p] - acc) / d[:, p]
-    return out[:, :n].reshape(B, C, H, W)
+        w_from = torch.gather(w, 2, bwd.expand(w.shape[0], -1, -1))   # w_{p-delta_i, i}
+        acc = (w_from * out[..., bwd]).sum(-2)
+        out[..., p] = (rhs[..., p] - acc) / d[:, p]
+    return out[..., :H * W].reshape(g.shape)
 
 
 def _grads_of_solve(v, sol, log_diag, off_diag, stencil, needs):
-    """dL/dU_{pq} = -v_p sol_q for a solve with U or U^T (SPEC section 1)."""
-    grad_log_diag = -(v * sol * log_diag.exp()) if needs[1] else None
-    grad_off_diag = -weight_grad(v, sol, stencil) if needs[2] else None
+    """dL/dU_{pq} = -v_p sol_q for a solve with U or U^T (SPEC section 1), summed over the
+    samples that share one set of parameters."""
+    batch = log_diag.shape[0]
+    grad_log_diag = -sum_repeats(v * sol, batch) * log_diag.exp() if needs[1] else None
+    grad_off_diag = -sum_repeats(weight_grad(v, sol, stencil), batch) if needs[2] else None
     return grad_log_diag, grad_off_diag
 
 

@@ -30,10 +30,11 @@ def nll(x, loc, s, w, stencil=ST):
     pytest.param(3, torch.zeros(2, 12, 5, 4, dtype=torch.int32), TypeError, r"off_diag: expected a floating",
                  id="off_diag-int"),
     pytest.param(1, torch.zeros(2, 3, 5, 4, dtype=torch.float64), TypeError, r"loc: dtype torch.float64 does not "
-                 r"match log_diag's dtype torch.float32", id="loc-dtype"),
-    pytest.param(2, torch.zeros(2, 3, 5, 4, device="meta"), ValueError, r"off_diag: device", id="device-mismatch"),
+                 r"match x's dtype torch.float32", id="loc-dtype"),
+    pytest.param(2, torch.zeros(2, 3, 5, 4, device="meta"), ValueError, r"log_diag: device", id="device-mismatch"),
     pytest.param(0, [[0.0]], TypeError, r"x: expected a torch.Tensor", id="x-list"),
-    pytest.param(2, torch.zeros(0, 3, 5, 4), ValueError, r"off_diag: expected shape", id="empty-batch"),
+    pytest.param(2, torch.zeros(0, 3, 5, 4), ValueError, r"log_diag: expected shape", id="empty-batch"),
+    pytest.param(0, torch.zeros(0, 3, 5, 4), ValueError, r"x: expected non-empty", id="empty-x"),
 ])
 def test_bad_tensor_arguments(which, bad, exc, match):
     args = list(good())
@@ -80,8 +81,10 @@ def test_bad_reduction(reduction):
 def test_primitives_name_their_image_argument(name):
     x, _, s, w = good()
     image_name = {"apply_upper": "r", "apply_upper_t": "y", "solve_upper": "z", "solve_upper_t": "g"}[name]
-    with pytest.raises(ValueError, match=rf"{image_name}: expected shape \(B, C, H, W\) = \(2, 3, 5, 4\)"):
-        getattr(ops, name)(x[:, :2], s, w, ST)
+    with pytest.raises(ValueError, match=rf"{image_name}: expected shape \(B, C, H, W\), got \(3, 5, 4\)"):
+        getattr(ops, name)(x[0], s, w, ST)
+    with pytest.raises(ValueError, match=rf"log_diag: expected shape \(B, C, H, W\) = \(2, 2, 5, 4\)"):
+        getattr(ops, name)(x[:, :2], s, w, ST)     # the image is the reference for shapes
 
 
 def test_distribution_bad_shapes():

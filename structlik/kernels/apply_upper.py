@@ -2,39 +2,51 @@
 
 apply_upper gathers ``w_{p,i} r_{p+delta_i}``; apply_upper_t gathers
 ``w_{p-delta_i,i} y_{p-delta_i}`` (the transposed stencil), so both write
-each output pixel once, with no atomics.
+each output pixel once, with no atomics. The parameters may have fewer images
+than the input (``param_batch``): image b reads parameters b % param_batch.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_for, neighbour, tile
+from .common import acc_dtype, block_for, neighbour, plane_start, plane_strides, planes_contiguous, tile
 
 
 @triton.jit
-def apply_upper_kernel(inp, log_diag, off_diag, out, H, W, OFFS: tl.constexpr, S: tl.constexpr,
-                       TRANSPOSED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def param_plane(k, C, param_batch):
+    """The parameters' plane for image plane k: parameters repeat over the image batch."""
+    return ((k // C) % param_batch) * C + k % C
+
+
+@triton.jit
+def apply_upper_kernel(inp, log_diag, off_diag, out, C, H, W, param_batch, isb, isc, ssb, ssc, wsb, wsc,
+                       OFFS: tl.constexpr, S: tl.constexpr, TRANSPOSED: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK: tl.constexpr):
     k, p, y, x, valid = tile(H, W, BLOCK)
-    n = H * W
-    base = k * n
-    acc = tl.exp(tl.load(log_diag + base + p, valid, 0.0).to(ACC)) * tl.load(inp + base + p, valid, 0.0).to(ACC)
+    kp = param_plane(k, C, param_batch)
+    ib = plane_start(k, C, isb, isc)
+    wb = plane_start(kp, C, wsb, wsc * S)
+    acc = (tl.exp(tl.load(log_diag + plane_start(kp, C, ssb, ssc) + p, valid, 0.0).to(ACC))
+           * tl.load(inp + ib + p, valid, 0.0).to(ACC))
     for i in tl.static_range(S):
         if TRANSPOSED:   # the weight belongs to row q = p - delta_i of U
             q, ok = neighbour(y, x, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
-            w_i = tl.load(off_diag + (k * S + i) * n + q, ok, 0.0).to(ACC)
-        else:
+            term = tl.load(off_diag + wb + i * wsc + q, ok, 0.0).to(ACC) * tl.load(inp + ib + q, ok, 0.0).to(ACC)
+        else:            # the weight at the pixel itself: a contiguous load under the tile's mask
             q, ok = neighbour(y, x, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
-            w_i = tl.load(off_diag + (k * S + i) * n + p, ok, 0.0).to(ACC)
-        acc += w_i * tl.load(inp + base + q, ok, 0.0).to(ACC)
-    tl.store(out + base + p, acc.to(out.dtype.element_ty), valid)
+            w_i = tl.load(off_diag + wb + i * wsc + p, valid, 0.0).to(ACC)
+            term = tl.where(ok, w_i * tl.load(inp + ib + q, ok, 0.0).to(ACC), 0.0)
+        acc += term
+    tl.store(out + k * H * W + p, acc.to(out.dtype.element_ty), valid)
 
 
 def launch(image: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, offsets, transposed: bool):
     B, C, H, W = image.shape
-    image, log_diag, off_diag = image.contiguous(), log_diag.contiguous(), off_diag.contiguous()
-    out = torch.empty_like(image)
+    image, log_diag, off_diag = (planes_contiguous(t) for t in (image, log_diag, off_diag))
+    out = torch.empty(image.shape, dtype=image.dtype, device=image.device)
     block = block_for(H * W)
-    apply_upper_kernel[(triton.cdiv(H * W, block), B * C)](
-        image, log_diag, off_diag, out, H, W, OFFS=tuple(offsets), S=len(offsets) // 2,
-        TRANSPOSED=transposed, ACC=acc_dtype(image), BLOCK=block)
+    apply_upper_kernel[(B * C, triton.cdiv(H * W, block))](
+        image, log_diag, off_diag, out, C, H, W, log_diag.shape[0], *plane_strides(image), *plane_strides(log_diag),
+        *plane_strides(off_diag), OFFS=tuple(offsets), S=len(offsets) // 2, TRANSPOSED=transposed,
+        ACC=acc_dtype(image), BLOCK=block)
     return out

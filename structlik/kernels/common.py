@@ -4,8 +4,14 @@ The stencil reaches every kernel as ``OFFS``, a constexpr tuple
 ``(dy0, dx0, dy1, dx1, ...)``, so loops over offsets unroll at compile time and
 each distinct stencil gets its own specialised kernel. Pixels of one (b, c)
 plane are indexed in raster order; a program handles ``BLOCK`` consecutive
-pixels of one plane (grid: (tiles, planes)). Plane offsets are computed in
-int64 so that B*C*S*H*W may exceed 2^31.
+pixels of one plane. Grid: (planes, tiles): planes on axis 0, whose limit is
+2^31 - 1 (axis 1 is capped at 65,535 by CUDA, enough for the tiles of a
+16-megapixel plane). Plane offsets are computed in int64 so that B*C*S*H*W
+may exceed 2^31.
+
+Inputs are read in place: each H x W plane must be contiguous, the batch and
+channel strides are free (``head.split`` views are not copied); see
+``plane_strides``. Outputs are written contiguous.
 """
 import math
 
@@ -40,10 +46,30 @@ def neighbour(y, x, H, W, dy: tl.constexpr, dx: tl.constexpr, valid):
 @triton.jit
 def tile(H, W, BLOCK: tl.constexpr):
     """This program's plane k (int64), its pixels p, their (y, x) and the in-image mask."""
-    k = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    k = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = p < H * W
     return k, p, p // W, p % W, valid
+
+
+@triton.jit
+def plane_start(k, C, sb, sc):
+    """Where image plane k = b*C + c starts in an operand with batch stride sb and channel
+    stride sc (for off_diag pass sc*S: channel c's S weight planes follow each other)."""
+    return (k // C) * sb + (k % C) * sc
+
+
+def planes_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when each H x W plane is contiguous, else one contiguous copy."""
+    H, W = t.shape[-2:]
+    rows_ok = H <= 1 or t.stride(-2) == W
+    cols_ok = W <= 1 or t.stride(-1) == 1
+    return t if rows_ok and cols_ok else t.contiguous()
+
+
+def plane_strides(t: torch.Tensor):
+    """(batch stride, channel stride) of a planes-contiguous (B, C', H, W) operand."""
+    return t.stride(0), t.stride(1)
 
 
 def partial_buffer(x: torch.Tensor, planes: int, tiles: int) -> torch.Tensor:

@@ -9,14 +9,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_for, finish_nll, neighbour, partial_buffer, tile
+from .common import (acc_dtype, block_for, finish_nll, neighbour, partial_buffer, plane_start, plane_strides,
+                     planes_contiguous, tile)
 
 
 @triton.jit
-def _coeff_tile(coeffs, k, q, ok, n, NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr):
-    """(NB_P2, BLOCK) coefficients of plane k at pixels q (zero where masked or j >= NB)."""
+def _coeff_tile(coeffs, cb, csc, q, ok, NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr):
+    """(NB_P2, BLOCK) coefficients of the plane starting at cb at pixels q (zero where masked or j >= NB)."""
     j = tl.arange(0, NB_P2)
-    ptrs = coeffs + (k * NB + j[:, None]) * n + q[None, :]
+    ptrs = coeffs + cb + j[:, None] * csc + q[None, :]
     return tl.load(ptrs, (j[:, None] < NB) & ok[None, :], 0.0).to(ACC)
 
 
@@ -27,49 +28,54 @@ def _basis_row(basis, i, NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexp
 
 
 @triton.jit
-def _u(x, loc, log_diag, coeffs, basis, k, p, y, xx, valid, H, W, OFFS: tl.constexpr, S: tl.constexpr,
-       NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr):
-    n = H * W
-    base = k * n
-    r = tl.load(x + base + p, valid, 0.0).to(ACC) - tl.load(loc + base + p, valid, 0.0).to(ACC)
-    s = tl.load(log_diag + base + p, valid, 0.0).to(ACC)
+def _u(x, loc, log_diag, coeffs, basis, k, p, y, xx, valid, C, H, W, xsb, xsc, lsb, lsc, ssb, ssc, csb, csc,
+       OFFS: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr):
+    xb = plane_start(k, C, xsb, xsc)
+    lb = plane_start(k, C, lsb, lsc)
+    r = tl.load(x + xb + p, valid, 0.0).to(ACC) - tl.load(loc + lb + p, valid, 0.0).to(ACC)
+    s = tl.load(log_diag + plane_start(k, C, ssb, ssc) + p, valid, 0.0).to(ACC)
     d = tl.exp(s)
     u = d * r
-    c = _coeff_tile(coeffs, k, p, valid, n, NB, NB_P2, ACC)
+    c = _coeff_tile(coeffs, plane_start(k, C, csb, csc * NB), csc, p, valid, NB, NB_P2, ACC)
     for i in tl.static_range(S):
         q, ok = neighbour(y, xx, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
         w = tl.sum(_basis_row(basis, i, NB, NB_P2, ACC)[:, None] * c, axis=0)
-        r_q = tl.load(x + base + q, ok, 0.0).to(ACC) - tl.load(loc + base + q, ok, 0.0).to(ACC)
+        r_q = tl.load(x + xb + q, ok, 0.0).to(ACC) - tl.load(loc + lb + q, ok, 0.0).to(ACC)
         u += w * r_q
     return r, s, d, u, c
 
 
 @triton.jit
-def nll_basis_kernel(x, loc, log_diag, coeffs, basis, partial, H, W, OFFS: tl.constexpr, S: tl.constexpr,
-                     NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def nll_basis_kernel(x, loc, log_diag, coeffs, basis, partial, C, H, W, xsb, xsc, lsb, lsc, ssb, ssc, csb, csc,
+                     OFFS: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK: tl.constexpr):
     k, p, y, xx, valid = tile(H, W, BLOCK)
-    r, s, d, u, c = _u(x, loc, log_diag, coeffs, basis, k, p, y, xx, valid, H, W, OFFS, S, NB, NB_P2, ACC)
+    r, s, d, u, c = _u(x, loc, log_diag, coeffs, basis, k, p, y, xx, valid, C, H, W, xsb, xsc, lsb, lsc, ssb, ssc,
+                       csb, csc, OFFS, S, NB, NB_P2, ACC)
     term = tl.where(valid, 0.5 * u * u - s, 0.0)
-    tl.store(partial + k * tl.num_programs(0) + tl.program_id(0), tl.sum(term, axis=0))
+    tl.store(partial + k * tl.num_programs(1) + tl.program_id(1), tl.sum(term, axis=0))
 
 
 @triton.jit
 def nll_basis_backward_u_kernel(grad, x, loc, log_diag, coeffs, basis, u_out, grad_s, grad_c, basis_partial, C, H, W,
-                                OFFS: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr,
-                                ACC: tl.constexpr, BLOCK: tl.constexpr):
+                                xsb, xsc, lsb, lsc, ssb, ssc, csb, csc, OFFS: tl.constexpr, S: tl.constexpr,
+                                NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     k, p, y, xx, valid = tile(H, W, BLOCK)
     n = H * W
     base = k * n
     g = tl.load(grad + k // C).to(ACC)
-    r, s, d, u, c = _u(x, loc, log_diag, coeffs, basis, k, p, y, xx, valid, H, W, OFFS, S, NB, NB_P2, ACC)
+    r, s, d, u, c = _u(x, loc, log_diag, coeffs, basis, k, p, y, xx, valid, C, H, W, xsb, xsc, lsb, lsc, ssb, ssc,
+                       csb, csc, OFFS, S, NB, NB_P2, ACC)
+    xb = plane_start(k, C, xsb, xsc)
+    lb = plane_start(k, C, lsb, lsc)
     tl.store(u_out + base + p, u, valid)
     tl.store(grad_s + base + p, (g * (u * r * d - 1.0)).to(grad_s.dtype.element_ty), valid)
     j = tl.arange(0, NB_P2)
     gc = tl.zeros([NB_P2, BLOCK], ACC)
-    program = k * tl.num_programs(0) + tl.program_id(0)
+    program = k * tl.num_programs(1) + tl.program_id(1)
     for i in tl.static_range(S):
         q, ok = neighbour(y, xx, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
-        r_q = tl.load(x + base + q, ok, 0.0).to(ACC) - tl.load(loc + base + q, ok, 0.0).to(ACC)
+        r_q = tl.load(x + xb + q, ok, 0.0).to(ACC) - tl.load(loc + lb + q, ok, 0.0).to(ACC)
         gw = tl.where(ok, g * u * r_q, 0.0)                      # d/dw_{p,i}, never stored
         gc += _basis_row(basis, i, NB, NB_P2, ACC)[:, None] * gw[None, :]
         tl.store(basis_partial + (program * S + i) * NB_P2 + j, tl.sum(c * gw[None, :], axis=1))
@@ -78,17 +84,19 @@ def nll_basis_backward_u_kernel(grad, x, loc, log_diag, coeffs, basis, u_out, gr
 
 
 @triton.jit
-def nll_basis_backward_x_kernel(grad, u, log_diag, coeffs, basis, grad_x, C, H, W, OFFS: tl.constexpr,
-                                S: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr,
-                                BLOCK: tl.constexpr):
+def nll_basis_backward_x_kernel(grad, u, log_diag, coeffs, basis, grad_x, C, H, W, ssb, ssc, csb, csc,
+                                OFFS: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr,
+                                ACC: tl.constexpr, BLOCK: tl.constexpr):
     k, p, y, xx, valid = tile(H, W, BLOCK)
     n = H * W
     base = k * n
+    cb = plane_start(k, C, csb, csc * NB)
     g = tl.load(grad + k // C).to(ACC)
-    acc = tl.exp(tl.load(log_diag + base + p, valid, 0.0).to(ACC)) * tl.load(u + base + p, valid, 0.0)
+    s = tl.load(log_diag + plane_start(k, C, ssb, ssc) + p, valid, 0.0).to(ACC)
+    acc = tl.exp(s) * tl.load(u + base + p, valid, 0.0)
     for i in tl.static_range(S):
         q, ok = neighbour(y, xx, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
-        w = tl.sum(_basis_row(basis, i, NB, NB_P2, ACC)[:, None] * _coeff_tile(coeffs, k, q, ok, n, NB, NB_P2, ACC),
+        w = tl.sum(_basis_row(basis, i, NB, NB_P2, ACC)[:, None] * _coeff_tile(coeffs, cb, csc, q, ok, NB, NB_P2, ACC),
                    axis=0)
         acc += w * tl.load(u + base + q, ok, 0.0)
     tl.store(grad_x + base + p, (g * acc).to(grad_x.dtype.element_ty), valid)
@@ -100,29 +108,37 @@ def _meta(x, basis, offsets, n):
                 ACC=acc_dtype(x), BLOCK=min(block_for(n), 256))   # the coefficient tile is NB_P2 x BLOCK
 
 
+def _strides(*tensors):
+    return [v for t in tensors for v in plane_strides(t)]
+
+
 def forward(x, loc, log_diag, coeffs, basis, offsets):
     B, C, H, W = x.shape
-    x, loc, log_diag, coeffs, basis = (t.contiguous() for t in (x, loc, log_diag, coeffs, basis))
+    x, loc, log_diag, coeffs = (planes_contiguous(t) for t in (x, loc, log_diag, coeffs))
+    basis = basis.contiguous()
     meta = _meta(x, basis, offsets, H * W)
     tiles = triton.cdiv(H * W, meta["BLOCK"])
     partial = partial_buffer(x, B * C, tiles)
-    nll_basis_kernel[(tiles, B * C)](x, loc, log_diag, coeffs, basis, partial, H, W, **meta)
+    nll_basis_kernel[(B * C, tiles)](x, loc, log_diag, coeffs, basis, partial, C, H, W,
+                                     *_strides(x, loc, log_diag, coeffs), **meta)
     return finish_nll(partial, x)
 
 
 def backward(grad, x, loc, log_diag, coeffs, basis, offsets):
     B, C, H, W = x.shape
-    x, loc, log_diag, coeffs, basis, grad = (t.contiguous() for t in (x, loc, log_diag, coeffs, basis, grad))
+    x, loc, log_diag, coeffs = (planes_contiguous(t) for t in (x, loc, log_diag, coeffs))
+    basis, grad = basis.contiguous(), grad.contiguous()
     meta = _meta(x, basis, offsets, H * W)
     tiles = triton.cdiv(H * W, meta["BLOCK"])
     S, nb, nb_p2 = meta["S"], meta["NB"], meta["NB_P2"]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     u = torch.empty(x.shape, dtype=acc, device=x.device)
-    grad_s, grad_c, grad_x = torch.empty_like(log_diag), torch.empty_like(coeffs), torch.empty_like(x)
+    grad_s, grad_c, grad_x = (torch.empty(t.shape, dtype=t.dtype, device=x.device) for t in (log_diag, coeffs, x))
     basis_partial = torch.empty(B * C * tiles, S, nb_p2, dtype=acc, device=x.device)
-    grid = (tiles, B * C)
+    grid = (B * C, tiles)
     nll_basis_backward_u_kernel[grid](grad, x, loc, log_diag, coeffs, basis, u, grad_s, grad_c, basis_partial,
-                                      C, H, W, **meta)
-    nll_basis_backward_x_kernel[grid](grad, u, log_diag, coeffs, basis, grad_x, C, H, W, **meta)
+                                      C, H, W, *_strides(x, loc, log_diag, coeffs), **meta)
+    nll_basis_backward_x_kernel[grid](grad, u, log_diag, coeffs, basis, grad_x, C, H, W, *_strides(log_diag, coeffs),
+                                      **meta)
     grad_basis = basis_partial.sum(0)[:, :nb].to(basis.dtype).contiguous()
     return grad_x, grad_s, grad_c, grad_basis

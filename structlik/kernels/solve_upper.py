@@ -7,6 +7,10 @@ anti-diagonal wavefront of equal t, at most one pixel per row, is solved at
 once by the program's lanes (one lane per row). A barrier between wavefronts
 makes one step's stores visible to the next step's loads. The transposed solve
 walks the same wavefronts in reverse and gathers from p - delta_i.
+
+The right-hand side and parameters are read through their strides; the
+parameters may have fewer images than the right-hand side (``param_batch``:
+many samples of one distribution without copying its parameters).
 """
 import math
 
@@ -14,15 +18,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, neighbour
+from .apply_upper import param_plane
+from .common import acc_dtype, neighbour, plane_start, plane_strides, planes_contiguous
 
 
 @triton.jit
-def solve_upper_kernel(rhs, log_diag, off_diag, out, H, W, steps, SLOPE: tl.constexpr, OFFS: tl.constexpr,
-                       S: tl.constexpr, TRANSPOSED: tl.constexpr, ACC: tl.constexpr, BLOCK_Y: tl.constexpr):
+def solve_upper_kernel(rhs, log_diag, off_diag, out, C, H, W, param_batch, steps, rsb, rsc, ssb, ssc, wsb, wsc,
+                       SLOPE: tl.constexpr, OFFS: tl.constexpr, S: tl.constexpr, TRANSPOSED: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK_Y: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
+    kp = param_plane(k, C, param_batch)
     n = H * W
     base = k * n
+    rb = plane_start(k, C, rsb, rsc)
+    sb = plane_start(kp, C, ssb, ssc)
+    wb = plane_start(kp, C, wsb, wsc * S)
     y = tl.arange(0, BLOCK_Y)
     # A while loop, not range(steps): Triton's interpreter turns a runtime bound into a
     # one-element array that NumPy >= 2.4 refuses to use as an index.
@@ -35,16 +45,16 @@ def solve_upper_kernel(rhs, log_diag, off_diag, out, H, W, steps, SLOPE: tl.cons
         x = (W - 1) - (t - SLOPE * (H - 1 - y))
         valid = (y < H) & (x >= 0) & (x < W)
         p = y * W + x
-        acc = tl.load(rhs + base + p, valid, 0.0).to(ACC)
+        acc = tl.load(rhs + rb + p, valid, 0.0).to(ACC)
         for i in tl.static_range(S):
             if TRANSPOSED:   # row p of U^T: w_{p-delta_i,i} v_{p-delta_i}
                 q, ok = neighbour(y, x, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
-                w = tl.load(off_diag + (k * S + i) * n + q, ok, 0.0).to(ACC)
+                w = tl.load(off_diag + wb + i * wsc + q, ok, 0.0).to(ACC)
             else:            # row p of U: w_{p,i} eps_{p+delta_i}
                 q, ok = neighbour(y, x, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
-                w = tl.load(off_diag + (k * S + i) * n + p, ok, 0.0).to(ACC)
+                w = tl.load(off_diag + wb + i * wsc + p, ok, 0.0).to(ACC)
             acc -= w * tl.load(out + base + q, ok, 0.0).to(ACC)
-        d = tl.exp(tl.load(log_diag + base + p, valid, 0.0).to(ACC))
+        d = tl.exp(tl.load(log_diag + sb + p, valid, 0.0).to(ACC))
         tl.store(out + base + p, (acc / d).to(out.dtype.element_ty), valid)
         tl.debug_barrier()
         step += 1
@@ -61,10 +71,11 @@ def wavefront_slope(offsets) -> int:
 
 def launch(rhs, log_diag, off_diag, offsets, transposed: bool):
     B, C, H, W = rhs.shape
-    rhs, log_diag, off_diag = rhs.contiguous(), log_diag.contiguous(), off_diag.contiguous()
-    out = torch.empty_like(rhs)
+    rhs, log_diag, off_diag = (planes_contiguous(t) for t in (rhs, log_diag, off_diag))
+    out = torch.empty(rhs.shape, dtype=rhs.dtype, device=rhs.device)
     slope = wavefront_slope(offsets)
     solve_upper_kernel[(B * C,)](
-        rhs, log_diag, off_diag, out, H, W, slope * (H - 1) + W, SLOPE=slope, OFFS=tuple(offsets),
+        rhs, log_diag, off_diag, out, C, H, W, log_diag.shape[0], slope * (H - 1) + W, *plane_strides(rhs),
+        *plane_strides(log_diag), *plane_strides(off_diag), SLOPE=slope, OFFS=tuple(offsets),
         S=len(offsets) // 2, TRANSPOSED=transposed, ACC=acc_dtype(rhs), BLOCK_Y=max(16, triton.next_power_of_2(H)))
     return out

@@ -3,27 +3,28 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_for, neighbour, tile
+from .common import acc_dtype, block_for, neighbour, plane_start, plane_strides, planes_contiguous, tile
 
 
 @triton.jit
-def weight_grad_kernel(a, b, out, H, W, OFFS: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def weight_grad_kernel(a, b, out, C, H, W, asb, asc, bsb, bsc, OFFS: tl.constexpr, S: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK: tl.constexpr):
     k, p, y, x, valid = tile(H, W, BLOCK)
     n = H * W
-    a_p = tl.load(a + k * n + p, valid, 0.0).to(ACC)
+    a_p = tl.load(a + plane_start(k, C, asb, asc) + p, valid, 0.0).to(ACC)
+    bb = plane_start(k, C, bsb, bsc)
     for i in tl.static_range(S):
         q, ok = neighbour(y, x, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
-        b_q = tl.load(b + k * n + q, ok, 0.0).to(ACC)
+        b_q = tl.load(b + bb + q, ok, 0.0).to(ACC)
         tl.store(out + (k * S + i) * n + p, (a_p * b_q).to(out.dtype.element_ty), valid)
 
 
 def launch(a, b, offsets):
     B, C, H, W = a.shape
     S = len(offsets) // 2
-    a, b = a.contiguous(), b.contiguous()
+    a, b = planes_contiguous(a), planes_contiguous(b)
     out = torch.empty(B, C * S, H, W, dtype=a.dtype, device=a.device)
     block = block_for(H * W)
-    weight_grad_kernel[(triton.cdiv(H * W, block), B * C)](a, b, out, H, W, OFFS=tuple(offsets), S=S,
-                                                           ACC=acc_dtype(a), BLOCK=block)
+    weight_grad_kernel[(B * C, triton.cdiv(H * W, block))](a, b, out, C, H, W, *plane_strides(a), *plane_strides(b),
+                                                           OFFS=tuple(offsets), S=S, ACC=acc_dtype(a), BLOCK=block)
     return out
