@@ -39,7 +39,7 @@ static at::Tensor apply_upper_impl(const at::Tensor& image, const at::Tensor& lo
   const int64_t C = in.size(1), planes = in.size(0) * C, H = in.size(2), W = in.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "apply_upper", [&] {
-    const Planes<scalar_t> In(in, C), Sd(s, C), Wt(w, C, S);
+    const Planes<const scalar_t> In(in, C), Sd(s, C), Wt(w, C, S);
     scalar_t* out_p = out.data_ptr<scalar_t>();
     at::parallel_for(0, planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k)

@@ -22,6 +22,9 @@ TORCH_LIBRARY(structlik_cpu, m) {
   m.def("nll(Tensor x, Tensor loc, Tensor log_diag, Tensor off_diag, int[] offsets) -> Tensor");
   m.def("nll_backward(Tensor grad, Tensor x, Tensor loc, Tensor log_diag, Tensor off_diag, int[] offsets)"
         " -> (Tensor, Tensor, Tensor)");
+  // loc, log_diag and off_diag as adjacent channel slices of one decoder head, from channel c0
+  m.def("nll_head(Tensor x, Tensor head, int c0, int[] offsets) -> Tensor");
+  m.def("nll_head_backward(Tensor grad, Tensor x, Tensor head, int c0, int[] offsets) -> Tensor");
   m.def("nll_basis(Tensor x, Tensor loc, Tensor log_diag, Tensor coeffs, Tensor basis, int[] offsets) -> Tensor");
   m.def("nll_basis_backward(Tensor grad, Tensor x, Tensor loc, Tensor log_diag, Tensor coeffs, Tensor basis,"
         " int[] offsets) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -2,13 +2,15 @@
 //
 // Forward:  nll_b = sum_c [ 0.5 ||U r||^2 - sum_p s_p ] + (C H W / 2) log 2 pi,  r = x - loc.
 // Backward, for upstream g_b, with u = U r recomputed (never stored between passes):
-//   d/dx = g U^T u         (d/dloc is its negative, formed by the caller only if needed)
+//   d/dloc = -g U^T u      (returned; d/dx is its negative, formed by the caller only when x
+//                           needs a gradient, which data never does: no extra pass on the common path)
 //   d/ds_p = g (u_p r_p d_p - 1)
 //   d/dw_{p,i} = g u_p r_{p+delta_i}
 // Each task keeps one plane-sized buffer (r = x - loc) and rows of u and d; no
 // tensor of S values per pixel exists besides the off_diag gradient itself.
 // Inputs are read in place (Planes: split-head views are not copied); the
 // gradients are written contiguous.
+#include <array>
 #include <cmath>
 
 #include "nll_rows.h"
@@ -28,7 +30,7 @@ at::Tensor nll(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nll", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;   // double for float and double
     std::vector<acc_t> per_plane(B * C);
-    const Planes<scalar_t> X(xc, C), L(lc, C), Sd(s, C), Wt(w, C, S);
+    const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Wt(w, C, S);
     at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       // Rows outer, offsets inner: the rows of r that one row of u reads stay in L1.
       std::vector<scalar_t> r(n), u(W), d(W);
@@ -48,9 +50,11 @@ at::Tensor nll(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nll_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                            const at::Tensor& loc, const at::Tensor& log_diag,
-                                                            const at::Tensor& off_diag, at::IntArrayRef flat_offsets) {
+// The backward, writing d/dloc, d/dlog_diag and d/doff_diag through the outputs' strides:
+// contiguous tensors, or the slices of one head-shaped gradient (nll_head_backward).
+static void nll_backward_into(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& loc,
+                              const at::Tensor& log_diag, const at::Tensor& off_diag, at::IntArrayRef flat_offsets,
+                              const at::Tensor& grad_loc, const at::Tensor& grad_s, const at::Tensor& grad_w) {
   const auto offsets = check_params(log_diag, off_diag, flat_offsets);
   check_image(x, "x", log_diag);
   check_image(loc, "loc", log_diag);
@@ -60,26 +64,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nll_backward(const at::Tensor& gr
   const auto gc = grad.to(x.scalar_type()).contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
-  // The gradients are contiguous whatever the inputs' strides.
-  auto grad_x = at::empty(x.sizes(), x.options()), grad_s = at::empty(log_diag.sizes(), x.options()),
-       grad_w = at::empty(off_diag.sizes(), x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nll_backward", [&] {
-    const Planes<scalar_t> X(xc, C), L(lc, C), Sd(s, C), Wt(w, C, S);
+    const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Wt(w, C, S);
+    const Planes<scalar_t> GL(grad_loc, C), GS(grad_s, C), GW(grad_w, C, S);
     const scalar_t* g_p = gc.data_ptr<scalar_t>();
-    scalar_t* gx_p = grad_x.data_ptr<scalar_t>();
-    scalar_t* gs_p = grad_s.data_ptr<scalar_t>();
-    scalar_t* gw_p = grad_w.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       // One sweep over the rows: row y of u gives row y of d/ds and d/dw, and scatters
-      // w_{p,i} u_p into rows y + dy_i of U^T u; row y of d/dx is complete once row y is done.
+      // w_{p,i} u_p into rows y + dy_i of U^T u; row y of d/dloc is complete once row y is done.
       std::vector<scalar_t> r(n), u(W), d(W), gw_row(W);
       for (int64_t k = begin; k < end; ++k) {
         const scalar_t g = g_p[k / C];
         const scalar_t* sk = Sd(k);
         const scalar_t* wk = Wt(k);
         const int64_t ws = Wt.weight_stride();
-        scalar_t* gx = gx_p + k * n;
-        scalar_t* gs = gs_p + k * n;
+        scalar_t* gx = GL(k);
+        scalar_t* gs = GS(k);
         residual(X(k), L(k), r.data(), n);
         std::fill(gx, gx + n, scalar_t(0));
         for (int64_t y = 0; y < H; ++y) {
@@ -105,20 +104,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nll_backward(const at::Tensor& gr
                 gxn[x] += wrow[x] * u[x];   // (U^T u)_{p+delta_i} += w_{p,i} u_p
               }
             }
-            stream_row(gw_p + (k * S + i) * n + y * W, gwrow, W);
+            stream_row(GW.weight(k, i) + y * W, gwrow, W);
           }
-          for (int64_t x = 0; x < W; ++x) gxrow[x] *= g;
+          for (int64_t x = 0; x < W; ++x) gxrow[x] *= -g;   // row y of U^T u is complete: d/dloc
         }
       }
       stream_fence();   // the streaming stores are visible before the task ends
     });
   });
-  return {grad_x, grad_s, grad_w};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nll_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                            const at::Tensor& loc, const at::Tensor& log_diag,
+                                                            const at::Tensor& off_diag, at::IntArrayRef flat_offsets) {
+  // The gradients are contiguous whatever the inputs' strides.
+  auto grad_loc = at::empty(x.sizes(), x.options()), grad_s = at::empty(log_diag.sizes(), x.options()),
+       grad_w = at::empty(off_diag.sizes(), x.options());
+  nll_backward_into(grad, x, loc, log_diag, off_diag, flat_offsets, grad_loc, grad_s, grad_w);
+  return {grad_loc, grad_s, grad_w};
+}
+
+// loc, log_diag and off_diag as channels [c0, c0 + C), [c0 + C, c0 + 2C) and
+// [c0 + 2C, c0 + (2 + S)C) of one decoder head (B, K, H, W): what head.split gives.
+static std::array<at::Tensor, 3> head_slices(const at::Tensor& head, int64_t c0, int64_t C, int64_t S) {
+  TORCH_CHECK(head.dim() == 4 && c0 >= 0 && c0 + (2 + S) * C <= head.size(1), "head: expected shape (B, K, H, W) "
+              "with K >= c0 + (2 + S) C = ", c0 + (2 + S) * C, ", got ", head.sizes());
+  return {head.narrow(1, c0, C), head.narrow(1, c0 + C, C), head.narrow(1, c0 + 2 * C, S * C)};
+}
+
+at::Tensor nll_head(const at::Tensor& x, const at::Tensor& head, int64_t c0, at::IntArrayRef flat_offsets) {
+  const auto [loc, log_diag, off_diag] = head_slices(head, c0, x.size(1), flat_offsets.size() / 2);
+  return nll(x, loc, log_diag, off_diag, flat_offsets);
+}
+
+// The head's whole gradient in one tensor: the kernel writes the three slices in
+// place, the head's other channels are zero. Autograd's backward of head.split
+// (a cat of three gradients, one more pass over all of them) never runs.
+at::Tensor nll_head_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& head, int64_t c0,
+                             at::IntArrayRef flat_offsets) {
+  const int64_t C = x.size(1), S = static_cast<int64_t>(flat_offsets.size() / 2), used = (2 + S) * C;
+  const auto [loc, log_diag, off_diag] = head_slices(head, c0, C, S);
+  auto grad_head = at::empty(head.sizes(), head.options());
+  grad_head.narrow(1, 0, c0).zero_();
+  grad_head.narrow(1, c0 + used, head.size(1) - c0 - used).zero_();
+  const auto [gl, gs, gw] = head_slices(grad_head, c0, C, S);
+  nll_backward_into(grad, x, loc, log_diag, off_diag, flat_offsets, gl, gs, gw);
+  return grad_head;
 }
 
 TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
   m.impl("nll", &nll);
   m.impl("nll_backward", &nll_backward);
+  m.impl("nll_head", &nll_head);
+  m.impl("nll_head_backward", &nll_head_backward);
 }
 
 }  // namespace structlik

@@ -64,7 +64,7 @@ at::Tensor nll_basis(const at::Tensor& x, const at::Tensor& loc, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nll_basis", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
     std::vector<acc_t> per_plane(B * C);
-    const Planes<scalar_t> X(xc, C), L(lc, C), Sd(s, C), Cf(cc, C, nb);
+    const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Cf(cc, C, nb);
     const scalar_t* b_p = bc.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> r(n), u(W), d(W), wbuf(S * W);
@@ -94,15 +94,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nll_basis_backward(
   const auto xc = planes_contiguous(x), lc = planes_contiguous(loc), s = planes_contiguous(log_diag),
              cc = planes_contiguous(coeffs), bc = basis.contiguous(), gc = grad.to(x.scalar_type()).contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W, nb = basis.size(1);
-  auto grad_x = at::empty(x.sizes(), x.options()), grad_s = at::empty(log_diag.sizes(), x.options()),
+  auto grad_loc = at::empty(x.sizes(), x.options()), grad_s = at::empty(log_diag.sizes(), x.options()),
        grad_c = at::empty(coeffs.sizes(), x.options());
   auto grad_b = at::empty_like(bc);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nll_basis_backward", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
     std::vector<acc_t> basis_acc(B * C * S * nb, acc_t(0));   // per plane, reduced in order below
-    const Planes<scalar_t> X(xc, C), L(lc, C), Sd(s, C), Cf(cc, C, nb);
+    const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Cf(cc, C, nb);
     const scalar_t *b_p = bc.data_ptr<scalar_t>(), *g_p = gc.data_ptr<scalar_t>();
-    scalar_t *gx_p = grad_x.data_ptr<scalar_t>(), *gs_p = grad_s.data_ptr<scalar_t>(),
+    scalar_t *gx_p = grad_loc.data_ptr<scalar_t>(), *gs_p = grad_s.data_ptr<scalar_t>(),
              *gc_p = grad_c.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> r(n), u(W), d(W), wbuf(S * W), gwbuf(S * W);
@@ -154,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nll_basis_backward(
               bacc[i * nb + j] += dot;
             }
           }
-          for (int64_t xx = 0; xx < W; ++xx) gxrow[xx] *= g;
+          for (int64_t xx = 0; xx < W; ++xx) gxrow[xx] *= -g;   // d/dloc, as nll.cpp
         }
       }
     });
@@ -165,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nll_basis_backward(
       gb_p[e] = static_cast<scalar_t>(total);
     }
   });
-  return {grad_x, grad_s, grad_c, grad_b};
+  return {grad_loc, grad_s, grad_c, grad_b};
 }
 
 TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {

@@ -11,7 +11,7 @@ at::Tensor precision_diagonal(const at::Tensor& log_diag, const at::Tensor& off_
   const int64_t C = s.size(1), planes = s.size(0) * C, H = s.size(2), W = s.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "precision_diagonal", [&] {
-    const Planes<scalar_t> Sd(s, C), Wt(w, C, S);
+    const Planes<const scalar_t> Sd(s, C), Wt(w, C, S);
     scalar_t* out_p = out.data_ptr<scalar_t>();
     at::parallel_for(0, planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {

@@ -99,7 +99,7 @@ static at::Tensor solve_impl(const at::Tensor& rhs, const at::Tensor& log_diag, 
   const int64_t C = b.size(1), planes = b.size(0) * C, H = b.size(2), W = b.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
   AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "solve_upper", [&] {
-    const Planes<scalar_t> Rhs(b, C), Sd(s, C), Wt(w, C, S);
+    const Planes<const scalar_t> Rhs(b, C), Sd(s, C), Wt(w, C, S);
     const int64_t ws = Wt.weight_stride();
     scalar_t* out_p = out.data_ptr<scalar_t>();
     at::parallel_for(0, planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX__)
@@ -48,16 +49,18 @@ inline std::vector<Offset> parse_offsets(at::IntArrayRef flat) {
 // over it (the solves use this to sample many times from one set of
 // parameters); a batch stride of 0 (an expanded tensor) also works.
 // per_channel is S for off_diag (channel c, offset i at c*S + i), 1 otherwise.
+// T is const for inputs; outputs written through strides (slices of one
+// head-shaped gradient) use a mutable T.
 template <typename T>
 struct Planes {
-  const T* data;
+  T* data;
   int64_t batch, sb, sc, C, per_channel;
   Planes(const at::Tensor& t, int64_t C_, int64_t per_channel_ = 1)
-      : data(t.data_ptr<T>()), batch(t.size(0)), sb(t.stride(0)), sc(t.stride(1)), C(C_),
+      : data(t.data_ptr<std::remove_const_t<T>>()), batch(t.size(0)), sb(t.stride(0)), sc(t.stride(1)), C(C_),
         per_channel(per_channel_) {}
-  const T* operator()(int64_t k) const { return data + ((k / C) % batch) * sb + (k % C) * per_channel * sc; }
+  T* operator()(int64_t k) const { return data + ((k / C) % batch) * sb + (k % C) * per_channel * sc; }
   // offset i's weight plane of image plane k (off_diag only)
-  const T* weight(int64_t k, int64_t i) const { return (*this)(k) + i * sc; }
+  T* weight(int64_t k, int64_t i) const { return (*this)(k) + i * sc; }
   int64_t weight_stride() const { return sc; }
 };
 

@@ -15,7 +15,7 @@ at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef
   const int64_t S = static_cast<int64_t>(offsets.size());
   auto out = at::empty({B, C * S, H, W}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "weight_grad", [&] {
-    const Planes<scalar_t> A(ac, C), Bp(bc, C);
+    const Planes<const scalar_t> A(ac, C), Bp(bc, C);
     scalar_t* out_p = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {

@@ -14,6 +14,8 @@ from .loss import StructuredGaussianNLLLoss, structured_gaussian_nll
 from .priors import gamma_prior_log_prob, variance_minimiser, variance_weight
 from .stencil import Stencil
 
+backends.preload()
+
 __version__ = "0.1.0"
 
 __all__ = [

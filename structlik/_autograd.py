@@ -1,21 +1,29 @@
-"""Fake (meta) kernels and autograd formulas shared by every compiled backend.
+"""Fake (meta) kernels, autograd formulas and vmap rules shared by every op namespace.
 
-A compiled backend defines the ops of SPEC section 1 under its own namespace
-(``structlik_cpu``, ``structlik_triton``) with the same names and schemas; this
-module registers, once per namespace, what torch.compile needs (a fake kernel
-giving output shapes) and the backward formulas of SPEC section 1, written in
-terms of that namespace's own ops so the backward runs on the same kernels.
+A backend defines the ops of SPEC section 1 under its own namespace
+(``structlik_cpu``, ``structlik_triton``; ``structlik_reference`` has the two
+solves) with the same names and schemas; this module registers, once per
+namespace, what torch.compile needs (a fake kernel giving output shapes), the
+backward formulas of SPEC section 1 written in terms of that namespace's own
+ops, and a vmap rule (``structlik._vmap``).
 
-Second derivatives are not provided: ``weight_grad`` and ``nll_backward`` have
-no backward of their own.
+Every formula is itself differentiable, so every op is twice differentiable
+(Hessian-vector products, gradient penalties): the fused NLL backward kernels
+run when no graph is being built (``create_graph=False``, the training step);
+under ``create_graph=True`` the NLL's gradient is composed of the library's own
+differentiable ops instead (U r, U^T y and ``weight_grad``, whose backward is
+two applications of U with a zero diagonal).
 """
 from __future__ import annotations
 
 import torch
 
+from . import _vmap
 from .reference import sum_repeats
 
 __all__ = ["register", "OpsBackend"]
+
+IMAGE_OPS = ("apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t")
 
 
 def _offsets_count(offsets) -> int:
@@ -27,39 +35,55 @@ def nll_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _has(ops, name: str) -> bool:
+    try:
+        getattr(ops, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _register_fakes(ns: str, names) -> None:
+    fake = torch.library.register_fake
+    for name in IMAGE_OPS:
+        if name in names:
+            fake(f"{ns}::{name}")(lambda image, log_diag, off_diag, offsets:
+                                  image.new_empty(image.shape))
+    if "weight_grad" in names:
+        fake(f"{ns}::weight_grad")(lambda a, b, offsets: a.new_empty(
+            a.shape[0], a.shape[1] * _offsets_count(offsets), *a.shape[2:]))
+    if "precision_diagonal" in names:
+        fake(f"{ns}::precision_diagonal")(lambda log_diag, off_diag, offsets: log_diag.new_empty(log_diag.shape))
+    if "nll" in names:
+        fake(f"{ns}::nll")(lambda x, loc, log_diag, off_diag, offsets:
+                           x.new_empty(x.shape[0], dtype=nll_dtype(x)))
+        fake(f"{ns}::nll_backward")(lambda grad, x, loc, log_diag, off_diag, offsets: (
+            x.new_empty(x.shape), log_diag.new_empty(log_diag.shape), off_diag.new_empty(off_diag.shape)))
+    if "nll_head" in names:
+        fake(f"{ns}::nll_head")(lambda x, head, c0, offsets: x.new_empty(x.shape[0], dtype=nll_dtype(x)))
+        fake(f"{ns}::nll_head_backward")(lambda grad, x, head, c0, offsets: head.new_empty(head.shape))
+    if "nll_basis" in names:
+        fake(f"{ns}::nll_basis")(lambda x, loc, log_diag, coeffs, basis, offsets:
+                                 x.new_empty(x.shape[0], dtype=nll_dtype(x)))
+        fake(f"{ns}::nll_basis_backward")(lambda grad, x, loc, log_diag, coeffs, basis, offsets: (
+            x.new_empty(x.shape), log_diag.new_empty(log_diag.shape), coeffs.new_empty(coeffs.shape),
+            basis.new_empty(basis.shape)))
+
+
 def register(ns: str, *, fakes: bool = True) -> None:
     ops = getattr(torch.ops, ns)
+    names = {n for n in (*IMAGE_OPS, "weight_grad", "precision_diagonal", "nll", "nll_head", "nll_basis")
+             if _has(ops, n)}
+    if fakes:
+        _register_fakes(ns, names)
+    if "weight_grad" in names:
+        weight_grad = ops.weight_grad
+    else:   # the reference namespace: weight_grad in plain PyTorch, differentiated by autograd
+        from .reference import weight_grad as _weight_grad
+        from .stencil import Stencil
 
-    if fakes:   # triton_op traces its Python body instead, so it needs none
-        for name in ("apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t"):
-            torch.library.register_fake(f"{ns}::{name}")(lambda image, log_diag, off_diag, offsets:
-                                                           torch.empty_like(image))
-
-        @torch.library.register_fake(f"{ns}::weight_grad")
-        def _(a, b, offsets):
-            B, C, H, W = a.shape
-            return a.new_empty(B, C * _offsets_count(offsets), H, W)
-
-        @torch.library.register_fake(f"{ns}::precision_diagonal")
-        def _(log_diag, off_diag, offsets):
-            return torch.empty_like(log_diag)
-
-        @torch.library.register_fake(f"{ns}::nll")
-        def _(x, loc, log_diag, off_diag, offsets):
-            return x.new_empty(x.shape[0], dtype=nll_dtype(x))
-
-        @torch.library.register_fake(f"{ns}::nll_backward")
-        def _(grad, x, loc, log_diag, off_diag, offsets):
-            return torch.empty_like(x), torch.empty_like(log_diag), torch.empty_like(off_diag)
-
-        @torch.library.register_fake(f"{ns}::nll_basis")
-        def _(x, loc, log_diag, coeffs, basis, offsets):
-            return x.new_empty(x.shape[0], dtype=nll_dtype(x))
-
-        @torch.library.register_fake(f"{ns}::nll_basis_backward")
-        def _(grad, x, loc, log_diag, coeffs, basis, offsets):
-            return (torch.empty_like(x), torch.empty_like(log_diag), torch.empty_like(coeffs),
-                    torch.empty_like(basis))
+        def weight_grad(a, b, offsets):
+            return _weight_grad(a, b, Stencil.from_flat_offsets(offsets))
 
     # Every setup_context keeps the tensors the formulas below read.
     def save_inputs(ctx, inputs, output):
@@ -76,8 +100,8 @@ def register(ns: str, *, fakes: bool = True) -> None:
         r, log_diag, off_diag = ctx.saved_tensors
         need = ctx.needs_input_grad
         return (ops.apply_upper_t(g, log_diag, off_diag, ctx.offsets) if need[0] else None,
-                g * r * log_diag.exp() if need[1] else None,
-                ops.weight_grad(g, r, ctx.offsets) if need[2] else None,
+                sum_repeats(g * r, log_diag.shape[0]) * log_diag.exp() if need[1] else None,
+                sum_repeats(weight_grad(g, r, ctx.offsets), log_diag.shape[0]) if need[2] else None,
                 None)
 
     # U^T y = sum over p of y_p U[p, :]: d/dy = U g, d/ds = y g d, d/dw_{p,i} = y_p g_{p+delta_i}
@@ -85,8 +109,18 @@ def register(ns: str, *, fakes: bool = True) -> None:
         y, log_diag, off_diag = ctx.saved_tensors
         need = ctx.needs_input_grad
         return (ops.apply_upper(g, log_diag, off_diag, ctx.offsets) if need[0] else None,
-                y * g * log_diag.exp() if need[1] else None,
-                ops.weight_grad(y, g, ctx.offsets) if need[2] else None,
+                sum_repeats(y * g, log_diag.shape[0]) * log_diag.exp() if need[1] else None,
+                sum_repeats(weight_grad(y, g, ctx.offsets), log_diag.shape[0]) if need[2] else None,
+                None)
+
+    # weight_grad(a, b)_{p,i} = a_p b_{p+delta_i}: d/da_p = sum_i G_{p,i} b_{p+delta_i} and
+    # d/db_q = sum_i G_{q-delta_i,i} a_{q-delta_i}: U b and U^T a with weights G and a zero diagonal.
+    def weight_grad_backward(ctx, G):
+        a, b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        zero_diagonal = torch.full_like(a, float("-inf"))     # exp(-inf) = 0
+        return (ops.apply_upper(b, zero_diagonal, G, ctx.offsets) if need[0] else None,
+                ops.apply_upper_t(a, zero_diagonal, G, ctx.offsets) if need[1] else None,
                 None)
 
     # After v = U^-T g (solve_upper) or a = U^-1 h (solve_upper_t): dL/dU_{pq} = -v_p sol_q,
@@ -95,7 +129,7 @@ def register(ns: str, *, fakes: bool = True) -> None:
         need = ctx.needs_input_grad
         batch = log_diag.shape[0]
         return (-sum_repeats(v * sol, batch) * log_diag.exp() if need[1] else None,
-                -sum_repeats(ops.weight_grad(v, sol, ctx.offsets), batch) if need[2] else None)
+                -sum_repeats(weight_grad(v, sol, ctx.offsets), batch) if need[2] else None)
 
     def solve_upper_backward(ctx, g):
         eps, log_diag, off_diag = ctx.saved_tensors
@@ -112,38 +146,92 @@ def register(ns: str, *, fakes: bool = True) -> None:
         log_diag, off_diag = ctx.saved_tensors
         need = ctx.needs_input_grad
         return (2 * G * (2 * log_diag).exp() if need[0] else None,
-                2 * off_diag * ops.weight_grad(torch.ones_like(G), G, ctx.offsets) if need[1] else None,
+                2 * off_diag * weight_grad(torch.ones_like(G), G, ctx.offsets) if need[1] else None,
                 None)
 
-    # The fused backward returns d/dx; d/dloc is its negative. x is usually data (no
-    # gradient): then d/dloc is negated in place, so the backward's peak holds one
-    # image plane fewer.
-    def x_and_loc_grads(gx, need):
-        if not need[1]:
-            return (gx if need[0] else None), None
-        return (gx, -gx) if need[0] else (None, gx.neg_())
+    # The NLL's gradient for upstream grad (B,), composed of differentiable ops (create_graph):
+    #   d/dloc = -g U^T u,  d/ds = g (u r d - 1),  d/dw_{p,i} = g u_p r_{p+delta_i},  u = U (x - loc).
+    # Half inputs are computed in float32, as the fused path does.
+    def composed_nll_grads(grad, x, loc, log_diag, off_diag, offsets):
+        dtype = x.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            x, loc, log_diag, off_diag = (t.float() for t in (x, loc, log_diag, off_diag))
+        g = grad.to(x.dtype)[:, None, None, None]
+        r = x - loc
+        u = ops.apply_upper(r, log_diag, off_diag, offsets)
+        grads = (-g * ops.apply_upper_t(u, log_diag, off_diag, offsets), g * (u * r * log_diag.exp() - 1),
+                 g * weight_grad(u, r, offsets))
+        return tuple(t.to(dtype) for t in grads)
+
+    def fused(ctx):
+        """The fused backward kernels, unless a graph of the gradient is being built (create_graph)."""
+        return not torch.is_grad_enabled()
+
+    # The fused backward returns d/dloc; d/dx is its negative, formed only when x needs a
+    # gradient (data never does), so the common path makes no pass over it.
+    def x_and_loc_grads(gloc, need):
+        return (-gloc if need[0] else None), (gloc if need[1] else None)
 
     def nll_backward(ctx, grad):
         x, loc, log_diag, off_diag = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gx, gs, gw = ops.nll_backward(grad, x, loc, log_diag, off_diag, ctx.offsets)
-        return (*x_and_loc_grads(gx, need), gs if need[2] else None, gw if need[3] else None, None)
+        if fused(ctx):
+            gloc, gs, gw = ops.nll_backward(grad, x, loc, log_diag, off_diag, ctx.offsets)
+        else:
+            gloc, gs, gw = composed_nll_grads(grad, x, loc, log_diag, off_diag, ctx.offsets)
+        return (*x_and_loc_grads(gloc, need), gs if need[2] else None, gw if need[3] else None, None)
 
+    # The NLL of adjacent channel slices of one head: the head's gradient in one piece.
+    def nll_head_backward(ctx, grad):
+        x, head = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        c0, C, S = ctx.c0, x.shape[1], _offsets_count(ctx.offsets)
+        if fused(ctx):
+            grad_head = ops.nll_head_backward(grad, x, head, c0, ctx.offsets)
+        else:
+            loc, log_diag, off_diag = head.narrow(1, c0, C), head.narrow(1, c0 + C, C), head.narrow(1, c0 + 2 * C,
+                                                                                                    S * C)
+            parts = composed_nll_grads(grad, x, loc, log_diag, off_diag, ctx.offsets)
+            rest = head.shape[1] - c0 - (2 + S) * C
+            grad_head = torch.cat([head.new_zeros(head.shape[0], c0, *head.shape[2:]), *parts,
+                                   head.new_zeros(head.shape[0], rest, *head.shape[2:])], dim=1)
+        grad_x = -grad_head.narrow(1, c0, C) if need[0] else None
+        return grad_x, grad_head if need[1] else None, None, None
+
+    def save_head(ctx, inputs, output):
+        x, head, c0, offsets = inputs
+        ctx.save_for_backward(x, head)
+        ctx.c0, ctx.offsets = c0, offsets
+
+    # With a learned basis, w = coeffs x basis: d/dcoeffs_j = sum_i basis_ij gw_i, d/dbasis_ij = <gw_i, coeffs_j>.
     def nll_basis_backward(ctx, grad):
         x, loc, log_diag, coeffs, basis = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gx, gs, gc, gb = ops.nll_basis_backward(grad, x, loc, log_diag, coeffs, basis, ctx.offsets)
-        return (*x_and_loc_grads(gx, need), gs if need[2] else None,
+        if fused(ctx):
+            gloc, gs, gc, gb = ops.nll_basis_backward(grad, x, loc, log_diag, coeffs, basis, ctx.offsets)
+        else:
+            from .basis import expand_basis
+            B, _, H, W = x.shape
+            S, nb = basis.shape
+            gloc, gs, gw = composed_nll_grads(grad, x, loc, log_diag, expand_basis(coeffs, basis), ctx.offsets)
+            gw = gw.reshape(B, -1, S, H, W)
+            c = coeffs.reshape(B, -1, nb, H, W)
+            gc = torch.einsum("ij,bcihw->bcjhw", basis.to(gw.dtype), gw).reshape(coeffs.shape).to(coeffs.dtype)
+            gb = torch.einsum("bcihw,bcjhw->ij", gw, c.to(gw.dtype)).to(basis.dtype)
+        return (*x_and_loc_grads(gloc, need), gs if need[2] else None,
                 gc if need[3] else None, gb if need[4] else None, None)
 
-    reg = torch.library.register_autograd
-    reg(f"{ns}::apply_upper", apply_upper_backward, setup_context=save_inputs)
-    reg(f"{ns}::apply_upper_t", apply_upper_t_backward, setup_context=save_inputs)
-    reg(f"{ns}::solve_upper", solve_upper_backward, setup_context=save_output)
-    reg(f"{ns}::solve_upper_t", solve_upper_t_backward, setup_context=save_output)
-    reg(f"{ns}::precision_diagonal", precision_diagonal_backward, setup_context=save_inputs)
-    reg(f"{ns}::nll", nll_backward, setup_context=save_inputs)
-    reg(f"{ns}::nll_basis", nll_basis_backward, setup_context=save_inputs)
+    formulas = {
+        "apply_upper": (apply_upper_backward, save_inputs), "apply_upper_t": (apply_upper_t_backward, save_inputs),
+        "solve_upper": (solve_upper_backward, save_output), "solve_upper_t": (solve_upper_t_backward, save_output),
+        "weight_grad": (weight_grad_backward, save_inputs),
+        "precision_diagonal": (precision_diagonal_backward, save_inputs), "nll": (nll_backward, save_inputs),
+        "nll_basis": (nll_basis_backward, save_inputs), "nll_head": (nll_head_backward, save_head),
+    }
+    for name in names:
+        backward, setup = formulas[name]
+        torch.library.register_autograd(f"{ns}::{name}", backward, setup_context=setup)
+    _vmap.register(ns, names)
 
 
 class OpsBackend:
@@ -174,6 +262,9 @@ class OpsBackend:
 
     def nll(self, x, loc, log_diag, off_diag, stencil):
         return self._ops.nll(x, loc, log_diag, off_diag, stencil.flat_offsets)
+
+    def nll_head(self, x, head, c0, stencil):
+        return self._ops.nll_head(x, head, c0, stencil.flat_offsets)
 
     def nll_basis(self, x, loc, log_diag, coeffs, basis, stencil):
         return self._ops.nll_basis(x, loc, log_diag, coeffs, basis, stencil.flat_offsets)

@@ -21,7 +21,10 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from . import reference
+from . import _autograd, reference
+
+# The reference's two solves are torch.library ops: their fake kernels, formulas and vmap rules.
+_autograd.register("structlik_reference")
 
 NAMES = ("reference", "cpu", "triton")
 ENV_VAR = "STRUCTLIK_BACKEND"
@@ -64,6 +67,22 @@ def _load(name: str) -> Optional[Any]:
                 _loaded[name] = None
                 _why_unavailable[name] = f"{type(err).__name__}: {err}"
     return _loaded[name]
+
+
+def preload() -> None:
+    """Load, at ``import structlik``, every backend this process may dispatch to: the CPU
+    kernels always, the Triton kernels when CUDA or Triton's interpreter is there, and the
+    one STRUCTLIK_BACKEND forces. Loading imports modules, which torch.compile cannot
+    trace: without this the first call of a process could not be inside a compiled
+    function. ``triton`` itself is imported only where it can run."""
+    names = ["cpu"]
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        names.append("triton")
+    name = os.environ.get(ENV_VAR, "").strip().lower()
+    if name in NAMES:
+        names.append(name)
+    for n in names:
+        _load(n)
 
 
 def available(name: str) -> bool:

@@ -96,6 +96,30 @@ def nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, off_diag: to
     return checked_nll("x", x, loc, log_diag, off_diag, stencil)
 
 
+def head_of(loc, log_diag, off_diag):
+    """(head, c0) when loc, log_diag and off_diag are channels [c0, c0 + C), [c0 + C, c0 + 2C)
+    and [c0 + 2C, c0 + (2 + S)C) of one tensor that needs a gradient (what ``head.split``
+    gives), else None. The NLL then takes the head itself, and its backward writes the
+    head's gradient in one piece instead of three gradients that autograd's backward of
+    the split copies into one (a pass over all of them: 1.6 ms of 4.1 at B64 64x64 radius 3
+    on a 2-core CPU, benchmarks/RESULTS.md)."""
+    head = loc._base
+    if (head is None or log_diag._base is not head or off_diag._base is not head or head.dim() != 4
+            or not head.requires_grad or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or head.dtype not in (torch.float32, torch.float64)):
+        return None
+    B, C, H, W = loc.shape
+    if tuple(head.shape[::2]) != (B, H) or head.shape[3] != W or any(
+            t.stride() != head.stride() for t in (loc, log_diag, off_diag)):
+        return None
+    step = head.stride(1)
+    c0, rest = divmod(loc.storage_offset() - head.storage_offset(), step) if step > 0 else (0, 1)
+    if (rest or log_diag.storage_offset() != loc.storage_offset() + C * step
+            or off_diag.storage_offset() != loc.storage_offset() + 2 * C * step):
+        return None
+    return head, c0
+
+
 def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None):
     """The NLL (``basis``: with a learned basis, off_diag then being its coefficients),
     with the data tensor called ``x_name`` in errors (``value`` for log_prob)."""
@@ -112,7 +136,10 @@ def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None)
                                                      (off_name, off_diag, per_channel, layout)))
     backend = backend_for(x.device)
     inputs = {x_name: x, "loc": loc, "log_diag": log_diag, off_name: off_diag}
-    if basis is None:
+    head = head_of(loc, log_diag, off_diag) if basis is None else None
+    if head is not None:
+        out = backend.nll_head(x, *head, stencil)
+    elif basis is None:
         out = backend.nll(*_nll_args(backend, x, loc, log_diag, off_diag), stencil)
     else:
         out = backend.nll_basis(*_nll_args(backend, x, loc, log_diag, off_diag, basis), stencil)

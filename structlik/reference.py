@@ -8,13 +8,14 @@ images (B, C, H, W), all of one dtype and device.
 The stencil terms are shifts of zero-padded tensors, one line per term of
 ``(U r)_p = d_p r_p + sum_i w_{p,i} r_{p+delta_i}``. Autograd differentiates
 them directly. The two triangular solves cannot be written as shifts; they
-run wavefront by wavefront (see ``_schedule``) inside autograd Functions whose
-backward passes use the formulas of SPEC section 1.
+run wavefront by wavefront (see ``_schedule``) as torch.library ops whose
+backward passes use the formulas of SPEC section 1 (structlik._autograd).
 """
 from __future__ import annotations
 
 import functools
 import math
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from .stencil import Stencil
 
 __all__ = [
     "apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t",
-    "nll", "nll_basis", "precision_diagonal", "weight_grad", "to_dense_upper",
+    "nll", "nll_head", "nll_basis", "precision_diagonal", "weight_grad", "to_dense_upper",
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -73,6 +74,14 @@ def nll(x, loc, log_diag, off_diag, stencil):
     u = apply_upper(x - loc, log_diag, off_diag, stencil)
     n = x[0].numel()
     return 0.5 * u.square().sum((1, 2, 3)) - log_diag.sum((1, 2, 3)) + 0.5 * n * LOG_2PI
+
+
+def nll_head(x, head, c0, stencil):
+    """The NLL of loc, log_diag and off_diag sliced from channel c0 of one head (as head.split)."""
+    C = x.shape[1]
+    loc, log_diag, off_diag = head.narrow(1, c0, C), head.narrow(1, c0 + C, C), head.narrow(1, c0 + 2 * C,
+                                                                                            stencil.S * C)
+    return nll(x, loc, log_diag, off_diag, stencil)
 
 
 def nll_basis(x, loc, log_diag, coeffs, basis, stencil):
@@ -198,53 +207,33 @@ def _solve_upper_t_values(g, log_diag, off_diag, stencil):
     return out[..., :H * W].reshape(g.shape)
 
 
-def _grads_of_solve(v, sol, log_diag, off_diag, stencil, needs):
-    """dL/dU_{pq} = -v_p sol_q for a solve with U or U^T (SPEC section 1), summed over the
-    samples that share one set of parameters."""
-    batch = log_diag.shape[0]
-    grad_log_diag = -sum_repeats(v * sol, batch) * log_diag.exp() if needs[1] else None
-    grad_off_diag = -sum_repeats(weight_grad(v, sol, stencil), batch) if needs[2] else None
-    return grad_log_diag, grad_off_diag
+# The solves are torch.library ops (namespace structlik_reference) rather than
+# autograd Functions: torch.compile treats them as opaque (the wavefront loop,
+# hundreds of indexing steps, is never traced), and torch.func's transforms take
+# them through the same registrations as the compiled backends' ops (the vmap
+# rule and the twice-differentiable formulas of structlik._autograd).
+@torch.library.custom_op("structlik_reference::solve_upper", mutates_args=())
+def _solve_upper_op(z: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor,
+                    offsets: List[int]) -> torch.Tensor:
+    return _solve_upper_values(z, log_diag, off_diag, Stencil.from_flat_offsets(offsets))
 
 
-class _SolveUpper(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, log_diag, off_diag, stencil):
-        eps = _solve_upper_values(z, log_diag, off_diag, stencil)
-        ctx.stencil = stencil
-        ctx.save_for_backward(eps, log_diag, off_diag)
-        return eps
-
-    @staticmethod
-    def backward(ctx, g):
-        eps, log_diag, off_diag = ctx.saved_tensors
-        v = solve_upper_t(g, log_diag, off_diag, ctx.stencil)    # U^-T g
-        gs, gw = _grads_of_solve(v, eps, log_diag, off_diag, ctx.stencil, ctx.needs_input_grad)
-        return v, gs, gw, None
+@torch.library.custom_op("structlik_reference::solve_upper_t", mutates_args=())
+def _solve_upper_t_op(g: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor,
+                      offsets: List[int]) -> torch.Tensor:
+    return _solve_upper_t_values(g, log_diag, off_diag, Stencil.from_flat_offsets(offsets))
 
 
-class _SolveUpperT(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, g, log_diag, off_diag, stencil):
-        v = _solve_upper_t_values(g, log_diag, off_diag, stencil)
-        ctx.stencil = stencil
-        ctx.save_for_backward(v, log_diag, off_diag)
-        return v
-
-    @staticmethod
-    def backward(ctx, h):
-        v, log_diag, off_diag = ctx.saved_tensors
-        a = solve_upper(h, log_diag, off_diag, ctx.stencil)     # U^-1 h
-        # v = U^-T g  =>  dL/dU_{pq} = -v_p a_q: the roles of solve_upper, swapped.
-        gs, gw = _grads_of_solve(v, a, log_diag, off_diag, ctx.stencil, ctx.needs_input_grad)
-        return a, gs, gw, None
+@torch.library.custom_op("structlik_reference::weight_grad", mutates_args=())
+def _weight_grad_op(a: torch.Tensor, b: torch.Tensor, offsets: List[int]) -> torch.Tensor:
+    return weight_grad(a, b, Stencil.from_flat_offsets(offsets))
 
 
 def solve_upper(z, log_diag, off_diag, stencil):
     """``U^-1 z`` by back-substitution in reverse raster order: (B, C, H, W)."""
-    return _SolveUpper.apply(z, log_diag, off_diag, stencil)
+    return torch.ops.structlik_reference.solve_upper(z, log_diag, off_diag, stencil.flat_offsets)
 
 
 def solve_upper_t(g, log_diag, off_diag, stencil):
     """``U^-T g`` by forward substitution in raster order: (B, C, H, W)."""
-    return _SolveUpperT.apply(g, log_diag, off_diag, stencil)
+    return torch.ops.structlik_reference.solve_upper_t(g, log_diag, off_diag, stencil.flat_offsets)

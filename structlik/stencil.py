@@ -65,6 +65,19 @@ class Stencil:
         self.dilations = dilations
         self.offsets: Tuple[Tuple[int, int], ...] = tuple(offsets)
 
+    @classmethod
+    def from_flat_offsets(cls, flat) -> "Stencil":
+        """The stencil of ``[dy0, dx0, dy1, dx1, ...]`` (the form the ops take), for the
+        reference kernels behind ``torch.ops.structlik_reference``. It has the offsets,
+        S and the wavefront slope; ``radius`` and ``dilations`` are None."""
+        flat = tuple(int(v) for v in flat)
+        out = cls.__new__(cls)
+        out.radius = out.dilations = None
+        out.offsets = tuple(zip(flat[::2], flat[1::2]))
+        if any(not (dy > 0 or (dy == 0 and dx > 0)) for dy, dx in out.offsets):
+            raise ValueError(f"offsets: every (dy, dx) must point forward in raster order, got {out.offsets}")
+        return out
+
     @property
     def S(self) -> int:
         return len(self.offsets)

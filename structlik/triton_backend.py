@@ -71,6 +71,16 @@ def _nll_backward(grad: Tensor, x: Tensor, loc: Tensor, log_diag: Tensor, off_di
     return _nll.backward(grad, x, loc, log_diag, off_diag, offsets)
 
 
+@_op("nll_head")
+def _nll_head(x: Tensor, head: Tensor, c0: int, offsets: List[int]) -> Tensor:
+    return _nll.forward(x, *_nll.head_slices(head, c0, x.shape[1], len(offsets) // 2), offsets)
+
+
+@_op("nll_head_backward")
+def _nll_head_backward(grad: Tensor, x: Tensor, head: Tensor, c0: int, offsets: List[int]) -> Tensor:
+    return _nll.head_backward(grad, x, head, c0, offsets)
+
+
 @_op("nll_basis")
 def _nll_basis_op(x: Tensor, loc: Tensor, log_diag: Tensor, coeffs: Tensor, basis: Tensor,
                   offsets: List[int]) -> Tensor:

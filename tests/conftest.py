@@ -33,6 +33,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _validation_on():
+    """Every test starts with Distribution validation on, the default users have: the first
+    torch.compile of the process switches it off for good (torch/_dynamo/eval_frame.py),
+    which would silently turn the value checks of every later test off."""
+    torch.distributions.Distribution.set_default_validate_args(True)
+    yield
+
+
 @pytest.fixture
 def backend(request, monkeypatch):
     """Force the backend named by the parametrisation (see pytest_generate_tests)."""

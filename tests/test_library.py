@@ -23,6 +23,15 @@ def op_cases():
         yield name, lambda g, name=name: (sample_inputs(g)[0], *sample_inputs(g)[2:], offsets), True
     yield "precision_diagonal", lambda g: (*sample_inputs(g)[2:], offsets), True
     yield "nll", lambda g: (*sample_inputs(g), offsets), True
+
+    def head_inputs(grad):
+        x, loc, log_diag, off_diag = sample_inputs(False)
+        spare = torch.randn(2, 1, 5, 4, dtype=torch.float64)
+        head = torch.cat([spare, loc, log_diag, off_diag, spare], dim=1).requires_grad_(grad)
+        return x, head, 1
+
+    yield "nll_head", lambda g: (*head_inputs(g), offsets), True
+    yield "nll_head_backward", lambda g: (torch.rand(2, dtype=torch.float64), *head_inputs(False), offsets), False
     def basis_inputs(grad):
         coeffs = (0.2 * torch.randn(2, 2 * 3, 5, 4, dtype=torch.float64)).requires_grad_(grad)
         basis = torch.randn(STENCIL.S, 3, dtype=torch.float64).requires_grad_(grad)

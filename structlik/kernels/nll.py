@@ -9,7 +9,8 @@ Backward, two passes because d/dx = g U^T u needs u at p - delta_i, which
 another program computes:
   1. u = U r, stored (one value per pixel), with d/ds = g (u r d - 1) and
      d/dw_{p,i} = g u_p r_{p+delta_i}, both of which need only u_p;
-  2. d/dx = g (d u + sum_i w_{p-delta_i,i} u_{p-delta_i}); d/dloc = -d/dx.
+  2. d/dloc = -g (d u + sum_i w_{p-delta_i,i} u_{p-delta_i}), returned; d/dx is its
+     negative, formed by the caller only when x needs a gradient (data never does).
 
 Inputs are read through their batch and channel strides (``xs``, ``ls``, ``ss``,
 ``ws``: (batch, channel) pairs; common.plane_start), so split-head views are
@@ -55,8 +56,8 @@ def nll_kernel(x, loc, log_diag, off_diag, partial, C, H, W, xsb, xsc, lsb, lsc,
 
 @triton.jit
 def nll_backward_u_kernel(grad, x, loc, log_diag, off_diag, u_out, grad_s, grad_w, C, H, W, xsb, xsc, lsb, lsc,
-                          ssb, ssc, wsb, wsc, OFFS: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          ssb, ssc, wsb, wsc, gssb, gssc, gwsb, gwsc, OFFS: tl.constexpr, S: tl.constexpr,
+                          ACC: tl.constexpr, BLOCK: tl.constexpr):
     k, p, y, xx, valid = tile(H, W, BLOCK)
     n = H * W
     base = k * n
@@ -64,18 +65,19 @@ def nll_backward_u_kernel(grad, x, loc, log_diag, off_diag, u_out, grad_s, grad_
     r, s, d, u = _residual_and_u(x, loc, log_diag, off_diag, k, p, y, xx, valid, C, H, W, xsb, xsc, lsb, lsc,
                                  ssb, ssc, wsb, wsc, OFFS, S, ACC)
     tl.store(u_out + base + p, u, valid)
-    tl.store(grad_s + base + p, (g * (u * r * d - 1.0)).to(grad_s.dtype.element_ty), valid)
+    tl.store(grad_s + plane_start(k, C, gssb, gssc) + p, (g * (u * r * d - 1.0)).to(grad_s.dtype.element_ty), valid)
     xb = plane_start(k, C, xsb, xsc)
     lb = plane_start(k, C, lsb, lsc)
+    gwb = plane_start(k, C, gwsb, gwsc * S)
     for i in tl.static_range(S):
         q, ok = neighbour(y, xx, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
         r_q = tl.load(x + xb + q, ok, 0.0).to(ACC) - tl.load(loc + lb + q, ok, 0.0).to(ACC)
-        tl.store(grad_w + (k * S + i) * n + p, (g * u * r_q).to(grad_w.dtype.element_ty), valid)
+        tl.store(grad_w + gwb + i * gwsc + p, (g * u * r_q).to(grad_w.dtype.element_ty), valid)
 
 
 @triton.jit
-def nll_backward_x_kernel(grad, u, log_diag, off_diag, grad_x, C, H, W, ssb, ssc, wsb, wsc, OFFS: tl.constexpr,
-                          S: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def nll_backward_loc_kernel(grad, u, log_diag, off_diag, grad_loc, C, H, W, ssb, ssc, wsb, wsc, glsb, glsc,
+                            OFFS: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     k, p, y, xx, valid = tile(H, W, BLOCK)
     n = H * W
     base = k * n
@@ -86,7 +88,7 @@ def nll_backward_x_kernel(grad, u, log_diag, off_diag, grad_x, C, H, W, ssb, ssc
     for i in tl.static_range(S):
         q, ok = neighbour(y, xx, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
         acc += tl.load(off_diag + wb + i * wsc + q, ok, 0.0).to(ACC) * tl.load(u + base + q, ok, 0.0)
-    tl.store(grad_x + base + p, (g * acc).to(grad_x.dtype.element_ty), valid)
+    tl.store(grad_loc + plane_start(k, C, glsb, glsc) + p, (-g * acc).to(grad_loc.dtype.element_ty), valid)
 
 
 def _meta(offsets, H, W, x):
@@ -108,17 +110,36 @@ def forward(x, loc, log_diag, off_diag, offsets):
     return finish_nll(partial, x)
 
 
-def backward(grad, x, loc, log_diag, off_diag, offsets):
+def backward(grad, x, loc, log_diag, off_diag, offsets, out=None):
+    """(d/dloc, d/dlog_diag, d/doff_diag), contiguous, or written into ``out`` (three tensors
+    of those shapes, any plane-contiguous strides: the slices of one head's gradient)."""
     B, C, H, W = x.shape
     x, loc, log_diag, off_diag = (planes_contiguous(t) for t in (x, loc, log_diag, off_diag))
     grad = grad.contiguous()
     meta = _meta(offsets, H, W, x)
     grid = (B * C, triton.cdiv(H * W, meta["BLOCK"]))
     u = torch.empty(x.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
-    grad_s = torch.empty(log_diag.shape, dtype=log_diag.dtype, device=x.device)
-    grad_w = torch.empty(off_diag.shape, dtype=off_diag.dtype, device=x.device)
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = tuple(torch.empty(t.shape, dtype=t.dtype, device=x.device) for t in (x, log_diag, off_diag))
+    grad_loc, grad_s, grad_w = out
     nll_backward_u_kernel[grid](grad, x, loc, log_diag, off_diag, u, grad_s, grad_w, C, H, W,
-                                *_strides(x, loc, log_diag, off_diag), **meta)
-    nll_backward_x_kernel[grid](grad, u, log_diag, off_diag, grad_x, C, H, W, *_strides(log_diag, off_diag), **meta)
-    return grad_x, grad_s, grad_w
+                                *_strides(x, loc, log_diag, off_diag, grad_s, grad_w), **meta)
+    nll_backward_loc_kernel[grid](grad, u, log_diag, off_diag, grad_loc, C, H, W,
+                                  *_strides(log_diag, off_diag, grad_loc), **meta)
+    return grad_loc, grad_s, grad_w
+
+
+def head_slices(head, c0, C, S):
+    """loc, log_diag, off_diag as head.split gives them: channels from c0 of one decoder head."""
+    return head.narrow(1, c0, C), head.narrow(1, c0 + C, C), head.narrow(1, c0 + 2 * C, S * C)
+
+
+def head_backward(grad, x, head, c0, offsets):
+    """The head's whole gradient: the three slices written in place, its other channels zero
+    (autograd's backward of head.split, a cat of three gradients, never runs)."""
+    C, S = x.shape[1], len(offsets) // 2
+    grad_head = torch.empty(head.shape, dtype=head.dtype, device=head.device)
+    grad_head[:, :c0].zero_()
+    grad_head[:, c0 + (2 + S) * C:].zero_()
+    backward(grad, x, *head_slices(head, c0, C, S), offsets, out=head_slices(grad_head, c0, C, S))
+    return grad_head

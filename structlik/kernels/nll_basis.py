@@ -3,7 +3,7 @@ in registers from a (NB, BLOCK) tile of coefficients, never stored.
 
 Backward, two passes as nll.py: pass 1 stores u and writes d/ds, d/dcoeffs and
 each program's partial d/dbasis (summed on the host, deterministically);
-pass 2 forms d/dx = g U^T u, recomputing w at p - delta_i from the coefficients.
+pass 2 forms d/dloc = -g U^T u, recomputing w at p - delta_i from the coefficients.
 """
 import torch
 import triton
@@ -84,7 +84,7 @@ def nll_basis_backward_u_kernel(grad, x, loc, log_diag, coeffs, basis, u_out, gr
 
 
 @triton.jit
-def nll_basis_backward_x_kernel(grad, u, log_diag, coeffs, basis, grad_x, C, H, W, ssb, ssc, csb, csc,
+def nll_basis_backward_loc_kernel(grad, u, log_diag, coeffs, basis, grad_loc, C, H, W, ssb, ssc, csb, csc,
                                 OFFS: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr,
                                 ACC: tl.constexpr, BLOCK: tl.constexpr):
     k, p, y, xx, valid = tile(H, W, BLOCK)
@@ -99,7 +99,7 @@ def nll_basis_backward_x_kernel(grad, u, log_diag, coeffs, basis, grad_x, C, H, 
         w = tl.sum(_basis_row(basis, i, NB, NB_P2, ACC)[:, None] * _coeff_tile(coeffs, cb, csc, q, ok, NB, NB_P2, ACC),
                    axis=0)
         acc += w * tl.load(u + base + q, ok, 0.0)
-    tl.store(grad_x + base + p, (g * acc).to(grad_x.dtype.element_ty), valid)
+    tl.store(grad_loc + base + p, (-g * acc).to(grad_loc.dtype.element_ty), valid)
 
 
 def _meta(x, basis, offsets, n):
@@ -133,12 +133,12 @@ def backward(grad, x, loc, log_diag, coeffs, basis, offsets):
     S, nb, nb_p2 = meta["S"], meta["NB"], meta["NB_P2"]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     u = torch.empty(x.shape, dtype=acc, device=x.device)
-    grad_s, grad_c, grad_x = (torch.empty(t.shape, dtype=t.dtype, device=x.device) for t in (log_diag, coeffs, x))
+    grad_s, grad_c, grad_loc = (torch.empty(t.shape, dtype=t.dtype, device=x.device) for t in (log_diag, coeffs, x))
     basis_partial = torch.empty(B * C * tiles, S, nb_p2, dtype=acc, device=x.device)
     grid = (B * C, tiles)
     nll_basis_backward_u_kernel[grid](grad, x, loc, log_diag, coeffs, basis, u, grad_s, grad_c, basis_partial,
                                       C, H, W, *_strides(x, loc, log_diag, coeffs), **meta)
-    nll_basis_backward_x_kernel[grid](grad, u, log_diag, coeffs, basis, grad_x, C, H, W, *_strides(log_diag, coeffs),
+    nll_basis_backward_loc_kernel[grid](grad, u, log_diag, coeffs, basis, grad_loc, C, H, W, *_strides(log_diag, coeffs),
                                       **meta)
     grad_basis = basis_partial.sum(0)[:, :nb].to(basis.dtype).contiguous()
-    return grad_x, grad_s, grad_c, grad_basis
+    return grad_loc, grad_s, grad_c, grad_basis

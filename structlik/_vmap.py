@@ -1,0 +1,59 @@
+"""vmap rules for every op (``torch.func.vmap``, and ``vmap(grad(...))`` for per-sample gradients).
+
+Every op works on a batch of images already, so the rule folds the vmapped
+dimension into that batch: (V, B, ...) -> (V*B, ...), one call, and the
+outputs unfolded. It calls the op once per vmapped slice instead where folding
+would change the meaning: a batched argument that is not per image (the
+learned basis), an op with an output that is not per image (the basis
+gradient), or operands whose batches differ (a solve's parameters repeated
+over samples).
+"""
+from __future__ import annotations
+
+import torch
+
+# Arguments with no image batch dimension, and ops with an output that has none.
+_SHARED = {"basis", "offsets", "c0"}
+_PER_SLICE_OPS = {"nll_basis_backward"}
+
+
+def _per_slice(op, size, in_dims, args):
+    outs = []
+    for v in range(size):
+        outs.append(op(*(a.select(d, v) if d is not None else a for a, d in zip(args, in_dims))))
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*outs)), tuple(0 for _ in outs[0])
+    return torch.stack(outs), 0
+
+
+def _rule(op, arg_names, per_slice_op):
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        shared_batched = any(d is not None for n, d in zip(arg_names, in_dims) if n in _SHARED)
+        images = [a.shape[0 if d is None else (1 if d == 0 else 0)] for n, a, d in zip(arg_names, args, in_dims)
+                  if isinstance(a, torch.Tensor) and n not in _SHARED]
+        if per_slice_op or shared_batched or len(set(images)) > 1:
+            return _per_slice(op, size, in_dims, args)
+        folded = []
+        for name, a, d in zip(arg_names, args, in_dims):
+            if isinstance(a, torch.Tensor) and name not in _SHARED:
+                a = a.unsqueeze(0).expand(size, *a.shape) if d is None else a.movedim(d, 0)
+                a = a.reshape(size * a.shape[1], *a.shape[2:])
+            folded.append(a)
+        out = op(*folded)
+
+        def unfold(t):
+            return t.reshape(size, t.shape[0] // size, *t.shape[1:])
+        if isinstance(out, tuple):
+            return tuple(unfold(t) for t in out), tuple(0 for _ in out)
+        return unfold(out), 0
+    return rule
+
+
+def register(ns: str, names) -> None:
+    """A vmap rule for each op of ``names`` in namespace ``ns`` and for its fused backward."""
+    ops = getattr(torch.ops, ns)
+    for name in sorted(names) + [f"{n}_backward" for n in ("nll", "nll_head", "nll_basis") if n in names]:
+        op = getattr(ops, name).default
+        arg_names = [a.name for a in op._schema.arguments]
+        torch.library.register_vmap(f"{ns}::{name}", _rule(op, arg_names, name in _PER_SLICE_OPS))
