@@ -70,14 +70,41 @@ def _register_fakes(ns: str, names) -> None:
             basis.new_empty(basis.shape)))
 
 
-def register(ns: str, *, fakes: bool = True) -> None:
-    ops = getattr(torch.ops, ns)
+def _call(function, op):
+    """``function.apply`` (torch.func can transform it), or the dispatcher's op while
+    torch.compile traces (dynamo takes the op with its registered formula, not the Function)."""
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else function.apply(*args)
+    return call
+
+
+class _Ops:
+    """The differentiable ops of a namespace, as the functions ``register`` returns (so that
+    the formulas below, being made of them, work under torch.func too)."""
+
+    def __init__(self, functions):
+        for name, fn in functions.items():
+            setattr(self, name, _call(fn, getattr(getattr(torch.ops, fn.namespace), name)))
+
+
+def register(ns: str, *, fakes: bool = True) -> dict:
+    """Register fakes, formulas and vmap rules for the ops of ``ns``; return them also as one
+    ``torch.autograd.Function`` per op (name -> class), which is what the backends call:
+    torch 2.13's ``register_autograd`` makes an autograd.Function without setup_context, which
+    torch.func's transforms refuse; these have it, and a vmap staticmethod."""
+    raw = getattr(torch.ops, ns)
     names = {n for n in (*IMAGE_OPS, "weight_grad", "precision_diagonal", "nll", "nll_head", "nll_basis")
-             if _has(ops, n)}
+             if _has(raw, n)}
     if fakes:
         _register_fakes(ns, names)
+    functions = {}
+    ops = _Ops(functions)        # filled below; the formulas look the ops up when they run
+    for kernel in ("nll_backward", "nll_head_backward", "nll_basis_backward"):
+        if _has(raw, kernel):
+            setattr(ops, kernel, getattr(raw, kernel))
     if "weight_grad" in names:
-        weight_grad = ops.weight_grad
+        def weight_grad(a, b, offsets):
+            return ops.weight_grad(a, b, offsets)
     else:   # the reference namespace: weight_grad in plain PyTorch, differentiated by autograd
         from .reference import weight_grad as _weight_grad
         from .stencil import Stencil
@@ -231,7 +258,29 @@ def register(ns: str, *, fakes: bool = True) -> None:
     for name in names:
         backward, setup = formulas[name]
         torch.library.register_autograd(f"{ns}::{name}", backward, setup_context=setup)
+        functions[name] = _function(ns, name, getattr(raw, name).default, backward, setup)
+        setattr(ops, name, _call(functions[name], getattr(raw, name)))
     _vmap.register(ns, names)
+    return functions
+
+
+def _function(ns, name, op, backward, setup):
+    """``op`` as an autograd.Function with the same formula, setup and vmap rule."""
+    def forward(*args):
+        return op(*args)
+
+    def vmap(info, in_dims, *args):
+        return _vmap.rule(function.apply, [a.name for a in op._schema.arguments], name in _vmap.PER_SLICE_OPS)(
+            info, in_dims, *args)
+
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(f"structlik: {ns}::{name} has no forward-mode derivative (torch.func.jvp, "
+                                  f"torch.autograd.forward_ad); use reverse mode (torch.func.grad, vjp, jacrev)")
+
+    function = type(f"{ns}_{name}", (torch.autograd.Function,), {
+        "namespace": ns, "forward": staticmethod(forward), "setup_context": staticmethod(setup),
+        "backward": staticmethod(backward), "vmap": staticmethod(vmap), "jvp": staticmethod(jvp)})
+    return function
 
 
 class OpsBackend:
@@ -246,7 +295,7 @@ class OpsBackend:
     def __init__(self, namespace: str, half_nll: bool = False):
         self.namespace = namespace
         self.half_nll = half_nll
-        self._ops = getattr(torch.ops, namespace)
+        self._ops = _Ops(register(namespace))
 
     def apply_upper(self, r, log_diag, off_diag, stencil):
         return self._ops.apply_upper(r, log_diag, off_diag, stencil.flat_offsets)

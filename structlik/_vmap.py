@@ -14,22 +14,24 @@ import torch
 
 # Arguments with no image batch dimension, and ops with an output that has none.
 _SHARED = {"basis", "offsets", "c0"}
-_PER_SLICE_OPS = {"nll_basis_backward"}
+PER_SLICE_OPS = {"nll_basis_backward"}
 
 
 def _per_slice(op, size, in_dims, args):
     outs = []
     for v in range(size):
-        outs.append(op(*(a.select(d, v) if d is not None else a for a, d in zip(args, in_dims))))
+        outs.append(op(*(a.select(d, v) if isinstance(a, torch.Tensor) and d is not None else a
+                         for a, d in zip(args, in_dims))))
     if isinstance(outs[0], tuple):
         return tuple(torch.stack(parts) for parts in zip(*outs)), tuple(0 for _ in outs[0])
     return torch.stack(outs), 0
 
 
-def _rule(op, arg_names, per_slice_op):
+def rule(op, arg_names, per_slice_op):
     def rule(info, in_dims, *args):
         size = info.batch_size
-        shared_batched = any(d is not None for n, d in zip(arg_names, in_dims) if n in _SHARED)
+        shared_batched = any(isinstance(a, torch.Tensor) and d is not None
+                             for n, a, d in zip(arg_names, args, in_dims) if n in _SHARED)
         images = [a.shape[0 if d is None else (1 if d == 0 else 0)] for n, a, d in zip(arg_names, args, in_dims)
                   if isinstance(a, torch.Tensor) and n not in _SHARED]
         if per_slice_op or shared_batched or len(set(images)) > 1:
@@ -56,4 +58,4 @@ def register(ns: str, names) -> None:
     for name in sorted(names) + [f"{n}_backward" for n in ("nll", "nll_head", "nll_basis") if n in names]:
         op = getattr(ops, name).default
         arg_names = [a.name for a in op._schema.arguments]
-        torch.library.register_vmap(f"{ns}::{name}", _rule(op, arg_names, name in _PER_SLICE_OPS))
+        torch.library.register_vmap(f"{ns}::{name}", rule(op, arg_names, name in PER_SLICE_OPS))

@@ -24,7 +24,7 @@ import torch
 from . import _autograd, reference
 
 # The reference's two solves are torch.library ops: their fake kernels, formulas and vmap rules.
-_autograd.register("structlik_reference")
+reference.SOLVES.update(vars(_autograd._Ops(_autograd.register("structlik_reference"))))
 
 NAMES = ("reference", "cpu", "triton")
 ENV_VAR = "STRUCTLIK_BACKEND"

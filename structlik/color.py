@@ -119,12 +119,24 @@ class YCbCrStructuredNormal(Distribution):
     @classmethod
     def from_heads(cls, full_res: torch.Tensor, low_res: torch.Tensor, stencil: Stencil, factor: int = 4):
         """Split decoder outputs (B, 2+S, H, W) and (B, 4, H/f, W/f) into the distribution."""
+        _checks.check_stencil(stencil)
+        full, low = cls.head_channels(stencil)
+        for name, t, channels, layout, size in (("full_res", full_res, full, "(B, 2+S, H, W)", "H, W"),
+                                                ("low_res", low_res, low, "(B, 4, H/f, W/f)", "H/f, W/f")):
+            _checks.check_float_tensor(name, t, layout)
+            if t.shape[1] != channels:
+                raise ValueError(f"{name}: expected shape {layout} = (B, {channels}, {size}) with S={stencil.S}, "
+                                 f"got {tuple(t.shape)}")
         y_loc, y_log_diag, y_off_diag = full_res.split([1, 1, stencil.S], dim=1)
         chroma_loc, chroma_log_scale = low_res.split([2, 2], dim=1)
         return cls(y_loc, y_log_diag, y_off_diag, chroma_loc, chroma_log_scale, stencil, factor)
 
     def split(self, rgb: torch.Tensor):
         """RGB (B, 3, H, W) -> (Y (B, 1, H, W), downsampled CbCr (B, 2, H/f, W/f))."""
+        _check_rgb_like("rgb", rgb)
+        B, H, W = self.batch_shape[0], *self.event_shape[1:]
+        if tuple(rgb.shape[-2:]) != (H, W) or rgb.shape[0] not in (1, B):
+            raise ValueError(f"rgb: expected shape (B, 3, H, W) = ({B}, 3, {H}, {W}), got {tuple(rgb.shape)}")
         ycbcr = rgb_to_ycbcr(rgb)
         return ycbcr[:, :1], downsample_chroma(ycbcr[:, 1:], self.factor)
 
@@ -150,6 +162,10 @@ class YCbCrStructuredNormal(Distribution):
         H, W = y.shape[-2:]
         rgb = self._to_rgb(y.reshape(-1, 1, H, W), chroma.reshape(-1, *chroma.shape[-3:]))
         return rgb.reshape(lead + (3, H, W))
+
+    def expand(self, batch_shape, _instance=None):
+        raise NotImplementedError("YCbCrStructuredNormal.expand: not supported (its batch is the images of the "
+                                  "decoder's heads); build the distribution from expanded heads instead")
 
     def entropy(self) -> torch.Tensor:
         """(B,): entropy of (Y, downsampled Cb, Cr)."""

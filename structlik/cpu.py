@@ -8,5 +8,4 @@ from . import _C  # noqa: F401  (loads the library: registers the ops' schemas a
 from . import _autograd
 
 NAMESPACE = "structlik_cpu"
-_autograd.register(NAMESPACE)
 backend = _autograd.OpsBackend(NAMESPACE)

@@ -1,6 +1,9 @@
 """Section 4.2 of the paper: a Gamma prior on the precision diagonal and the variance minimiser."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from . import _checks, ops
@@ -18,8 +21,8 @@ def gamma_prior_log_prob(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil
     backend). Add its negative, scaled as you like, to the loss.
     """
     for name, v in (("concentration", concentration), ("rate", rate)):
-        if not (isinstance(v, (int, float)) and v > 0):
-            raise ValueError(f"{name}: expected a positive number, got {v!r}")
+        if not (_is_real(v) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
     lam = ops.precision_diagonal(log_diag, off_diag, stencil)
     prior = torch.distributions.Gamma(torch.tensor(float(concentration), dtype=lam.dtype, device=lam.device),
                                       torch.tensor(float(rate), dtype=lam.dtype, device=lam.device),
@@ -34,11 +37,13 @@ def variance_minimiser(x: torch.Tensor, loc: torch.Tensor, weight: float, reduct
     the signal early in training (the paper's "poor local minima").
     """
     _checks.check_reduction(reduction)
+    if not (_is_real(weight) and math.isfinite(weight)):
+        raise ValueError(f"weight: expected a finite number, got {weight!r}")
     _checks.check_float_tensor("x", x, "(B, C, H, W)")
     _checks.check_float_tensor("loc", loc, "(B, C, H, W)")
-    if x.shape != loc.shape:
-        raise ValueError(f"loc: expected shape (B, C, H, W) = {tuple(x.shape)}, got {tuple(loc.shape)}")
+    _checks.check_same("loc", loc, "x", x, x.shape, "(B, C, H, W)")
     per_image = weight * (x - loc).square().sum((1, 2, 3))
+    _checks.check_result(per_image, x=x, loc=loc)
     if reduction == "mean":
         return per_image.mean()
     if reduction == "sum":
@@ -46,10 +51,14 @@ def variance_minimiser(x: torch.Tensor, loc: torch.Tensor, weight: float, reduct
     return per_image
 
 
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def variance_weight(epoch: int, warmup_epochs: int = 10, warmup_weight: float = 5e3,
                     weight: float = 10.0) -> float:
     """The paper's schedule for the variance minimiser's weight alpha: 5e3 for the
     first 10 epochs, then 10 (section 5, CelebA). Epochs count from 0."""
-    if epoch < 0:
-        raise ValueError(f"epoch: expected >= 0, got {epoch}")
+    if not (isinstance(epoch, numbers.Integral) and not isinstance(epoch, bool) and epoch >= 0):
+        raise ValueError(f"epoch: expected an integer >= 0, got {epoch!r}")
     return warmup_weight if epoch < warmup_epochs else weight

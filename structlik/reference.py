@@ -224,16 +224,16 @@ def _solve_upper_t_op(g: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.T
     return _solve_upper_t_values(g, log_diag, off_diag, Stencil.from_flat_offsets(offsets))
 
 
-@torch.library.custom_op("structlik_reference::weight_grad", mutates_args=())
-def _weight_grad_op(a: torch.Tensor, b: torch.Tensor, offsets: List[int]) -> torch.Tensor:
-    return weight_grad(a, b, Stencil.from_flat_offsets(offsets))
+# The two ops' callables (autograd Functions, the raw ops under torch.compile), with the formulas
+# of structlik._autograd; set by backends.py.
+SOLVES: dict = {}
 
 
 def solve_upper(z, log_diag, off_diag, stencil):
     """``U^-1 z`` by back-substitution in reverse raster order: (B, C, H, W)."""
-    return torch.ops.structlik_reference.solve_upper(z, log_diag, off_diag, stencil.flat_offsets)
+    return SOLVES["solve_upper"](z, log_diag, off_diag, stencil.flat_offsets)
 
 
 def solve_upper_t(g, log_diag, off_diag, stencil):
     """``U^-T g`` by forward substitution in raster order: (B, C, H, W)."""
-    return torch.ops.structlik_reference.solve_upper_t(g, log_diag, off_diag, stencil.flat_offsets)
+    return SOLVES["solve_upper_t"](g, log_diag, off_diag, stencil.flat_offsets)

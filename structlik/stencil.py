@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable, Tuple
 
 __all__ = ["Stencil"]
 
 
 def _is_int(value) -> bool:
-    # bool is an int subclass; Stencil(radius=True) is almost certainly a bug.
-    return isinstance(value, int) and not isinstance(value, bool)
+    # Any integer type (numpy's too); bool is an int subclass, and Stencil(radius=True) is almost
+    # certainly a bug.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class Stencil:
@@ -54,6 +56,7 @@ class Stencil:
 
         offsets: list[Tuple[int, int]] = []
         seen = set()
+        radius, dilations = int(radius), tuple(int(d) for d in dilations)
         for d in dilations:
             window = [(0, j * d) for j in range(1, radius + 1)]
             window += [(dy * d, dx * d) for dy in range(1, radius + 1) for dx in range(-radius, radius + 1)]
@@ -61,8 +64,8 @@ class Stencil:
                 if off not in seen:
                     seen.add(off)
                     offsets.append(off)
-        self.radius = radius
-        self.dilations = dilations
+        self.radius = int(radius)
+        self.dilations = tuple(int(d) for d in dilations)
         self.offsets: Tuple[Tuple[int, int], ...] = tuple(offsets)
 
     @classmethod

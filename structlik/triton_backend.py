@@ -93,6 +93,5 @@ def _nll_basis_backward(grad: Tensor, x: Tensor, loc: Tensor, log_diag: Tensor, 
     return _nll_basis.backward(grad, x, loc, log_diag, coeffs, basis, offsets)
 
 
-_autograd.register(NAMESPACE)
 # The NLL kernels load float16/bfloat16 directly (half the bytes of an upcast copy) and accumulate in float32.
 backend = _autograd.OpsBackend(NAMESPACE, half_nll=True)

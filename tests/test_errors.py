@@ -110,3 +110,78 @@ def test_log_prob_bad_value():
         dist.log_prob(x.double())
     with pytest.raises(ValueError):
         dist.log_prob(torch.full_like(x, float("nan")))
+
+
+# --- the argument that is actually inconsistent is named (x or value is the reference) ------
+
+@pytest.mark.parametrize("bad,exc,match", [
+    pytest.param(torch.zeros(3, 3, 5, 4), ValueError, r"^log_diag: expected shape \(B, C, H, W\) = \(2, 3, 5, 4\)",
+                 id="B"),
+    pytest.param(torch.zeros(2, 2, 5, 4), ValueError, r"^log_diag: expected shape", id="C"),
+    pytest.param(torch.zeros(2, 3, 6, 4), ValueError, r"^log_diag: expected shape", id="H"),
+    pytest.param(torch.zeros(2, 3, 5, 4, dtype=torch.float64), TypeError, r"^log_diag: dtype torch.float64", id="dtype"),
+])
+def test_wrong_log_diag_is_named(bad, exc, match):
+    x, loc, _, w = good()
+    with pytest.raises(exc, match=match):
+        nll(x, loc, bad, w)
+
+
+def test_distribution_with_a_basis_names_log_diag():
+    x, loc, s, _ = good()
+    coeffs = torch.zeros(2, 3 * 2, 5, 4)
+    with pytest.raises(TypeError, match=r"^log_diag: expected a floating-point"):
+        StructuredNormal(loc, s.int(), coeffs, ST, basis=torch.zeros(ST.S, 2))
+    with pytest.raises(TypeError, match=r"^basis: dtype torch.float64 does not match"):
+        StructuredNormal(loc, s, coeffs, ST, basis=torch.zeros(ST.S, 2, dtype=torch.float64))
+
+
+def test_ycbcr_bad_heads_and_resolution():
+    from structlik import YCbCrStructuredNormal
+    full, low = YCbCrStructuredNormal.head_channels(ST)
+    with pytest.raises(ValueError, match=rf"^full_res: expected shape \(B, 2\+S, H, W\) = \(B, {full}, H, W\)"):
+        YCbCrStructuredNormal.from_heads(torch.zeros(2, full + 1, 8, 8), torch.zeros(2, low, 2, 2), ST)
+    with pytest.raises(ValueError, match=r"^low_res: expected shape \(B, 4, H/f, W/f\)"):
+        YCbCrStructuredNormal.from_heads(torch.zeros(2, full, 8, 8), torch.zeros(2, 3, 2, 2), ST)
+    dist = YCbCrStructuredNormal.from_heads(torch.zeros(2, full, 8, 8), torch.zeros(2, low, 2, 2), ST)
+    with pytest.raises(ValueError, match=r"^rgb: expected shape \(B, 3, H, W\) = \(2, 3, 8, 8\)"):
+        dist.log_prob(torch.zeros(2, 3, 16, 16))
+    with pytest.raises(NotImplementedError, match="YCbCrStructuredNormal.expand"):
+        dist.expand((4, 2))
+
+
+def test_basis_channel_counts():
+    from structlik import LearnedBasis, expand_basis
+    basis = LearnedBasis(ST, n_basis=3)
+    with pytest.raises(ValueError, match=r"^coeffs: expected shape \(B, C\*n_b, H, W\) with n_b=3"):
+        basis(torch.zeros(2, 4, 5, 4))
+    with pytest.raises(ValueError, match=r"^coeffs: expected shape \(B, C\*n_b, H, W\) with n_b=3"):
+        expand_basis(torch.zeros(2, 4, 5, 4), basis.basis.detach())
+
+
+def test_priors_and_schedules_reject_bad_numbers():
+    from structlik import gamma_prior_log_prob, variance_minimiser, variance_weight
+    _, loc, s, w = good()
+    for bad in (float("inf"), float("nan"), True, 0, -1.0, "2"):
+        with pytest.raises(ValueError, match="^concentration: expected a positive finite number"):
+            gamma_prior_log_prob(s, w, ST, concentration=bad, rate=1.0)
+        with pytest.raises(ValueError, match="^rate: expected a positive finite number"):
+            gamma_prior_log_prob(s, w, ST, concentration=2.0, rate=bad)
+    with pytest.raises(TypeError, match=r"^loc: dtype torch.float64 does not match x's dtype torch.float32"):
+        variance_minimiser(loc, loc.double(), 1.0)
+    with pytest.raises(ValueError, match="^loc: contains NaN"):
+        variance_minimiser(loc, torch.full_like(loc, float("nan")), 1.0)
+    with pytest.raises(ValueError, match="^weight: expected a finite number"):
+        variance_minimiser(loc, loc, float("nan"))
+    for bad in (1.5, -1, True, "3"):
+        with pytest.raises(ValueError, match="^epoch: expected an integer >= 0"):
+            variance_weight(bad)
+
+
+def test_stencil_accepts_integer_types():
+    import numpy as np
+    assert Stencil(np.int64(2)).S == 12 == Stencil(2, dilations=(np.int32(1),)).S
+    with pytest.raises(ValueError, match="radius must be an integer"):
+        Stencil(np.float64(2.0))
+    with pytest.raises(ValueError, match="radius must be an integer"):
+        Stencil(np.bool_(True))

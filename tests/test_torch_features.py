@@ -1,0 +1,200 @@
+"""Every autograd and torch feature a user reaches for, on every backend: second derivatives,
+torch.compile's first call, torch.func (grad, jacrev, vmap, vmap(grad)), meta and fake tensors."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import TEST_DEVICE
+from helpers import make_params
+from structlik import Stencil, StructuredNormal, ops, structured_gaussian_nll
+
+ST = Stencil(1, (1, 2))
+SHAPE = (2, 1, 3, 4)
+
+
+def problem(requires_grad=True, shape=SHAPE, stencil=ST):
+    loc, log_diag, off_diag = make_params(shape, stencil, requires_grad=requires_grad)
+    x = loc.detach() + torch.randn(shape, dtype=torch.float64)
+    return x, loc, log_diag, off_diag
+
+
+def _gradgradcheck(fn, inputs, backend):
+    # Under Triton's interpreter each call costs tens of milliseconds: a random projection there.
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=backend == "triton")
+
+
+OPS = {
+    "apply_upper": lambda x, m, s, w: ops.apply_upper(x, s, w, ST),
+    "apply_upper_t": lambda x, m, s, w: ops.apply_upper_t(x, s, w, ST),
+    "solve_upper": lambda x, m, s, w: ops.solve_upper(x, s, w, ST),
+    "solve_upper_t": lambda x, m, s, w: ops.solve_upper_t(x, s, w, ST),
+    "precision_diagonal": lambda x, m, s, w: ops.precision_diagonal(s, w, ST),
+    "nll": lambda x, m, s, w: ops.nll(x, m, s, w, ST),
+}
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_gradgradcheck(name, backend):
+    x, loc, log_diag, off_diag = problem()
+    x.requires_grad_()
+    _gradgradcheck(lambda *a: OPS[name](*a), (x, loc, log_diag, off_diag), backend)
+
+
+def test_gradgradcheck_nll_basis_and_head(backend):
+    x, loc, log_diag, _ = problem()
+    coeffs = (0.3 * torch.randn(2, 3, 3, 4, dtype=torch.float64)).requires_grad_()
+    basis = (0.3 * torch.randn(ST.S, 3, dtype=torch.float64)).requires_grad_()
+    _gradgradcheck(lambda *a: ops.nll_basis(*a, ST), (x, loc, log_diag, coeffs, basis), backend)
+    head = torch.cat([loc, log_diag, make_params(SHAPE, ST)[2]], dim=1).detach().requires_grad_()
+    _gradgradcheck(lambda h: ops.nll(x, *h.split([1, 1, ST.S], dim=1), ST), (head,), backend)
+
+
+def test_hessian_of_the_nll_is_the_precision(backend):
+    x, loc, log_diag, off_diag = problem(requires_grad=False)
+    hess = torch.autograd.functional.hessian(lambda m: ops.nll(x, m, log_diag, off_diag, ST).sum(), loc)
+    U = ops.to_dense_upper(log_diag, off_diag, ST)
+    n = SHAPE[2] * SHAPE[3]
+    hess = hess.reshape(2, n, 2, n)
+    for b in range(2):
+        torch.testing.assert_close(hess[b, :, b], (U.mT @ U)[b, 0])
+    assert hess[0, :, 1].abs().max() == 0                 # images are independent
+
+
+def test_gradient_penalty_reaches_every_parameter(backend):
+    x, loc, log_diag, off_diag = problem()
+    (g,) = torch.autograd.grad(structured_gaussian_nll(x, loc, log_diag, off_diag, ST), loc, create_graph=True)
+    g.square().sum().backward()
+    for t in (loc, log_diag, off_diag):
+        assert t.grad is not None and t.grad.abs().sum() > 0
+    expected = [t.grad for t in (loc, log_diag, off_diag)]
+    refs = [t.detach().clone().requires_grad_() for t in (loc, log_diag, off_diag)]
+    from structlik import reference
+    (g,) = torch.autograd.grad(reference.nll(x, *refs, ST).mean(), refs[0], create_graph=True)
+    g.square().sum().backward()
+    for got, ref in zip(expected, refs):
+        torch.testing.assert_close(got, ref.grad)
+
+
+# --- torch.compile: the first call of a process -------------------------------------------
+
+FIRST_CALLS = {
+    "loss": "structlik.structured_gaussian_nll(x, loc, s, w, st)",
+    "log_prob": "structlik.StructuredNormal(loc, s, w, st).log_prob(x).sum()",
+    "module": "structlik.StructuredGaussianNLLLoss(st)(x, loc, s, w)",
+    "rsample": "structlik.StructuredNormal(loc, s, w, st).rsample().sum()",
+}
+
+
+@pytest.mark.parametrize("entry", list(FIRST_CALLS))
+def test_first_call_of_a_process_is_compiled(entry, backend):
+    """No eager call first: the backends must be loaded before dynamo traces the loss."""
+    code = textwrap.dedent(f"""
+        import torch, structlik
+        st = structlik.Stencil(1)
+        g = torch.Generator().manual_seed(0)
+        x, loc, s = (0.1 * torch.randn(2, 1, 5, 4, generator=g) for _ in range(3))
+        w = 0.1 * torch.randn(2, 4, 5, 4, generator=g)
+        f = torch.compile(lambda x, loc, s, w: {FIRST_CALLS[entry]}, fullgraph=True, backend="aot_eager")
+        got = f(x, loc, s, w)
+        torch.manual_seed(0)
+        if "{entry}" != "rsample":
+            torch.testing.assert_close(got, {FIRST_CALLS[entry]})
+        print("ok")
+    """)
+    env = dict(os.environ, STRUCTLIK_BACKEND=backend)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_reference_sampling_compiles(monkeypatch):
+    """The backend of MPS, XPU and CUDA without Triton: its solves are opaque to dynamo."""
+    monkeypatch.setenv("STRUCTLIK_BACKEND", "reference")
+    _, loc, log_diag, off_diag = problem(requires_grad=False)
+    z = torch.randn(SHAPE, dtype=torch.float64)
+    solve = torch.compile(lambda *a: ops.solve_upper(*a, ST), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(solve(z, log_diag, off_diag), ops.solve_upper(z, log_diag, off_diag, ST))
+    sample = torch.compile(lambda *a: StructuredNormal(*a, ST).rsample(), fullgraph=True, backend="aot_eager")
+    assert sample(loc, log_diag, off_diag).shape == SHAPE
+
+
+# --- torch.func ----------------------------------------------------------------------------
+
+def test_func_grad_and_jacrev(backend):
+    x, loc, log_diag, off_diag = problem(requires_grad=False)
+    grads = torch.func.grad(lambda m, s, w: ops.nll(x, m, s, w, ST).sum(), argnums=(0, 1, 2))(loc, log_diag,
+                                                                                                off_diag)
+    leaves = [t.clone().requires_grad_() for t in (loc, log_diag, off_diag)]
+    expected = torch.autograd.grad(ops.nll(x, *leaves, ST).sum(), leaves)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+    jac = torch.func.jacrev(lambda z: ops.solve_upper(z, log_diag, off_diag, ST))(x)
+    U = ops.to_dense_upper(log_diag, off_diag, ST)
+    n = SHAPE[2] * SHAPE[3]
+    torch.testing.assert_close(jac.reshape(2, n, 2, n)[1, :, 1], torch.linalg.inv(U[1, 0]))
+
+
+def test_vmap_and_per_sample_gradients(backend):
+    x, loc, log_diag, off_diag = problem(requires_grad=False)
+    per_image = torch.func.vmap(lambda *a: structured_gaussian_nll(*(t[None] for t in a), ST))(x, loc, log_diag,
+                                                                                                 off_diag)
+    torch.testing.assert_close(per_image, ops.nll(x, loc, log_diag, off_diag, ST))
+    solved = torch.func.vmap(lambda z: ops.solve_upper(z, log_diag, off_diag, ST))(x[None].expand(3, -1, -1, -1, -1))
+    torch.testing.assert_close(solved[2], ops.solve_upper(x, log_diag, off_diag, ST))
+
+    def loss(m, s, w, xx):
+        return structured_gaussian_nll(xx[None], m[None], s[None], w[None], ST)
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1, 2)))(loc, log_diag, off_diag, x)
+    for b in range(2):
+        leaves = [t[b:b + 1].clone().requires_grad_() for t in (loc, log_diag, off_diag)]
+        expected = torch.autograd.grad(ops.nll(x[b:b + 1], *leaves, ST).sum(), leaves)
+        for g, e in zip(per_sample, expected):
+            torch.testing.assert_close(g[b], e[0])
+
+
+def test_forward_mode_names_the_op(backend):
+    x, loc, log_diag, off_diag = problem(requires_grad=False)
+    try:
+        out, tangent = torch.func.jvp(lambda m: ops.nll(x, m, log_diag, off_diag, ST), (loc,), (torch.ones_like(loc),))
+    except RuntimeError as err:
+        assert "structlik" in str(err) or "nll" in str(err), str(err)
+    else:   # the reference is plain PyTorch: forward mode works there
+        leaves = loc.clone().requires_grad_()
+        (g,) = torch.autograd.grad(ops.nll(x, leaves, log_diag, off_diag, ST).sum(), leaves)
+        torch.testing.assert_close(tangent.sum(), g.sum())
+
+
+# --- meta and fake tensors -----------------------------------------------------------------
+
+def test_meta_tensors_propagate_shapes_with_validation_on():
+    assert torch.distributions.Distribution._validate_args
+    x, loc, log_diag, off_diag = (t.to("meta") for t in problem(requires_grad=False))
+    assert structured_gaussian_nll(x, loc, log_diag, off_diag, ST, reduction="none").shape == (2,)
+    assert ops.solve_upper(x, log_diag, off_diag, ST).shape == SHAPE
+    assert ops.precision_diagonal(log_diag, off_diag, ST).shape == SHAPE
+    dist = StructuredNormal(loc, log_diag, off_diag, ST)
+    assert dist.log_prob(x).shape == (2,) and dist.entropy().shape == (2,)
+
+
+def test_fake_tensors_propagate_shapes(backend):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    real = problem(requires_grad=False)
+    with FakeTensorMode() as mode:
+        x, loc, log_diag, off_diag = (mode.from_tensor(t) for t in real)
+        assert structured_gaussian_nll(x, loc, log_diag, off_diag, ST, reduction="none").shape == (2,)
+        assert StructuredNormal(loc, log_diag, off_diag, ST).rsample((3,)).shape == (3, *SHAPE)
+
+
+def test_half_entropy_is_float32_and_finite():
+    stencil = Stencil(1)
+    log_diag = torch.full((1, 3, 128, 128), 0.5, dtype=torch.float16)
+    dist = StructuredNormal(torch.zeros_like(log_diag), log_diag, torch.zeros(1, 12, 128, 128, dtype=torch.float16),
+                            stencil)
+    entropy = dist.entropy()
+    assert entropy.dtype == torch.float32
+    n = 3 * 128 * 128
+    expected = 0.5 * n * (1 + torch.log(torch.tensor(2 * torch.pi, dtype=torch.float64))) - 0.5 * n
+    torch.testing.assert_close(entropy.double(), expected.reshape(1), rtol=1e-6, atol=0)
