@@ -68,7 +68,7 @@ CPU = [Target("NLL fwd+bwd >= 5x faster than the one-hot convolution", "nll", ca
     for case in common.DEFAULT_SIZES[("solve_upper", "cpu")]] + [
     # What users run (the public API on split-head views, validation on):
     Target("public NLL fwd+bwd on split-head views <= 1.15x the fused kernel on contiguous inputs "
-           "(less the split's own backward)", "nll", case, "fwd+bwd", _column("public_net", "public"),
+           "(nothing subtracted: the split's backward never runs)", "nll", case, "fwd+bwd", _ratio_of("public"),
            lambda v: v <= 1.15) for case in common.DEFAULT_SIZES[("nll", "cpu")]] + [
     Target("public NLL fwd+bwd >= 8x faster than the one-hot convolution, both on split-head views", "nll", case,
            "fwd+bwd", _column("onehot_over_public", "public"), lambda v: v >= 8)

@@ -19,10 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-# Elementwise stencil kernels: pixels per program. Large blocks keep the
-# interpreter (~16 ms per program instance on a CPU) fast; 1024 is a common
-# sweet spot for memory-bound kernels on GPUs.
-MAX_BLOCK = 1024
+# Elementwise stencil kernels: pixels per program, at most 256 (2 per thread at
+# 4 warps). Each pixel keeps its S unrolled neighbours' values in registers: at
+# 1024 pixels per program the backward's first pass sat at 255 registers and
+# spilled (2.4 KB per thread at radius 3, 12.5% occupancy on an H100), and at 256
+# nothing spills in any dtype (benchmarks/triton_aot.py, results in
+# benchmarks/RESULTS.md). The interpreter's cost per program does not matter:
+# the tests' images are smaller than one block.
+MAX_BLOCK = 256
 
 
 def block_for(n: int) -> int:

@@ -104,8 +104,13 @@ def nll_basis_backward_loc_kernel(grad, u, log_diag, coeffs, basis, grad_loc, C,
 
 def _meta(x, basis, offsets, n):
     nb = basis.shape[1]
-    return dict(OFFS=tuple(offsets), S=len(offsets) // 2, NB=nb, NB_P2=max(2, triton.next_power_of_2(nb)),
-                ACC=acc_dtype(x), BLOCK=min(block_for(n), 256))   # the coefficient tile is NB_P2 x BLOCK
+    nb_p2 = max(2, triton.next_power_of_2(nb))
+    # The coefficient tile and its gradient are NB_P2 x BLOCK each. 128 pixels for 4 warps puts one
+    # pixel's NB coefficients in one thread (the sums over the basis stay in registers); at 256 pixels
+    # the backward's first pass spilled at NB=6, and below 128 the basis axis is split across warps
+    # (sums through shared memory) and spilled more (benchmarks/triton_aot.py).
+    return dict(OFFS=tuple(offsets), S=len(offsets) // 2, NB=nb, NB_P2=nb_p2, ACC=acc_dtype(x),
+                BLOCK=min(block_for(n), 128))
 
 
 def _strides(*tensors):

@@ -1,0 +1,221 @@
+"""Compile every Triton kernel ahead of time for a real GPU (sm_90: H100/H200), without one.
+
+    python benchmarks/triton_aot.py              # the sizes and dtypes CI checks; results/triton_aot-sm90.{md,json}
+    python benchmarks/triton_aot.py --quick      # B16 256x256 radius 3, float32: the largest stencil only
+    python benchmarks/triton_aot.py --json F     # also the rows as JSON in F (what tests/test_triton_aot.py reads)
+
+structlik's own launch wrappers (structlik/kernels/*.py) are called on meta
+tensors (nothing is allocated, so any size works) with Triton's
+``JITFunction.run`` replaced by a recorder. Each recorded launch is
+specialised as the JIT would on a CUDA device and compiled by
+``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` to a cubin with the
+ptxas inside the triton wheel. Reported per kernel: registers and local memory
+(``cuobjdump -res-usage``), spill bytes (``ptxas -v``), H100 occupancy
+(65,536 registers per SM in 256-register units per warp, 64 warps, 32 CTAs),
+and whether the grid fits CUDA's limits (2^31 - 1, 65,535, 65,535).
+Nothing here runs a kernel: these are static figures.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)      # compile, do not interpret (before triton is imported)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime import jit as triton_jit  # noqa: E402
+
+from structlik import Stencil  # noqa: E402
+from structlik.kernels import apply_upper, nll, nll_basis, precision_diagonal, solve_upper, weight_grad  # noqa: E402
+
+ARCH = 90
+TARGET = GPUTarget("cuda", ARCH, 32)
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
+HALF = (torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (label, B, C, H, W, stencil, basis sizes): the benchmarks' sizes, a dilated stencil, the launch limits.
+CASES = [
+    ("B64-C1-64x64-r1", 64, 1, 64, 64, Stencil(1), (6,)),
+    ("B64-C1-64x64-r2", 64, 1, 64, 64, Stencil(2), (6,)),
+    ("B64-C1-64x64-r3", 64, 1, 64, 64, Stencil(3), (6,)),
+    ("B16-C1-256x256-r3", 16, 1, 256, 256, Stencil(3), (6,)),
+    ("B64-C3-32x32-r2-d12", 64, 3, 32, 32, Stencil(2, (1, 2)), (6, 12)),
+    ("B256-C1-512x512-r3", 256, 1, 512, 512, Stencil(3), ()),
+    ("B100000-C1-16x16-r1", 100_000, 1, 16, 16, Stencil(1), ()),      # 100,000 planes: e.g. many samples
+]
+
+_recorded = []
+
+
+def _record(self, *args, grid, warmup, **kwargs):
+    _recorded.append((self, args, kwargs, tuple(grid)))
+
+
+def meta(*shape, dtype):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def launches(label, B, C, H, W, stencil, basis_sizes, dtypes):
+    """Every launch the wrappers make at this size: (label, kernel, args, kwargs, grid)."""
+    offsets, S = stencil.flat_offsets, stencil.S
+    start = len(_recorded)
+    for dtype in dtypes:
+        def image():
+            return meta(B, C, H, W, dtype=dtype)
+        off_diag = meta(B, C * S, H, W, dtype=dtype)
+        grad = meta(B, dtype=torch.float32)
+        nll.forward(image(), image(), image(), off_diag, offsets)
+        nll.backward(grad, image(), image(), image(), off_diag, offsets)
+        for nb in basis_sizes:
+            coeffs, basis = meta(B, C * nb, H, W, dtype=dtype), meta(S, nb, dtype=dtype)
+            nll_basis.forward(image(), image(), image(), coeffs, basis, offsets)
+            nll_basis.backward(grad, image(), image(), image(), coeffs, basis, offsets)
+        if dtype in HALF:
+            continue        # structlik.ops gives every other op float32 copies of half inputs
+        for transposed in (False, True):
+            apply_upper.launch(image(), image(), off_diag, offsets, transposed=transposed)
+            solve_upper.launch(image(), image(), off_diag, offsets, transposed=transposed)
+        weight_grad.launch(image(), image(), offsets)
+        precision_diagonal.launch(image(), off_diag, offsets)
+    return [(label, *launch) for launch in _recorded[start:]]
+
+
+def specialise(fn, args, kwargs, backend):
+    """What the JIT would compile for these arguments on a CUDA device: (options, signature, constexprs, attrs)."""
+    binder = triton_jit.create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **dict(kwargs, debug=False))
+    return fn._pack_args(backend, dict(kwargs, debug=False), bound, specialization, options)
+
+
+def _tool(name):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _ptxas_spills(ptx):
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{ARCH}a", src, "-o",
+                               os.path.join(tmp, "k.o")], capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    return [int(m.group(1)) if (m := re.search(pat, log)) else 0
+            for pat in (r"(\d+) bytes spill stores", r"(\d+) bytes spill loads")]
+
+
+def _resources(cubin):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+    return {key.lower(): int(m.group(1)) if (m := re.search(rf"\b{key}:(\d+)", res)) else None
+            for key in ("REG", "LOCAL", "SHARED")}
+
+
+def occupancy(regs, warps, shared):
+    """H100: resident CTAs per SM and the share of its 64 warp slots they fill."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    ctas = min((65536 // per_warp) // warps, (233472 // (shared + 1024)) if shared else 32, 64 // warps, 32)
+    return ctas * warps / 64
+
+
+ITEMS = []      # the recorded launches; forked workers compile ITEMS[i]
+
+
+def compile_one(i):
+    label, fn, args, kwargs, grid = ITEMS[i]
+    backend = make_backend(TARGET)
+    options, signature, constexprs, attrs = specialise(fn, args, kwargs, backend)
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                            target=TARGET, options=options.__dict__)
+    spill_stores, spill_loads = _ptxas_spills(kernel.asm["ptx"])
+    res = _resources(kernel.asm["cubin"])
+    return dict(regs=res["reg"], local=res["local"] or 0, shared=kernel.metadata.shared,
+                num_warps=kernel.metadata.num_warps, spill_stores=spill_stores, spill_loads=spill_loads,
+                occupancy=occupancy(res["reg"] or 0, kernel.metadata.num_warps, kernel.metadata.shared))
+
+
+def describe(fn, args, kwargs):
+    consts = {k: kwargs[k] for k in ("S", "BLOCK", "BLOCK_Y", "NB", "TRANSPOSED") if k in kwargs}
+    dtypes = sorted({str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor)} - {"float32"}
+                    or {"float32"})
+    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in consts.items()), ",".join(dtypes)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="B16 256x256 radius 3, float32 only")
+    p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--no-results", action="store_true", help="do not write benchmarks/results/")
+    args = p.parse_args()
+    triton_jit.JITFunction.run = _record
+    cases = [c for c in CASES if c[0] == "B16-C1-256x256-r3"] if args.quick else CASES
+    items = ITEMS
+    for label, B, C, H, W, stencil, basis_sizes in cases:
+        big = B * C > 10_000 or H * W > 100_000          # the launch-limit cases: float32 is enough
+        dtypes = (torch.float32,) if args.quick or big else DTYPES
+        items += launches(label, B, C, H, W, stencil, basis_sizes, dtypes)
+    backend = make_backend(TARGET)
+    keys = [repr((fn.fn.__name__, specialise(fn, a, kw, backend)[1:], kw.get("num_warps"))) for _, fn, a, kw, _ in items]
+    first = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    todo = sorted(first.values())
+    with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("fork")) as pool:
+        compiled = dict(zip(todo, pool.map(compile_one, todo)))
+    rows = []
+    for i, (label, fn, a, kw, grid) in enumerate(items):
+        consts, dtypes = describe(fn, a, kw)
+        rows.append(dict(case=label, kernel=fn.fn.__name__, constexprs=consts, dtypes=dtypes, grid=list(grid),
+                         grid_ok=all(g <= limit for g, limit in zip(grid, GRID_LIMITS)),
+                         distinct=first[keys[i]] == i, **compiled[first[keys[i]]]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    text = report(rows)
+    print(text)
+    if not args.no_results:
+        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        with open(os.path.join(here, f"triton_aot-sm{ARCH}.md"), "w") as f:
+            f.write(text)
+
+
+def report(rows):
+    lines = [f"## Triton kernels compiled ahead of time for sm_{ARCH} (H100/H200)", "",
+             f"- command: python benchmarks/triton_aot.py", f"- triton: {triton.__version__}, "
+             f"ptxas of CUDA {knobs.nvidia.ptxas.version}, target {TARGET}", "",
+             "Static figures from the compiled cubins, no GPU run: registers per thread, spill bytes per thread "
+             "(ptxas), H100 occupancy (share of an SM's 64 warp slots), the largest grid recorded for that "
+             "specialisation and whether every grid fits CUDA's limits.", "",
+             "| kernel | constexprs | dtype | warps | regs | spill st/ld | occupancy | largest grid | grids ok |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["constexprs"], r["dtypes"]), []).append(r)
+    for (kernel, consts, dtypes), rs in sorted(groups.items()):
+        r = rs[0]
+        grid = max((x["grid"] for x in rs), key=lambda g: g[0] * (g[1] if len(g) > 1 else 1))
+        lines.append(f"| {kernel} | {consts} | {dtypes} | {r['num_warps']} | {r['regs']} | "
+                     f"{r['spill_stores']}/{r['spill_loads']} | {r['occupancy']:.2f} | {tuple(grid)} | "
+                     f"{'yes' if all(x['grid_ok'] for x in rs) else '**no**'} |")
+    spills = sum(1 for r in rows if r["distinct"] and (r["spill_stores"] or r["spill_loads"] or r["local"]))
+    lines += ["", f"{sum(r['distinct'] for r in rows)} distinct compilations for {len(rows)} launches; "
+              f"{spills} spill; {sum(not r['grid_ok'] for r in rows)} grids over CUDA's limits.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The Triton kernels as a GPU would get them: compiled ahead of time for sm_90 (no GPU needed), and
+exact under the interpreter when an image spans several programs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import TEST_DEVICE
+from helpers import available_backends, make_params
+from structlik import Stencil, ops, reference
+
+triton = pytest.importorskip("triton")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Every kernel at the benchmark sizes, float32/float16/bfloat16, compiled for sm_90
+    (benchmarks/triton_aot.py, in a process of its own: this one defined the kernels for the
+    interpreter)."""
+    out = tmp_path_factory.mktemp("aot") / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "triton_aot.py"), "--no-results",
+                           "--json", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_every_kernel_and_dtype_is_covered(compiled):
+    kernels = {r["kernel"] for r in compiled}
+    assert kernels >= {"nll_kernel", "nll_backward_u_kernel", "nll_backward_loc_kernel", "nll_basis_kernel",
+                       "nll_basis_backward_u_kernel", "nll_basis_backward_loc_kernel", "apply_upper_kernel",
+                       "solve_upper_kernel", "weight_grad_kernel", "precision_diagonal_kernel"}
+    assert {r["dtypes"] for r in compiled if r["kernel"] == "nll_kernel"} >= {"float32", "float16", "bfloat16"}
+
+
+def test_nothing_spills(compiled):
+    spilled = [(r["case"], r["kernel"], r["constexprs"], r["dtypes"], r["spill_stores"], r["spill_loads"])
+               for r in compiled if r["spill_stores"] or r["spill_loads"] or r["local"]]
+    assert spilled == []
+
+
+def test_every_launch_fits_cudas_grid_limits(compiled):
+    """100,000 planes and B=256 at 512x512 radius 3 among them."""
+    assert {r["case"] for r in compiled} >= {"B100000-C1-16x16-r1", "B256-C1-512x512-r3"}
+    assert [(r["case"], r["kernel"], r["grid"]) for r in compiled if not r["grid_ok"]] == []
+
+
+@pytest.mark.skipif("triton" not in available_backends(TEST_DEVICE), reason="the Triton backend is unavailable")
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_images_over_several_programs(backend):
+    """19x17 = 323 pixels: two programs per plane (256 pixels each), the partial sums of the NLL added."""
+    stencil = Stencil(2)
+    shape = (1, 2, 19, 17)
+    loc, log_diag, off_diag = make_params(shape, stencil, requires_grad=True)
+    x = loc.detach() + torch.randn(shape, dtype=torch.float64)
+    got = ops.nll(x, loc, log_diag, off_diag, stencil)
+    grads = torch.autograd.grad(got.sum(), (loc, log_diag, off_diag))
+    expected = reference.nll(x, loc, log_diag, off_diag, stencil)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(grads, torch.autograd.grad(expected.sum(), (loc, log_diag, off_diag))):
+        torch.testing.assert_close(g, e)
+    torch.testing.assert_close(ops.apply_upper(x, log_diag, off_diag, stencil),
+                               reference.apply_upper(x, log_diag, off_diag, stencil))
