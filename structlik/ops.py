@@ -103,13 +103,15 @@ def head_of(loc, log_diag, off_diag):
     head's gradient in one piece instead of three gradients that autograd's backward of
     the split copies into one (a pass over all of them: 1.6 ms of 4.1 at B64 64x64 radius 3
     on a 2-core CPU, benchmarks/RESULTS.md)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(loc):
+        return None         # plain views there: a transformed view's _base is not the transformed head
     head = loc._base
     if (head is None or log_diag._base is not head or off_diag._base is not head or head.dim() != 4
-            or not head.requires_grad or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or not head.requires_grad or not torch.is_grad_enabled()
             or head.dtype not in (torch.float32, torch.float64)):
         return None
     B, C, H, W = loc.shape
-    if tuple(head.shape[::2]) != (B, H) or head.shape[3] != W or any(
+    if head.shape[0] != B or tuple(head.shape[2:]) != (H, W) or any(
             t.stride() != head.stride() for t in (loc, log_diag, off_diag)):
         return None
     step = head.stride(1)

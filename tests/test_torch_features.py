@@ -155,6 +155,19 @@ def test_vmap_and_per_sample_gradients(backend):
             torch.testing.assert_close(g[b], e[0])
 
 
+def test_per_sample_gradients_through_a_split_head(backend):
+    """vmap(grad) of the README's loss line: views of one head, per image."""
+    x, loc, log_diag, off_diag = problem(requires_grad=False)
+    head = torch.cat([loc, log_diag, off_diag], dim=1)
+
+    def loss(h, xx):
+        return structured_gaussian_nll(xx[None], *h[None].split([1, 1, ST.S], dim=1), ST)
+    per_sample = torch.func.vmap(torch.func.grad(loss))(head, x)
+    leaf = head.clone().requires_grad_()
+    expected = torch.autograd.grad(ops.nll(x, *leaf.split([1, 1, ST.S], dim=1), ST).sum(), leaf)[0]
+    torch.testing.assert_close(per_sample, expected)
+
+
 def test_forward_mode_names_the_op(backend):
     x, loc, log_diag, off_diag = problem(requires_grad=False)
     try:
