@@ -9,7 +9,7 @@
   ``scipy.sparse.linalg.spsolve_triangular`` (as the authors' code samples).
 - ``dense_sample``: dense U from ``to_dense_upper`` and
   ``torch.linalg.solve_triangular``, in chunks of planes that fit a memory budget.
-All follow SPEC section 1 exactly; the benchmarks check them against the reference.
+All follow docs/contract.md §1 exactly; the benchmarks check them against the reference.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-// U r and U^T y (SPEC section 1), one (b, c) plane per task.
+// U r and U^T y (docs/contract.md §1), one (b, c) plane per task.
 //
 //   apply_upper:   out_p = d_p r_p + sum_i w_{p,i} r_{p+delta_i}        (gather)
 //   apply_upper_t: out_p = d_p y_p + sum_i w_{p-delta_i,i} y_{p-delta_i} (written as a scatter

@@ -1,7 +1,7 @@
 // Shared helpers for the CPU kernels: argument checks, the stencil's offsets,
 // and the per-row valid range of an offset.
 //
-// Layout (SPEC section 3): images and log_diag are (B, C, H, W), off_diag is
+// Layout (docs/contract.md §3): images and log_diag are (B, C, H, W), off_diag is
 // (B, C*S, H, W) with channel c / offset i at c*S + i. Every kernel works on
 // one (b, c) plane at a time: the plane's S weight maps are then the S
 // consecutive (H, W) slices starting at off_diag[b, c*S].

@@ -1,7 +1,7 @@
 """structlik: exact, fast structured (correlated) Gaussian likelihoods for images.
 
 The precision is ``Lambda = U^T U`` with U sparse and upper-triangular in raster
-order; see SPEC section 1 and Dorta et al., "Training VAEs Under Structured
+order; see docs/contract.md §1 and Dorta et al., "Training VAEs Under Structured
 Residuals".
 """
 import torch  # noqa: F401  (must precede any compiled extension)

@@ -1,10 +1,10 @@
 """Fake (meta) kernels, autograd formulas and vmap rules shared by every op namespace.
 
-A backend defines the ops of SPEC section 1 under its own namespace
+A backend defines the ops of docs/contract.md §1 under its own namespace
 (``structlik_cpu``, ``structlik_triton``; ``structlik_reference`` has the two
 solves) with the same names and schemas; this module registers, once per
 namespace, what torch.compile needs (a fake kernel giving output shapes), the
-backward formulas of SPEC section 1 written in terms of that namespace's own
+backward formulas of docs/contract.md §1 written in terms of that namespace's own
 ops, and a vmap rule (``structlik._vmap``).
 
 Every formula is itself differentiable, so every op is twice differentiable

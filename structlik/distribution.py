@@ -18,7 +18,7 @@ class StructuredNormal(Distribution):
 
     ``x ~ N(loc, (U^T U)^{-1})`` with, per channel and in raster order,
     ``(U r)_p = exp(log_diag_p) r_p + sum_i off_diag_{p,i} r_{p+delta_i}``
-    (SPEC section 1). Channels are independent; the event is one image.
+    (docs/contract.md §1). Channels are independent; the event is one image.
 
     Args:
         loc: (\*batch, C, H, W) mean.

@@ -1,4 +1,4 @@
-"""The differentiable primitives of SPEC section 1, validated and dispatched.
+"""The differentiable primitives of docs/contract.md §1, validated and dispatched.
 
 Shapes: images (``r``, ``y``, ``z``, ``g``, ``x``, ``loc``) and ``log_diag`` are
 (B, C, H, W); ``off_diag`` is (B, C*S, H, W), channel c / offset i at c*S + i.

@@ -1,4 +1,4 @@
-"""The reference backend: SPEC section 1 in plain PyTorch, written for clarity.
+"""The reference backend: docs/contract.md §1 in plain PyTorch, written for clarity.
 
 Every fast path is tested against these functions, and these against a dense
 float64 construction (``to_dense_upper``). Inputs are assumed validated by
@@ -9,7 +9,7 @@ The stencil terms are shifts of zero-padded tensors, one line per term of
 ``(U r)_p = d_p r_p + sum_i w_{p,i} r_{p+delta_i}``. Autograd differentiates
 them directly. The two triangular solves cannot be written as shifts; they
 run wavefront by wavefront (see ``_schedule``) as torch.library ops whose
-backward passes use the formulas of SPEC section 1 (structlik._autograd).
+backward passes use the formulas of docs/contract.md §1 (structlik._autograd).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 
 def weights(off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
-    """(B, C*S, H, W) -> (B, C, S, H, W), channel-major as SPEC section 3."""
+    """(B, C*S, H, W) -> (B, C, S, H, W), channel-major as docs/contract.md §3."""
     B, CS, H, W = off_diag.shape
     return off_diag.reshape(B, CS // stencil.S, stencil.S, H, W)
 

@@ -1,4 +1,4 @@
-"""Bad input raises ValueError/TypeError naming the argument and the expected shape (SPEC section 4)."""
+"""Bad input raises ValueError/TypeError naming the argument and the expected shape (docs/contract.md §4)."""
 import pytest
 import torch
 

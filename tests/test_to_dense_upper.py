@@ -1,4 +1,4 @@
-"""to_dense_upper against a construction written here, pixel by pixel, from SPEC section 1."""
+"""to_dense_upper against a construction written here, pixel by pixel, from docs/contract.md §1."""
 import pytest
 import torch
 

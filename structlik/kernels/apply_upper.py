@@ -1,4 +1,4 @@
-"""U r and U^T y (SPEC section 1).
+"""U r and U^T y (docs/contract.md §1).
 
 apply_upper gathers ``w_{p,i} r_{p+delta_i}``; apply_upper_t gathers
 ``w_{p-delta_i,i} y_{p-delta_i}`` (the transposed stencil), so both write
