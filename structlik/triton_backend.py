@@ -7,6 +7,14 @@ break or a host sync) with the autograd formulas shared with the C++ backend.
 The kernels run on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1
 (how CI tests them). ``triton.language`` is imported here, never by
 ``import structlik``, so a machine without Triton or a GPU imports fine.
+
+Why ``custom_op`` and not ``torch.library.triton_op`` (which would let inductor
+see into the kernels): under ``TRITON_INTERPRET=1``, how CI runs these
+kernels, a ``triton_op`` works eagerly, but ``torch.compile`` traces its body
+with fake tensors and ``wrap_triton`` of an interpreted kernel reads their data
+pointers ("Cannot access data pointer of Tensor (e.g. FakeTensor)"; triton
+3.6.0, torch 2.13.0). Registering ``triton_op`` only on CUDA would leave that
+path untested until a GPU session can run it.
 """
 from __future__ import annotations
 

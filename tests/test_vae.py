@@ -197,6 +197,34 @@ def _params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def test_calibration_of_noise_drawn_from_the_model_itself():
+    """Data drawn from the likelihood: the noise is as large as the residual, the whitened residual
+    has unit mean square, structured noise is correlated like the residual; and the measure leaves
+    the global random stream alone (the IWAE draws after it stay the same)."""
+    from torch.distributions import Independent, Normal
+    from examples.vae.calibration import calibration, summarise
+    torch.manual_seed(0)
+    mu = torch.full((64, 1, 16, 16), 0.5)
+    diagonal = Independent(Normal(mu, torch.full_like(mu, 0.05)), 3)
+    stencil = structlik.Stencil(1)
+    off = torch.zeros(64, stencil.S, 16, 16)
+    off[:, 0] = -0.9 * 20.0                      # u_p = 20 (r_p - 0.9 r_{p+1}): neighbours correlated
+    structured = structlik.StructuredNormal(mu, torch.full_like(mu, math.log(20.0)), off, stencil)
+    for dist in (diagonal, structured):
+        x = dist.sample()
+        state = torch.get_rng_state()
+        s = summarise(calibration(dist, x, color=False, seed=1))
+        assert torch.equal(torch.get_rng_state(), state)
+        assert 0.9 < s["median_noise_ratio"] < 1.1 and s["share_ratio_in_0.5_2"] == 1.0
+        assert 0.9 < s["whitened_ms"] < 1.1
+        assert abs(s["corr_e"] - s["corr_r"]) < 0.1
+    assert s["corr_e"] > 0.5                     # the structured one
+    x = diagonal.sample()
+    noisy = Independent(Normal(mu, torch.full_like(mu, 0.1)), 3)    # twice too wide for x
+    s = summarise(calibration(noisy, x, color=False, seed=1))
+    assert 1.8 < s["median_noise_ratio"] < 2.2 and 0.2 < s["whitened_ms"] < 0.3
+
+
 def test_resume_continues_exactly(tmp_path):
     cfg = preset("tiny", epochs=3)
     data = vdata.ImageData("toy", torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8),
@@ -221,10 +249,12 @@ def test_main_writes_table_json_and_figures(tmp_path):
         assert set(models) == {"diagonal", "beta", "structured"}
         for m in models.values():
             assert all(math.isfinite(v["mean"]) for v in m["summary"].values())
+            assert all(math.isfinite(v) for v in m["calibration"].values())
         for fig in ("reconstructions", "samples", "nll_hist", "residual_correlations"):
             assert (tmp_path / f"{name}_{fig}.png").stat().st_size > 1000
     table = (tmp_path / "results.md").read_text()
-    assert table.count("| structured") == 2 and "YCbCr" in table
+    assert table.count("| structured") == 4 and "YCbCr" in table      # NLL and calibration tables
+    assert table.count("Calibration of the luminance noise") == 2
 
 
 def test_main_trains_on_a_folder(tmp_path):

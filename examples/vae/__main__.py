@@ -27,6 +27,7 @@ import structlik
 from . import data as data_mod
 from . import figures
 from .config import MODELS, PRESETS, preset
+from . import calibration as calib
 from .evaluate import METRICS, evaluate, summarise, table
 from .train import rank_world, train
 
@@ -113,8 +114,12 @@ def main(argv=None):
         caption = (f"### {data}\n\n{cfg.epochs} epochs, IWAE S = {cfg.iwae_samples}, beta-VAE beta = {cfg.beta}; "
                    f"mean ± std over the {n_test} test images; the mutual information is at most "
                    f"log N = {per_image[args.models[0]]['log_n']:.2f}.\n\n")
-        markdown.append(caption + text)
-        print(caption + text, flush=True)
+        calibration = {m: calib.summarise(v["calibration"]) for m, v in per_image.items()}
+        cal_text = ("\n\nCalibration of the luminance noise (one sample e per test image at the posterior mean "
+                    "mu, against r = x - mu; see examples/vae/calibration.py):\n\n"
+                    + calib.table({f"{m} ({models[m].likelihood.describe()})": c for m, c in calibration.items()}))
+        markdown.append(caption + text + cal_text)
+        print(caption + text + cal_text, flush=True)
         seed = args.seed + 200
         figures.reconstructions(models, data.test, cfg.n_figure, out / f"{data.name}_reconstructions.png", seed, device)
         figures.prior_samples(models, cfg.n_figure, out / f"{data.name}_samples.png", seed, device)
@@ -127,9 +132,11 @@ def main(argv=None):
             "models": {m: {"summary": summarise(v), "train_seconds": sum(h["seconds"] for h in histories[m]),
                            "history": histories[m],
                            "likelihood": models[m].likelihood.describe(),
+                           "calibration": calibration[m],
                            "parameters": sum(p.numel() for p in models[m].parameters())}
                        for m, v in per_image.items()},
-            "per_image": {m: {k: [round(x, 3) for x in v[k].tolist()] for k, _, _ in METRICS}
+            "per_image": {m: {**{k: [round(x, 3) for x in v[k].tolist()] for k, _, _ in METRICS},
+                              **{k: [round(x, 4) for x in v["calibration"][k].tolist()] for k in calib.MEASURES}}
                           for m, v in per_image.items()},
         }
     if rank == 0:

@@ -13,6 +13,7 @@ import math
 import torch
 from torch.distributions import Normal
 
+from . import calibration as calib
 from .data import dequantise
 from .model import ConvVAE
 
@@ -58,6 +59,7 @@ def evaluate(model: ConvVAE, test_uint8: torch.Tensor, cfg, seed: int, device: t
     x_all = dequantise(test_uint8, g)                     # one fixed dequantisation for every model
     torch.manual_seed(seed)
     nll, kl, mse, mus, stds = [], [], [], [], []
+    cal = {k: [] for k in calib.MEASURES}
     # decode ~250 images at once: larger batches only add page faults on a CPU
     chunk = max(1, 250 // cfg.eval_batch)
     for start in range(0, len(x_all), cfg.eval_batch):
@@ -68,8 +70,11 @@ def evaluate(model: ConvVAE, test_uint8: torch.Tensor, cfg, seed: int, device: t
         kl.append(torch.distributions.kl_divergence(q, Normal(0.0, 1.0)).sum(1))
         nll.append(iwae_nll(model, x, q, cfg.iwae_samples, chunk))
         # reconstruction from the posterior mean, in [0, 255] (RGB for colour)
-        recon = model.decode(q.mean).mean.clamp(0, 1)
+        p_mean = model.decode(q.mean)
+        recon = p_mean.mean.clamp(0, 1)
         mse.append(((recon - x) * 255).square().flatten(1).mean(1))
+        for k, v in calib.calibration(p_mean, x, model.likelihood.color, seed + 7 + start).items():
+            cal[k].append(v)
     mu, std = torch.cat(mus), torch.cat(stds)
     mi = mutual_information(mu, std, cfg.mi_samples, torch.Generator().manual_seed(seed + 1))
     kl = torch.cat(kl)
@@ -86,6 +91,7 @@ def evaluate(model: ConvVAE, test_uint8: torch.Tensor, cfg, seed: int, device: t
         "mse": torch.cat(mse).cpu(),
         "dims": dims,
         "log_n": math.log(len(x_all)),
+        "calibration": {k: torch.cat(v).cpu() for k, v in cal.items()},
     }
 
 
