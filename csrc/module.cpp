@@ -25,6 +25,8 @@ TORCH_LIBRARY(structlik_cpu, m) {
   // loc, log_diag and off_diag as adjacent channel slices of one decoder head, from channel c0
   m.def("nll_head(Tensor x, Tensor head, int c0, int[] offsets) -> Tensor");
   m.def("nll_head_backward(Tensor grad, Tensor x, Tensor head, int c0, int[] offsets) -> Tensor");
+  // z ~ N(0, I) of the given size for sampling, from a seed drawn from torch's generator
+  m.def("standard_normal(int[] size, int seed, ScalarType dtype) -> Tensor");
   m.def("nll_basis(Tensor x, Tensor loc, Tensor log_diag, Tensor coeffs, Tensor basis, int[] offsets) -> Tensor");
   m.def("nll_basis_backward(Tensor grad, Tensor x, Tensor loc, Tensor log_diag, Tensor coeffs, Tensor basis,"
         " int[] offsets) -> (Tensor, Tensor, Tensor, Tensor)");

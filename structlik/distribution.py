@@ -6,11 +6,24 @@ import math
 import torch
 from torch.distributions import Distribution, constraints
 
-from . import _checks, ops
+from . import _checks, backends, ops
 from .basis import check_basis, expand_basis
 from .stencil import Stencil
 
-__all__ = ["StructuredNormal"]
+__all__ = ["StructuredNormal", "standard_normal"]
+
+
+def standard_normal(shape, dtype, device) -> torch.Tensor:
+    """z ~ N(0, I) for ``rsample``. On CPU tensors the extension's vectorised generator
+    (csrc/standard_normal.cpp: ATen's float64 ``normal_`` is scalar code, and cost more than
+    the solve that uses z), seeded by one draw from torch's generator so ``torch.manual_seed``
+    reproduces it; ``torch.randn`` elsewhere, while compiling and inside torch.func transforms."""
+    device = torch.device(device)
+    if (device.type == "cpu" and dtype in (torch.float32, torch.float64) and backends.available("cpu")
+            and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None):
+        seed = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64))
+        return torch.ops.structlik_cpu.standard_normal(list(shape), seed, dtype)
+    return torch.randn(shape, dtype=dtype, device=device)
 
 
 class StructuredNormal(Distribution):
@@ -132,7 +145,7 @@ class StructuredNormal(Distribution):
 
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
-        z = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        z = standard_normal(shape, self.loc.dtype, self.loc.device)
         ld, od = self._flat_params()
         # One solve for every sample: the kernels read sample r*N + b's parameters at b,
         # so the parameters are never copied per sample.
