@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._guards import detect_fake_mode
 from torch.distributions import Distribution, constraints
 
 from . import _checks, backends, ops
@@ -17,10 +18,12 @@ def standard_normal(shape, dtype, device) -> torch.Tensor:
     """z ~ N(0, I) for ``rsample``. On CPU tensors the extension's vectorised generator
     (csrc/standard_normal.cpp: ATen's float64 ``normal_`` is scalar code, and cost more than
     the solve that uses z), seeded by one draw from torch's generator so ``torch.manual_seed``
-    reproduces it; ``torch.randn`` elsewhere, while compiling and inside torch.func transforms."""
+    reproduces it; ``torch.randn`` elsewhere, while compiling, under fake tensors and inside torch.func
+    transforms."""
     device = torch.device(device)
     if (device.type == "cpu" and dtype in (torch.float32, torch.float64) and backends.available("cpu")
-            and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None):
+            and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
+            and detect_fake_mode() is None):        # the seed is read from a tensor: not under fake tensors
         seed = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64))
         return torch.ops.structlik_cpu.standard_normal(list(shape), seed, dtype)
     return torch.randn(shape, dtype=dtype, device=device)
