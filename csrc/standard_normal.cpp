@@ -102,22 +102,21 @@ static void fill_pairs(scalar_t* __restrict__ a, scalar_t* __restrict__ b, int64
 
 at::Tensor standard_normal(at::IntArrayRef size, int64_t seed, at::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "standard_normal: float32 or float64, got ", dtype);
-  auto out = at::empty(size, at::TensorOptions().dtype(dtype));
-  const int64_t n = out.numel(), half = (n + 1) / 2;
+  int64_t n = 1;
+  for (const int64_t d : size) {
+    TORCH_CHECK(d >= 0, "standard_normal: size must be non-negative, got ", size);
+    n *= d;
+  }
+  // Pairs fill the two halves of an even-length buffer; an odd n drops the last pair's second value.
+  const int64_t half = (n + 1) / 2;
+  auto buffer = at::empty({2 * half}, at::TensorOptions().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES(dtype, "standard_normal", [&] {
-    scalar_t* p = out.data_ptr<scalar_t>();
-    std::vector<scalar_t> last(n % 2 ? 1 : 0);             // the odd value's partner, dropped
-    scalar_t* second = n % 2 ? last.data() - (half - 1) : p + half;   // second[half - 1] is that slot
+    scalar_t* p = buffer.data_ptr<scalar_t>();
     at::parallel_for(0, half, 4096, [&](int64_t begin, int64_t end) {
-      if (n % 2 == 0 || end < half) {
-        fill_pairs(p, p + half, begin, end, static_cast<uint64_t>(seed));
-      } else {                                             // the last pair's second value has no slot
-        fill_pairs(p, p + half, begin, end - 1, static_cast<uint64_t>(seed));
-        fill_pairs(p, second, end - 1, end, static_cast<uint64_t>(seed));
-      }
+      fill_pairs(p, p + half, begin, end, static_cast<uint64_t>(seed));
     });
   });
-  return out;
+  return buffer.narrow(0, 0, n).view(size);
 }
 
 TORCH_LIBRARY_IMPL(structlik_cpu, CompositeExplicitAutograd, m) { m.impl("standard_normal", &standard_normal); }
