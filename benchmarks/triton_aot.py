@@ -77,7 +77,8 @@ def launches(label, B, C, H, W, stencil, basis_sizes, dtypes):
         off_diag = meta(B, C * S, H, W, dtype=dtype)
         grad = meta(B, dtype=torch.float32)
         nll.forward(image(), image(), image(), off_diag, offsets)
-        nll.backward(grad, image(), image(), image(), off_diag, offsets)
+        _, u = nll.forward(image(), image(), image(), off_diag, offsets, with_u=True)
+        nll.backward(grad, image(), image(), image(), off_diag, offsets, u=u)
         for nb in basis_sizes:
             coeffs, basis = meta(B, C * nb, H, W, dtype=dtype), meta(S, nb, dtype=dtype)
             nll_basis.forward(image(), image(), image(), coeffs, basis, offsets)
@@ -148,7 +149,7 @@ def compile_one(i):
 
 
 def describe(fn, args, kwargs):
-    consts = {k: kwargs[k] for k in ("S", "BLOCK", "BLOCK_Y", "NB", "TRANSPOSED") if k in kwargs}
+    consts = {k: kwargs[k] for k in ("S", "BLOCK", "LANES", "NB", "TRANSPOSED", "STORE_U") if k in kwargs}
     dtypes = sorted({str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor)} - {"float32"}
                     or {"float32"})
     return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in consts.items()), ",".join(dtypes)

@@ -24,6 +24,11 @@ from .reference import sum_repeats
 __all__ = ["register", "OpsBackend"]
 
 IMAGE_OPS = ("apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t")
+# Optional: a training forward that also returns u = U (x - loc) for a one-pass backward
+# (the Triton backend has them; structlik/kernels/nll.py).
+TRAINING_OPS = ("nll_u", "nll_head_u")
+BACKWARD_KERNELS = ("nll_backward", "nll_head_backward", "nll_basis_backward", "nll_u_backward",
+                    "nll_head_u_backward")
 
 
 def _offsets_count(offsets) -> int:
@@ -62,6 +67,15 @@ def _register_fakes(ns: str, names) -> None:
     if "nll_head" in names:
         fake(f"{ns}::nll_head")(lambda x, head, c0, offsets: x.new_empty(x.shape[0], dtype=nll_dtype(x)))
         fake(f"{ns}::nll_head_backward")(lambda grad, x, head, c0, offsets: head.new_empty(head.shape))
+    if "nll_u" in names:
+        fake(f"{ns}::nll_u")(lambda x, loc, log_diag, off_diag, offsets: (
+            x.new_empty(x.shape[0], dtype=nll_dtype(x)), x.new_empty(x.shape, dtype=nll_dtype(x))))
+        fake(f"{ns}::nll_u_backward")(lambda grad, x, loc, log_diag, off_diag, u, offsets: (
+            x.new_empty(x.shape), log_diag.new_empty(log_diag.shape), off_diag.new_empty(off_diag.shape)))
+    if "nll_head_u" in names:
+        fake(f"{ns}::nll_head_u")(lambda x, head, c0, offsets: (
+            x.new_empty(x.shape[0], dtype=nll_dtype(x)), x.new_empty(x.shape, dtype=nll_dtype(x))))
+        fake(f"{ns}::nll_head_u_backward")(lambda grad, x, head, c0, u, offsets: head.new_empty(head.shape))
     if "nll_basis" in names:
         fake(f"{ns}::nll_basis")(lambda x, loc, log_diag, coeffs, basis, offsets:
                                  x.new_empty(x.shape[0], dtype=nll_dtype(x)))
@@ -93,13 +107,13 @@ def register(ns: str, *, fakes: bool = True) -> dict:
     torch 2.13's ``register_autograd`` makes an autograd.Function without setup_context, which
     torch.func's transforms refuse; these have it, and a vmap staticmethod."""
     raw = getattr(torch.ops, ns)
-    names = {n for n in (*IMAGE_OPS, "weight_grad", "precision_diagonal", "nll", "nll_head", "nll_basis")
-             if _has(raw, n)}
+    names = {n for n in (*IMAGE_OPS, "weight_grad", "precision_diagonal", "nll", "nll_head", "nll_basis",
+                         *TRAINING_OPS) if _has(raw, n)}
     if fakes:
         _register_fakes(ns, names)
     functions = {}
     ops = _Ops(functions)        # filled below; the formulas look the ops up when they run
-    for kernel in ("nll_backward", "nll_head_backward", "nll_basis_backward"):
+    for kernel in BACKWARD_KERNELS:
         if _has(raw, kernel):
             setattr(ops, kernel, getattr(raw, kernel))
     if "weight_grad" in names:
@@ -209,11 +223,12 @@ def register(ns: str, *, fakes: bool = True) -> dict:
         return (*x_and_loc_grads(gloc, need), gs if need[2] else None, gw if need[3] else None, None)
 
     # The NLL of adjacent channel slices of one head: the head's gradient in one piece.
-    def nll_head_backward(ctx, grad):
-        x, head = ctx.saved_tensors
+    def head_grads(ctx, grad, x, head, u=None):
         need = ctx.needs_input_grad
         c0, C, S = ctx.c0, x.shape[1], _offsets_count(ctx.offsets)
-        if fused(ctx):
+        if fused(ctx) and u is not None:
+            grad_head = ops.nll_head_u_backward(grad, x, head, c0, u, ctx.offsets)
+        elif fused(ctx):
             grad_head = ops.nll_head_backward(grad, x, head, c0, ctx.offsets)
         else:
             loc, log_diag, off_diag = head.narrow(1, c0, C), head.narrow(1, c0 + C, C), head.narrow(1, c0 + 2 * C,
@@ -224,6 +239,40 @@ def register(ns: str, *, fakes: bool = True) -> dict:
                                    head.new_zeros(head.shape[0], rest, *head.shape[2:])], dim=1)
         grad_x = -grad_head.narrow(1, c0, C) if need[0] else None
         return grad_x, grad_head if need[1] else None, None, None
+
+    def nll_head_backward(ctx, grad):
+        return head_grads(ctx, grad, *ctx.saved_tensors)
+
+    # The training forwards: the same formulas, the fused backward reading the u the forward
+    # stored. u is auxiliary: not differentiable, and its gradient never materialised.
+    def save_inputs_and_u(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:-1], output[1])
+        ctx.offsets = inputs[-1]
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    def nll_u_backward(ctx, grad, _grad_u):
+        if grad is None:        # not materialised: nothing flows back (gradcheck's undefined-grad check)
+            return None, None, None, None, None
+        x, loc, log_diag, off_diag, u = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if fused(ctx):
+            gloc, gs, gw = ops.nll_u_backward(grad, x, loc, log_diag, off_diag, u, ctx.offsets)
+        else:
+            gloc, gs, gw = composed_nll_grads(grad, x, loc, log_diag, off_diag, ctx.offsets)
+        return (*x_and_loc_grads(gloc, need), gs if need[2] else None, gw if need[3] else None, None)
+
+    def save_head_and_u(ctx, inputs, output):
+        x, head, c0, offsets = inputs
+        ctx.save_for_backward(x, head, output[1])
+        ctx.c0, ctx.offsets = c0, offsets
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    def nll_head_u_backward(ctx, grad, _grad_u):
+        if grad is None:
+            return None, None, None, None
+        return head_grads(ctx, grad, *ctx.saved_tensors)
 
     def save_head(ctx, inputs, output):
         x, head, c0, offsets = inputs
@@ -254,6 +303,7 @@ def register(ns: str, *, fakes: bool = True) -> dict:
         "weight_grad": (weight_grad_backward, save_inputs),
         "precision_diagonal": (precision_diagonal_backward, save_inputs), "nll": (nll_backward, save_inputs),
         "nll_basis": (nll_basis_backward, save_inputs), "nll_head": (nll_head_backward, save_head),
+        "nll_u": (nll_u_backward, save_inputs_and_u), "nll_head_u": (nll_head_u_backward, save_head_and_u),
     }
     for name in names:
         backward, setup = formulas[name]
@@ -310,10 +360,19 @@ class OpsBackend:
         return self._ops.solve_upper_t(g, log_diag, off_diag, stencil.flat_offsets)
 
     def nll(self, x, loc, log_diag, off_diag, stencil):
+        if self._training(x, loc, log_diag, off_diag) and hasattr(self._ops, "nll_u"):
+            return self._ops.nll_u(x, loc, log_diag, off_diag, stencil.flat_offsets)[0]
         return self._ops.nll(x, loc, log_diag, off_diag, stencil.flat_offsets)
 
     def nll_head(self, x, head, c0, stencil):
+        if self._training(x, head) and hasattr(self._ops, "nll_head_u"):
+            return self._ops.nll_head_u(x, head, c0, stencil.flat_offsets)[0]
         return self._ops.nll_head(x, head, c0, stencil.flat_offsets)
+
+    @staticmethod
+    def _training(*tensors) -> bool:
+        """A gradient will be taken: worth storing u in the forward for the backward."""
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
     def nll_basis(self, x, loc, log_diag, coeffs, basis, stencil):
         return self._ops.nll_basis(x, loc, log_diag, coeffs, basis, stencil.flat_offsets)

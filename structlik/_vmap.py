@@ -55,7 +55,8 @@ def rule(op, arg_names, per_slice_op):
 def register(ns: str, names) -> None:
     """A vmap rule for each op of ``names`` in namespace ``ns`` and for its fused backward."""
     ops = getattr(torch.ops, ns)
-    for name in sorted(names) + [f"{n}_backward" for n in ("nll", "nll_head", "nll_basis") if n in names]:
+    backwards = [f"{n}_backward" for n in ("nll", "nll_head", "nll_basis", "nll_u", "nll_head_u") if n in names]
+    for name in sorted(names) + backwards:
         op = getattr(ops, name).default
         arg_names = [a.name for a in op._schema.arguments]
         torch.library.register_vmap(f"{ns}::{name}", rule(op, arg_names, name in PER_SLICE_OPS))

@@ -79,6 +79,30 @@ def _nll_backward(grad: Tensor, x: Tensor, loc: Tensor, log_diag: Tensor, off_di
     return _nll.backward(grad, x, loc, log_diag, off_diag, offsets)
 
 
+# The training forward: the NLL and u = U (x - loc), which the one-pass backward reads
+# (structlik/kernels/nll.py has the bytes this saves). ``OpsBackend`` calls these when a
+# gradient will be taken; u is an auxiliary output, not differentiable.
+@_op("nll_u")
+def _nll_u(x: Tensor, loc: Tensor, log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tuple[Tensor, Tensor]:
+    return _nll.forward(x, loc, log_diag, off_diag, offsets, with_u=True)
+
+
+@_op("nll_u_backward")
+def _nll_u_backward(grad: Tensor, x: Tensor, loc: Tensor, log_diag: Tensor, off_diag: Tensor, u: Tensor,
+                    offsets: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    return _nll.backward(grad, x, loc, log_diag, off_diag, offsets, u=u)
+
+
+@_op("nll_head_u")
+def _nll_head_u(x: Tensor, head: Tensor, c0: int, offsets: List[int]) -> Tuple[Tensor, Tensor]:
+    return _nll.forward(x, *_nll.head_slices(head, c0, x.shape[1], len(offsets) // 2), offsets, with_u=True)
+
+
+@_op("nll_head_u_backward")
+def _nll_head_u_backward(grad: Tensor, x: Tensor, head: Tensor, c0: int, u: Tensor, offsets: List[int]) -> Tensor:
+    return _nll.head_backward(grad, x, head, c0, offsets, u=u)
+
+
 @_op("nll_head")
 def _nll_head(x: Tensor, head: Tensor, c0: int, offsets: List[int]) -> Tensor:
     return _nll.forward(x, *_nll.head_slices(head, c0, x.shape[1], len(offsets) // 2), offsets)

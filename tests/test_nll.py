@@ -1,5 +1,6 @@
 """The NLL / log_prob: every backend against the reference, the reference against a dense MVN."""
 import math
+import os
 
 import pytest
 import torch
@@ -80,3 +81,48 @@ def test_half_inputs_give_float32_nll_and_half_gradients(dtype, backend):
     loc, log_diag, off_diag = make_params((2, 2, 7, 9), stencil, dtype=torch.float32)
     assert_half_nll_matches_float32(lambda *a: ops.nll(*a, stencil), lambda *a: reference.nll(*a, stencil),
                                     [loc + torch.randn_like(loc), loc, log_diag, off_diag], dtype)
+
+
+@pytest.mark.parametrize("path", ["views", "separate", "compiled", "func"])
+def test_triton_training_forward_stores_u_for_a_one_pass_backward(path, monkeypatch):
+    """When a gradient will be taken, the Triton NLL stores u = U r in the forward and the
+    fused backward reads it (docs/kernels.md §1: 82 planes per step instead of 109); without one,
+    the forward writes no u. Gradients equal the reference's."""
+    from structlik import Stencil, backends
+    from structlik.kernels import nll as kernels
+
+    if not backends.available("triton") or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    calls = []
+    forward, backward = kernels.forward, kernels.backward
+    monkeypatch.setattr(kernels, "forward", lambda *a, with_u=False: calls.append(("forward", with_u))
+                        or forward(*a, with_u=with_u))
+    monkeypatch.setattr(kernels, "backward", lambda *a, u=None, out=None: calls.append(("backward", u is not None))
+                        or backward(*a, u=u, out=out))
+    stencil = Stencil(1)
+    loc, log_diag, off_diag = make_params((2, 1, 5, 6), stencil)
+    x = torch.randn_like(loc)
+    head = torch.cat([loc, log_diag, off_diag], 1).requires_grad_()
+
+    def loss(h):
+        parts = h.split([1, 1, stencil.S], 1)
+        if path == "separate":       # not views of one head: the plain op, not the head op
+            parts = [t.clone() for t in parts]
+        return ops.nll(x, *parts, stencil).sum()
+    if path == "compiled":
+        grad = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(head), head)[0]
+    elif path == "func":
+        grad = torch.func.grad(loss)(head)
+    else:
+        grad = torch.autograd.grad(loss(head), head)[0]
+    assert ("forward", True) in calls and ("backward", False) not in calls
+    # torch.func builds its gradients with grad mode on, so they come from the composed
+    # (twice-differentiable) formula, not the fused kernel: the same numbers
+    assert (("backward", True) in calls) == (path != "func")
+    expected = torch.autograd.grad(reference.nll(x, *head.split([1, 1, stencil.S], 1), stencil).sum(), head)[0]
+    torch.testing.assert_close(grad, expected)
+    calls.clear()
+    with torch.no_grad():
+        ops.nll(x, *head.split([1, 1, stencil.S], 1), stencil)
+    assert calls == [("forward", False)]
