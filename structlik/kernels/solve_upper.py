@@ -3,10 +3,13 @@
 One program solves one (b, c) plane; planes (images, channels, samples) run
 in parallel. Inside a plane, pixel (y, x) depends only on pixels whose time
 t = a*(H-1-y) + (W-1-x) is smaller (a = ``Stencil.wavefront_slope``), so each
-anti-diagonal wavefront of equal t, at most one pixel per row, is solved at
-once by the program's lanes (one lane per row). A barrier between wavefronts
-makes one step's stores visible to the next step's loads. The transposed solve
-walks the same wavefronts in reverse and gathers from p - delta_i.
+wavefront of equal t, at most one pixel per row and at most ceil(W/a) rows,
+is solved at once: one lane per pixel of the wavefront (lanes follow the
+active rows as the wavefront moves up the image, so none idles but at its
+ends), one warp when the wavefront fits in 32 lanes. A barrier between
+wavefronts makes one step's stores visible to the next step's loads. The
+transposed solve walks the same wavefronts in reverse and gathers from
+p - delta_i. docs/kernels.md has the model: steps, barriers, lanes, SMs.
 
 The right-hand side and parameters are read through their strides; the
 parameters may have fewer images than the right-hand side (``param_batch``:
@@ -25,7 +28,7 @@ from .common import acc_dtype, neighbour, plane_start, plane_strides, planes_con
 @triton.jit
 def solve_upper_kernel(rhs, log_diag, off_diag, out, C, H, W, param_batch, steps, rsb, rsc, ssb, ssc, wsb, wsc,
                        SLOPE: tl.constexpr, OFFS: tl.constexpr, S: tl.constexpr, TRANSPOSED: tl.constexpr,
-                       ACC: tl.constexpr, BLOCK_Y: tl.constexpr):
+                       ACC: tl.constexpr, LANES: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
     kp = param_plane(k, C, param_batch)
     n = H * W
@@ -33,7 +36,7 @@ def solve_upper_kernel(rhs, log_diag, off_diag, out, C, H, W, param_batch, steps
     rb = plane_start(k, C, rsb, rsc)
     sb = plane_start(kp, C, ssb, ssc)
     wb = plane_start(kp, C, wsb, wsc * S)
-    y = tl.arange(0, BLOCK_Y)
+    lane = tl.arange(0, LANES)
     # A while loop, not range(steps): Triton's interpreter turns a runtime bound into a
     # one-element array that NumPy >= 2.4 refuses to use as an index.
     step = 0
@@ -42,6 +45,9 @@ def solve_upper_kernel(rhs, log_diag, off_diag, out, C, H, W, param_batch, steps
             t = steps - 1 - step
         else:
             t = step
+        # Wavefront t holds the pixels with SLOPE*(H-1-y) + (W-1-x) = t: rows from
+        # H-1-floor(t/SLOPE) down, at most ceil(W/SLOPE) of them. Lane j takes the j-th.
+        y = tl.maximum(H - 1 - t // SLOPE, 0) + lane
         x = (W - 1) - (t - SLOPE * (H - 1 - y))
         valid = (y < H) & (x >= 0) & (x < W)
         p = y * W + x
@@ -69,13 +75,25 @@ def wavefront_slope(offsets) -> int:
     return slope
 
 
+def lanes_for(H: int, W: int, slope: int) -> int:
+    """Lanes per program: the most pixels one wavefront holds, min(H, ceil(W / slope)), rounded
+    up to a power of two (at least 16, Triton's smallest block)."""
+    return max(16, triton.next_power_of_2(min(H, -(-W // slope))))
+
+
+def warps_for(lanes: int) -> int:
+    """One lane per thread: 1 warp up to 32 lanes (its barrier is a warp's), at most 4."""
+    return max(1, min(4, lanes // 32))
+
+
 def launch(rhs, log_diag, off_diag, offsets, transposed: bool):
     B, C, H, W = rhs.shape
     rhs, log_diag, off_diag = (planes_contiguous(t) for t in (rhs, log_diag, off_diag))
     out = torch.empty(rhs.shape, dtype=rhs.dtype, device=rhs.device)
     slope = wavefront_slope(offsets)
+    lanes = lanes_for(H, W, slope)
     solve_upper_kernel[(B * C,)](
         rhs, log_diag, off_diag, out, C, H, W, log_diag.shape[0], slope * (H - 1) + W, *plane_strides(rhs),
         *plane_strides(log_diag), *plane_strides(off_diag), SLOPE=slope, OFFS=tuple(offsets),
-        S=len(offsets) // 2, TRANSPOSED=transposed, ACC=acc_dtype(rhs), BLOCK_Y=max(16, triton.next_power_of_2(H)))
+        S=len(offsets) // 2, TRANSPOSED=transposed, ACC=acc_dtype(rhs), LANES=lanes, num_warps=warps_for(lanes))
     return out
