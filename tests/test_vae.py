@@ -74,10 +74,27 @@ def test_random_crops_are_windows_of_one_image():
         assert torch.equal(crop, images[int(crop[0, 0, 0])][:, y0:y0 + 8, x0:x0 + 8])
 
 
-def test_photos_split_by_image():
-    assert not set(vdata.PHOTOS_TRAIN) & set(vdata.PHOTOS_TEST)
-    photos = vdata.photos(vdata.PHOTOS_TEST, short_side=64)
+def test_photos_split_by_columns():
+    photos = vdata.photos(vdata.PHOTOS, short_side=64)
+    assert len(photos) == len(vdata.PHOTOS)
     assert all(p.dtype == torch.uint8 and p.shape[0] == 3 and min(p.shape[1:]) == 64 for p in photos)
+    train, test = vdata.split_columns(photos, vdata.TEST_FRACTION, size=16)
+    for image, left, right in zip(photos, train, test):
+        # the two parts tile the image, side by side, and each holds at least one crop
+        assert torch.equal(torch.cat([left, right], -1), image)
+        assert min(left.shape[-1], right.shape[-1]) >= 16
+        assert right.shape[-1] == max(16, round(image.shape[-1] * vdata.TEST_FRACTION))
+    with pytest.raises(ValueError, match="no 40-pixel crop"):
+        vdata.split_columns(photos, 0.5, size=40)
+
+
+def test_photo_test_crops_come_from_the_held_out_parts():
+    crops = vdata.PhotoCrops(size=16, n_train=8, n_test=8, short_side=64)
+    _, held_out = vdata.split_columns(vdata.photos(vdata.PHOTOS, 64), vdata.TEST_FRACTION, 16)
+    windows = [img.unfold(1, 16, 1).unfold(2, 16, 1).permute(1, 2, 0, 3, 4).reshape(-1, 3, 16, 16) for img in held_out]
+    for crop in crops.test:
+        assert any((w == crop).all(dim=(1, 2, 3)).any() for w in windows)
+    assert crops.epoch_data(torch.Generator().manual_seed(0)).shape == (8, 3, 16, 16)
 
 
 def _write_folder(root: Path):
@@ -278,3 +295,26 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert "mnist/structured: parameters identical on all 2 ranks" in done.stdout
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["world_size"] == 2
+
+
+def test_bounded_weights_keep_U_diagonally_dominant():
+    from examples.vae.likelihoods import bound_weights
+
+    log_diag = torch.randn(3, 1, 5, 6)
+    raw = 10 * torch.randn(3, 12, 5, 6)
+    w = bound_weights(log_diag, raw, 0.9)
+    assert (w.abs().sum(1, keepdim=True) < 0.9 * log_diag.exp()).all()
+    assert torch.equal(bound_weights(log_diag, torch.zeros_like(raw), 0.9), torch.zeros_like(raw))
+    with pytest.raises(ValueError, match="weight_bound"):
+        Likelihood(False, structlik.Stencil(1), weight_bound=0.0)
+    dist = Likelihood(False, structlik.Stencil(2), weight_bound=0.5)(
+        torch.rand(2, 1, 8, 8), torch.randn(2, 13, 8, 8))
+    assert (dist.off_diag.abs().sum(1, keepdim=True) < 0.5 * dist.log_diag.exp()).all()
+
+
+def test_training_options_reach_the_config():
+    from examples.vae.__main__ import parse
+
+    args = parse(["--weight-bound", "0.8", "--variance-weights", "100", "5", "--lr-warmup", "1", "--grad-clip", "50",
+                  "--warmup-fraction", "0.2", "--gamma-prior", "2", "1e-4"])
+    assert (args.weight_bound, args.variance_weights, args.lr_warmup, args.grad_clip) == (0.8, [100.0, 5.0], 1.0, 50.0)

@@ -57,6 +57,13 @@ def parse(argv=None):
     p.add_argument("--lr", type=float)
     p.add_argument("--gamma-prior", type=float, nargs=2, metavar=("CONCENTRATION", "RATE"),
                    help="add the Gamma prior of eq. 13 on the precision diagonal (structured model)")
+    p.add_argument("--weight-bound", type=float,
+                   help="structured model: keep sum_k |w_k| below this times the diagonal (U well conditioned)")
+    p.add_argument("--variance-weights", type=float, nargs=2, metavar=("WARMUP", "AFTER"),
+                   help="variance minimiser alpha during the warm-up epochs and after (eq. 14)")
+    p.add_argument("--warmup-fraction", type=float, help="share of the epochs with the warm-up alpha")
+    p.add_argument("--lr-warmup", type=float, help="epochs of linear learning-rate warm-up")
+    p.add_argument("--grad-clip", type=float, help="clip each step's gradient norm to this")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -79,7 +86,11 @@ def main(argv=None):
                  n_test=args.n_test, beta=args.beta, batch=args.batch, latent=args.latent,
                  base_width=args.base_width, lr=args.lr, radius=args.radius,
                  dilations=tuple(args.dilations) if args.dilations else None,
-                 gamma_prior=tuple(args.gamma_prior) if args.gamma_prior else None)
+                 gamma_prior=tuple(args.gamma_prior) if args.gamma_prior else None,
+                 weight_bound=args.weight_bound, warmup_fraction=args.warmup_fraction,
+                 warmup_weight=args.variance_weights[0] if args.variance_weights else None,
+                 weight=args.variance_weights[1] if args.variance_weights else None,
+                 lr_warmup=args.lr_warmup, grad_clip=args.grad_clip)
     device = setup_distributed(args.device)
     rank, world = rank_world()
     out = Path(args.out)

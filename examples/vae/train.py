@@ -31,7 +31,8 @@ def build(model_name: str, data: ImageData, cfg: Config) -> ConvVAE:
     if model_name not in MODELS:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {model_name!r}")
     stencil = structlik.Stencil(cfg.radius, dilations=cfg.dilations) if MODELS[model_name]["structured"] else None
-    likelihood = Likelihood(color=data.color, stencil=stencil, factor=cfg.factor)
+    likelihood = Likelihood(color=data.color, stencil=stencil, factor=cfg.factor,
+                            weight_bound=cfg.weight_bound if stencil is not None else None)
     return ConvVAE(likelihood, size=data.size, latent=cfg.latent, base_width=cfg.base_width)
 
 
@@ -104,13 +105,17 @@ def train(model_name: str, data: ImageData, cfg: Config, out: Path, seed: int, d
             if data.flips:
                 batch = flip_half(batch, mine)
             x = dequantise(batch, mine).to(device)
-            loss, parts = net(x, beta=beta, alpha=alpha, gamma_prior=cfg.gamma_prior)
+            loss, parts = net(x, beta=beta, alpha=alpha,
+                              gamma_prior=cfg.gamma_prior if model_name == "structured" else None)
             loss = loss.mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{data.name}/{model_name}: loss is {loss.item()} at epoch {epoch}, "
                                          f"step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.lr_warmup > 0:     # linear warm-up, counted in steps so it is smooth within an epoch
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * min(1.0, (epoch * steps + step + 1) / (cfg.lr_warmup * steps))
             norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).detach())
             opt.step()
             # kept on the device; read back once per epoch, not once per metric and step
