@@ -35,7 +35,8 @@ from .train import rank_world, train
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m examples.vae", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="cpu", choices=list(PRESETS),
-                   help="tiny (tests), cpu (default), gpu (30 epochs, wider) or paper (the paper's 110 epochs)")
+                   help="tiny (tests), cpu (default), cpu-long (100 epochs, S = 500), gpu (30 epochs, wider) or paper "
+                        "(the paper's 110 epochs)")
     p.add_argument("--data", nargs="+", default=["mnist", "photos"], help="mnist, photos and/or folder")
     p.add_argument("--folder", help="a folder of images (e.g. CelebA or LSUN churches) for --data folder")
     p.add_argument("--folder-gray", action="store_true", help="train on the folder's luminance (Table 1)")
