@@ -14,14 +14,16 @@ def extension_modules():
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     debug = os.environ.get("STRUCTLIK_DEBUG") == "1"
-    # The extension is built on the machine that runs it (pip builds from source), so
-    # tuning for it is safe; STRUCTLIK_CPU_ARCH="" (or another -march value) overrides.
-    arch = os.environ.get("STRUCTLIK_CPU_ARCH", "native")
+    # Portable by default: the baseline x86-64 instruction set, with each kernel's loops
+    # compiled again for AVX2 and AVX-512 and chosen when the library loads (csrc/stencil.h,
+    # STRUCTLIK_CLONES), so one wheel runs on any x86-64 CPU at its best speed.
+    # STRUCTLIK_CPU_ARCH=native (or another -march value) builds for one CPU only, without clones.
+    arch = os.environ.get("STRUCTLIK_CPU_ARCH", "")
     # -fopenmp: at::parallel_for is an OpenMP loop in torch's headers; without it, one thread.
     # -fno-math-errno: nothing reads errno, and with it gcc keeps libm calls (std::sqrt in
     # standard_normal.cpp) that stop loops from vectorising.
     flags = ["-O0", "-g", "-fopenmp"] if debug else ["-O3", "-fopenmp", "-fno-math-errno"] + (
-        [f"-march={arch}"] if arch else [])
+        [f"-march={arch}", "-DSTRUCTLIK_NO_CLONES"] if arch else [])
     ext = CppExtension(
         "structlik._C",
         sources,

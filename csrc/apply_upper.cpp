@@ -41,7 +41,7 @@ static at::Tensor apply_upper_impl(const at::Tensor& image, const at::Tensor& lo
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "apply_upper", [&] {
     const Planes<const scalar_t> In(in, C), Sd(s, C), Wt(w, C, S);
     scalar_t* out_p = out.data_ptr<scalar_t>();
-    at::parallel_for(0, planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+    parallel_cloned(planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k)
         apply_plane<scalar_t, transposed>(In(k), Sd(k), Wt(k), Wt.weight_stride(), out_p + k * n, H, W, offsets);
     });

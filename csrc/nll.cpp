@@ -31,7 +31,7 @@ at::Tensor nll(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;   // double for float and double
     std::vector<acc_t> per_plane(B * C);
     const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Wt(w, C, S);
-    at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+    parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       // Rows outer, offsets inner: the rows of r that one row of u reads stay in L1.
       std::vector<scalar_t> r(n), u(W), d(W);
       for (int64_t k = begin; k < end; ++k) {
@@ -68,7 +68,7 @@ static void nll_backward_into(const at::Tensor& grad, const at::Tensor& x, const
     const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Wt(w, C, S);
     const Planes<scalar_t> GL(grad_loc, C), GS(grad_s, C), GW(grad_w, C, S);
     const scalar_t* g_p = gc.data_ptr<scalar_t>();
-    at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+    parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       // One sweep over the rows: row y of u gives row y of d/ds and d/dw, and scatters
       // w_{p,i} u_p into rows y + dy_i of U^T u; row y of d/dloc is complete once row y is done.
       std::vector<scalar_t> r(n), u(W), d(W), gw_row(W);

@@ -66,7 +66,7 @@ at::Tensor nll_basis(const at::Tensor& x, const at::Tensor& loc, const at::Tenso
     std::vector<acc_t> per_plane(B * C);
     const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Cf(cc, C, nb);
     const scalar_t* b_p = bc.data_ptr<scalar_t>();
-    at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+    parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> r(n), u(W), d(W), wbuf(S * W);
       for (int64_t k = begin; k < end; ++k) {
         const scalar_t* sk = Sd(k);
@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nll_basis_backward(
     const scalar_t *b_p = bc.data_ptr<scalar_t>(), *g_p = gc.data_ptr<scalar_t>();
     scalar_t *gx_p = grad_loc.data_ptr<scalar_t>(), *gs_p = grad_s.data_ptr<scalar_t>(),
              *gc_p = grad_c.data_ptr<scalar_t>();
-    at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+    parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> r(n), u(W), d(W), wbuf(S * W), gwbuf(S * W);
       for (int64_t k = begin; k < end; ++k) {
         const scalar_t g = g_p[k / C];

@@ -13,7 +13,7 @@ at::Tensor precision_diagonal(const at::Tensor& log_diag, const at::Tensor& off_
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "precision_diagonal", [&] {
     const Planes<const scalar_t> Sd(s, C), Wt(w, C, S);
     scalar_t* out_p = out.data_ptr<scalar_t>();
-    at::parallel_for(0, planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+    parallel_cloned(planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const scalar_t* sk = Sd(k);
         scalar_t* o = out_p + k * n;

@@ -102,7 +102,7 @@ static at::Tensor solve_impl(const at::Tensor& rhs, const at::Tensor& log_diag, 
     const Planes<const scalar_t> Rhs(b, C), Sd(s, C), Wt(w, C, S);
     const int64_t ws = Wt.weight_stride();
     scalar_t* out_p = out.data_ptr<scalar_t>();
-    at::parallel_for(0, planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+    parallel_cloned(planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> inv_d(W);   // one row of exp(-log_diag)
       for (int64_t k = begin; k < end; ++k) {
         if (transposed)

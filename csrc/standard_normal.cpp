@@ -112,7 +112,7 @@ at::Tensor standard_normal(at::IntArrayRef size, int64_t seed, at::ScalarType dt
   auto buffer = at::empty({2 * half}, at::TensorOptions().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES(dtype, "standard_normal", [&] {
     scalar_t* p = buffer.data_ptr<scalar_t>();
-    at::parallel_for(0, half, 4096, [&](int64_t begin, int64_t end) {
+    parallel_cloned(half, 4096, [&](int64_t begin, int64_t end) {
       fill_pairs(p, p + half, begin, end, static_cast<uint64_t>(seed));
     });
   });

@@ -18,7 +18,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX__)
+#if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
@@ -149,30 +149,67 @@ inline void exp_row(const double* __restrict__ s, double* __restrict__ out, int6
   for (int64_t j = 0; j < len; ++j) out[j] = std::exp(s[j]);
 }
 
-// dst[0:W) = src[0:W) with streaming (non-temporal) stores where possible: for
-// outputs written once and not read again soon (the off_diag gradient), this
-// skips reading each destination cache line from memory before writing it.
-// Callers finish a kernel with stream_fence().
-inline void stream_row(float* dst, const float* src, int64_t W) {
-  int64_t x = 0;
-#if defined(__AVX__)
-  for (; x < W && (reinterpret_cast<uintptr_t>(dst + x) & 31); ++x) dst[x] = src[x];
-  for (; x + 8 <= W; x += 8) _mm256_stream_ps(dst + x, _mm256_loadu_ps(src + x));
+// Run-time instruction sets. The extension is built for the baseline x86-64
+// (a wheel built on one machine runs on any other); the kernels' loops are
+// compiled again for AVX2 (x86-64-v3) and AVX-512 (x86-64-v4), and the loader
+// picks the best each CPU has (GCC function multi-versioning: an ifunc
+// resolved once, when the library loads). STRUCTLIK_CPU_ARCH=native builds for
+// the build machine only, without the clones (setup.py).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(STRUCTLIK_NO_CLONES)
+#define STRUCTLIK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#else
+#define STRUCTLIK_CLONES
 #endif
-  for (; x < W; ++x) dst[x] = src[x];
+
+// f(begin, end) with everything it calls inlined (flatten) into one clone per
+// instruction set, so the loops of the row helpers vectorise for each.
+template <typename F>
+STRUCTLIK_CLONES void run_cloned(const F& f, int64_t begin, int64_t end) {
+  f(begin, end);
 }
 
-inline void stream_row(double* dst, const double* src, int64_t W) {
+// at::parallel_for over [0, n) whose chunks run the best clone of body for this CPU.
+template <typename F>
+inline void parallel_cloned(int64_t n, int64_t grain, const F& body) {
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { run_cloned(body, begin, end); });
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+inline bool cpu_has_avx() {
+  static const bool has = __builtin_cpu_supports("avx");
+  return has;
+}
+
+__attribute__((target("avx"))) inline int64_t stream_avx(float* dst, const float* src, int64_t W) {
   int64_t x = 0;
-#if defined(__AVX__)
+  for (; x < W && (reinterpret_cast<uintptr_t>(dst + x) & 31); ++x) dst[x] = src[x];
+  for (; x + 8 <= W; x += 8) _mm256_stream_ps(dst + x, _mm256_loadu_ps(src + x));
+  return x;
+}
+
+__attribute__((target("avx"))) inline int64_t stream_avx(double* dst, const double* src, int64_t W) {
+  int64_t x = 0;
   for (; x < W && (reinterpret_cast<uintptr_t>(dst + x) & 31); ++x) dst[x] = src[x];
   for (; x + 4 <= W; x += 4) _mm256_stream_pd(dst + x, _mm256_loadu_pd(src + x));
+  return x;
+}
+#endif
+
+// dst[0:W) = src[0:W) with streaming (non-temporal) stores where the CPU has AVX:
+// for outputs written once and not read again soon (the off_diag gradient), this
+// skips reading each destination cache line from memory before writing it.
+// Callers finish a kernel with stream_fence().
+template <typename T>
+inline void stream_row(T* dst, const T* src, int64_t W) {
+  int64_t x = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_avx()) x = stream_avx(dst, src, W);
 #endif
   for (; x < W; ++x) dst[x] = src[x];
 }
 
 inline void stream_fence() {
-#if defined(__AVX__)
+#if defined(__x86_64__)
   _mm_sfence();
 #endif
 }

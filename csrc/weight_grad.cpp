@@ -17,7 +17,7 @@ at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "weight_grad", [&] {
     const Planes<const scalar_t> A(ac, C), Bp(bc, C);
     scalar_t* out_p = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+    parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const scalar_t* ak = A(k);
         const scalar_t* bk = Bp(k);
