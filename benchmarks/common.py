@@ -3,16 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 # Compile torch.compile contenders in this process: inductor's pool of compile
 # workers otherwise starts in the background and slows the timings that follow.
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from structlik import Stencil, backends  # noqa: E402
 
 # (B, C, H, W, stencil) by name.
@@ -61,8 +57,8 @@ def fused_backend(device: torch.device):
     """The compiled backend for this device: the CPU extension or the Triton kernels."""
     name = "cpu" if device.type == "cpu" else "triton"
     if not backends.available(name):
-        raise SystemExit(f"the {name} backend is unavailable: {backends._why_unavailable.get(name)}")
-    return name, backends._load(name)
+        raise SystemExit(f"the {name} backend is unavailable: {backends.why_unavailable(name)}")
+    return name, backends.get(name)
 
 
 def compiled_lazily(fn):

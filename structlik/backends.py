@@ -89,6 +89,20 @@ def available(name: str) -> bool:
     return _load(name) is not None
 
 
+def why_unavailable(name: str) -> Optional[str]:
+    """Why backend ``name`` did not load (None when it did)."""
+    return None if available(name) else _why_unavailable[name]
+
+
+def get(name: str) -> Any:
+    """Backend ``name`` itself (the object ``backend_for`` returns), or a RuntimeError saying
+    why it is unavailable. For benchmarks and tests that call one backend directly."""
+    module = _load(name)
+    if module is None:
+        raise RuntimeError(f"structlik: the {name} backend is unavailable ({why_unavailable(name)})")
+    return module
+
+
 def forced() -> Optional[str]:
     name = os.environ.get(ENV_VAR, "").strip().lower()
     if not name:

@@ -44,3 +44,14 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "cpu")
     with pytest.raises(RuntimeError, match="STRUCTLIK_BACKEND=cpu but that backend is unavailable"):
         backends.backend_for(torch.device("cpu"))
+
+
+def test_get_and_why_unavailable(monkeypatch):
+    assert backends.get("reference") is backends.reference and backends.why_unavailable("reference") is None
+    monkeypatch.setitem(backends._loaded, "cpu", None)
+    monkeypatch.setitem(backends._why_unavailable, "cpu", "ImportError: pretend it failed to build")
+    assert backends.why_unavailable("cpu") == "ImportError: pretend it failed to build"
+    with pytest.raises(RuntimeError, match="cpu backend is unavailable .ImportError: pretend"):
+        backends.get("cpu")
+    monkeypatch.setattr(backends, "_loaded", dict(backends._loaded))
+    assert backends.why_unavailable("gpu") == "not built into this version of structlik"
