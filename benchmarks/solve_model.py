@@ -13,13 +13,10 @@ row, next_power_of_2(H) lanes, 4 warps), computed from the same formulas.
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import triton_aot  # noqa: E402  (sets up ahead-of-time compilation; imports triton without the interpreter)
 
 import triton  # noqa: E402

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import structlik  # noqa: E402
 from examples.vae import data as vdata  # noqa: E402
