@@ -24,11 +24,15 @@ def extension_modules():
     # standard_normal.cpp) that stop loops from vectorising.
     flags = ["-O0", "-g", "-fopenmp"] if debug else ["-O3", "-fopenmp", "-fno-math-errno"] + (
         [f"-march={arch}", "-DSTRUCTLIK_NO_CLONES"] if arch else [])
+    # The stable ABI (csrc/torch_api.h): only torch's C shim is imported, so the library
+    # loads on every torch >= 2.10; with the limited Python API, on every CPython >= 3.9 (abi3).
+    flags += ["-DTORCH_TARGET_VERSION=0x020a000000000000", "-DPy_LIMITED_API=0x03090000"]
     ext = CppExtension(
         "structlik._C",
         sources,
         extra_compile_args={"cxx": flags},
         extra_link_args=["-fopenmp"],
+        py_limited_api=True,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
@@ -39,4 +43,5 @@ setup(
     packages=find_packages(include=["structlik", "structlik.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
 )

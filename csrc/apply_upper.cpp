@@ -30,17 +30,18 @@ static void apply_plane(const scalar_t* __restrict__ in, const scalar_t* __restr
 }
 
 template <bool transposed>
-static at::Tensor apply_upper_impl(const at::Tensor& image, const at::Tensor& log_diag, const at::Tensor& off_diag,
-                                   at::IntArrayRef flat_offsets) {
+static Tensor apply_upper_impl(const Tensor& image, const Tensor& log_diag, const Tensor& off_diag,
+                                   IntList flat_offsets) {
   const auto offsets = check_params(log_diag, off_diag, flat_offsets);
   check_image(image, transposed ? "y" : "r", log_diag, /*params_repeat=*/true);
   const auto in = planes_contiguous(image), s = planes_contiguous(log_diag), w = planes_contiguous(off_diag);
-  auto out = at::empty(in.sizes(), in.options());
+  auto out = empty(shape(in).dims, in);
   const int64_t C = in.size(1), planes = in.size(0) * C, H = in.size(2), W = in.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
-  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "apply_upper", [&] {
+  dispatch_floating(in.scalar_type(), "apply_upper", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
     const Planes<const scalar_t> In(in, C), Sd(s, C), Wt(w, C, S);
-    scalar_t* out_p = out.data_ptr<scalar_t>();
+    scalar_t* out_p = data<scalar_t>(out);
     parallel_cloned(planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k)
         apply_plane<scalar_t, transposed>(In(k), Sd(k), Wt(k), Wt.weight_stride(), out_p + k * n, H, W, offsets);
@@ -49,19 +50,19 @@ static at::Tensor apply_upper_impl(const at::Tensor& image, const at::Tensor& lo
   return out;
 }
 
-at::Tensor apply_upper(const at::Tensor& r, const at::Tensor& log_diag, const at::Tensor& off_diag,
-                       at::IntArrayRef offsets) {
+Tensor apply_upper(const Tensor& r, const Tensor& log_diag, const Tensor& off_diag,
+                       IntList offsets) {
   return apply_upper_impl<false>(r, log_diag, off_diag, offsets);
 }
 
-at::Tensor apply_upper_t(const at::Tensor& y, const at::Tensor& log_diag, const at::Tensor& off_diag,
-                         at::IntArrayRef offsets) {
+Tensor apply_upper_t(const Tensor& y, const Tensor& log_diag, const Tensor& off_diag,
+                         IntList offsets) {
   return apply_upper_impl<true>(y, log_diag, off_diag, offsets);
 }
 
-TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
-  m.impl("apply_upper", &apply_upper);
-  m.impl("apply_upper_t", &apply_upper_t);
+STABLE_TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
+  m.impl("apply_upper", TORCH_BOX(&apply_upper));
+  m.impl("apply_upper_t", TORCH_BOX(&apply_upper_t));
 }
 
 }  // namespace structlik

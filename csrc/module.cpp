@@ -1,9 +1,11 @@
 // The op schemas of structlik (namespace torch.ops.structlik_cpu) and the Python
-// module stub. Importing structlik._C loads this library, whose static
+// module stub (limited API: one abi3 build for every CPython >= 3.9).
+// Importing structlik._C loads this library, whose static
 // initialisers register the schemas here and the CPU kernels in each op's file.
 // `offsets` is the stencil flattened as [dy0, dx0, dy1, dx1, ...].
 #include <Python.h>
-#include <torch/library.h>
+
+#include "torch_api.h"
 
 extern "C" {
 PyObject* PyInit__C(void) {
@@ -12,7 +14,7 @@ PyObject* PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(structlik_cpu, m) {
+STABLE_TORCH_LIBRARY(structlik_cpu, m) {
   m.def("apply_upper(Tensor r, Tensor log_diag, Tensor off_diag, int[] offsets) -> Tensor");
   m.def("apply_upper_t(Tensor y, Tensor log_diag, Tensor off_diag, int[] offsets) -> Tensor");
   m.def("solve_upper(Tensor z, Tensor log_diag, Tensor off_diag, int[] offsets) -> Tensor");

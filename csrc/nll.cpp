@@ -17,8 +17,8 @@
 
 namespace structlik {
 
-at::Tensor nll(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log_diag, const at::Tensor& off_diag,
-               at::IntArrayRef flat_offsets) {
+Tensor nll(const Tensor& x, const Tensor& loc, const Tensor& log_diag, const Tensor& off_diag,
+               IntList flat_offsets) {
   const auto offsets = check_params(log_diag, off_diag, flat_offsets);
   check_image(x, "x", log_diag);
   check_image(loc, "loc", log_diag);
@@ -26,9 +26,10 @@ at::Tensor nll(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log
              w = planes_contiguous(off_diag);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
-  auto out = at::empty({B}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nll", [&] {
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;   // double for float and double
+  auto out = empty({B}, x);
+  dispatch_floating(x.scalar_type(), "nll", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    using acc_t = double;   // double for float and double
     std::vector<acc_t> per_plane(B * C);
     const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Wt(w, C, S);
     parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
@@ -45,29 +46,30 @@ at::Tensor nll(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log
         per_plane[k] = 0.5 * quad - logdet;
       }
     });
-    finish_nll(per_plane, B, C, n, out.data_ptr<scalar_t>());
+    finish_nll(per_plane, B, C, n, data<scalar_t>(out));
   });
   return out;
 }
 
 // The backward, writing d/dloc, d/dlog_diag and d/doff_diag through the outputs' strides:
 // contiguous tensors, or the slices of one head-shaped gradient (nll_head_backward).
-static void nll_backward_into(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& loc,
-                              const at::Tensor& log_diag, const at::Tensor& off_diag, at::IntArrayRef flat_offsets,
-                              const at::Tensor& grad_loc, const at::Tensor& grad_s, const at::Tensor& grad_w) {
+static void nll_backward_into(const Tensor& grad, const Tensor& x, const Tensor& loc,
+                              const Tensor& log_diag, const Tensor& off_diag, IntList flat_offsets,
+                              const Tensor& grad_loc, const Tensor& grad_s, const Tensor& grad_w) {
   const auto offsets = check_params(log_diag, off_diag, flat_offsets);
   check_image(x, "x", log_diag);
   check_image(loc, "loc", log_diag);
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == x.size(0), "grad: expected shape (B,), got ", grad.sizes());
+  STD_TORCH_CHECK(grad.dim() == 1 && grad.size(0) == x.size(0), "grad: expected shape (B,), got ", shape(grad));
   const auto xc = planes_contiguous(x), lc = planes_contiguous(loc), s = planes_contiguous(log_diag),
              w = planes_contiguous(off_diag);
-  const auto gc = grad.to(x.scalar_type()).contiguous();
+  const auto gc = torch::stable::contiguous(torch::stable::to(grad, x.scalar_type()));
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nll_backward", [&] {
+  dispatch_floating(x.scalar_type(), "nll_backward", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
     const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Wt(w, C, S);
     const Planes<scalar_t> GL(grad_loc, C), GS(grad_s, C), GW(grad_w, C, S);
-    const scalar_t* g_p = gc.data_ptr<scalar_t>();
+    const scalar_t* g_p = data<scalar_t>(gc);
     parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       // One sweep over the rows: row y of u gives row y of d/ds and d/dw, and scatters
       // w_{p,i} u_p into rows y + dy_i of U^T u; row y of d/dloc is complete once row y is done.
@@ -114,25 +116,25 @@ static void nll_backward_into(const at::Tensor& grad, const at::Tensor& x, const
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nll_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                            const at::Tensor& loc, const at::Tensor& log_diag,
-                                                            const at::Tensor& off_diag, at::IntArrayRef flat_offsets) {
+std::tuple<Tensor, Tensor, Tensor> nll_backward(const Tensor& grad, const Tensor& x,
+                                                            const Tensor& loc, const Tensor& log_diag,
+                                                            const Tensor& off_diag, IntList flat_offsets) {
   // The gradients are contiguous whatever the inputs' strides.
-  auto grad_loc = at::empty(x.sizes(), x.options()), grad_s = at::empty(log_diag.sizes(), x.options()),
-       grad_w = at::empty(off_diag.sizes(), x.options());
+  auto grad_loc = empty(shape(x).dims, x), grad_s = empty(shape(log_diag).dims, x),
+       grad_w = empty(shape(off_diag).dims, x);
   nll_backward_into(grad, x, loc, log_diag, off_diag, flat_offsets, grad_loc, grad_s, grad_w);
-  return {grad_loc, grad_s, grad_w};
+  return std::make_tuple(grad_loc, grad_s, grad_w);
 }
 
 // loc, log_diag and off_diag as channels [c0, c0 + C), [c0 + C, c0 + 2C) and
 // [c0 + 2C, c0 + (2 + S)C) of one decoder head (B, K, H, W): what head.split gives.
-static std::array<at::Tensor, 3> head_slices(const at::Tensor& head, int64_t c0, int64_t C, int64_t S) {
-  TORCH_CHECK(head.dim() == 4 && c0 >= 0 && c0 + (2 + S) * C <= head.size(1), "head: expected shape (B, K, H, W) "
-              "with K >= c0 + (2 + S) C = ", c0 + (2 + S) * C, ", got ", head.sizes());
-  return {head.narrow(1, c0, C), head.narrow(1, c0 + C, C), head.narrow(1, c0 + 2 * C, S * C)};
+static std::array<Tensor, 3> head_slices(const Tensor& head, int64_t c0, int64_t C, int64_t S) {
+  STD_TORCH_CHECK(head.dim() == 4 && c0 >= 0 && c0 + (2 + S) * C <= head.size(1), "head: expected shape (B, K, H, W) "
+              "with K >= c0 + (2 + S) C = ", c0 + (2 + S) * C, ", got ", shape(head));
+  return {narrow(head, 1, c0, C), narrow(head, 1, c0 + C, C), narrow(head, 1, c0 + 2 * C, S * C)};
 }
 
-at::Tensor nll_head(const at::Tensor& x, const at::Tensor& head, int64_t c0, at::IntArrayRef flat_offsets) {
+Tensor nll_head(const Tensor& x, const Tensor& head, int64_t c0, IntList flat_offsets) {
   const auto [loc, log_diag, off_diag] = head_slices(head, c0, x.size(1), flat_offsets.size() / 2);
   return nll(x, loc, log_diag, off_diag, flat_offsets);
 }
@@ -140,23 +142,25 @@ at::Tensor nll_head(const at::Tensor& x, const at::Tensor& head, int64_t c0, at:
 // The head's whole gradient in one tensor: the kernel writes the three slices in
 // place, the head's other channels are zero. Autograd's backward of head.split
 // (a cat of three gradients, one more pass over all of them) never runs.
-at::Tensor nll_head_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& head, int64_t c0,
-                             at::IntArrayRef flat_offsets) {
+Tensor nll_head_backward(const Tensor& grad, const Tensor& x, const Tensor& head, int64_t c0,
+                             IntList flat_offsets) {
   const int64_t C = x.size(1), S = static_cast<int64_t>(flat_offsets.size() / 2), used = (2 + S) * C;
   const auto [loc, log_diag, off_diag] = head_slices(head, c0, C, S);
-  auto grad_head = at::empty(head.sizes(), head.options());
-  grad_head.narrow(1, 0, c0).zero_();
-  grad_head.narrow(1, c0 + used, head.size(1) - c0 - used).zero_();
+  auto grad_head = empty(shape(head).dims, head);
+  auto before = narrow(grad_head, 1, 0, c0), after = narrow(grad_head, 1, c0 + used,
+                                                                                         head.size(1) - c0 - used);
+  torch::stable::zero_(before);
+  torch::stable::zero_(after);
   const auto [gl, gs, gw] = head_slices(grad_head, c0, C, S);
   nll_backward_into(grad, x, loc, log_diag, off_diag, flat_offsets, gl, gs, gw);
   return grad_head;
 }
 
-TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
-  m.impl("nll", &nll);
-  m.impl("nll_backward", &nll_backward);
-  m.impl("nll_head", &nll_head);
-  m.impl("nll_head_backward", &nll_head_backward);
+STABLE_TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
+  m.impl("nll", TORCH_BOX(&nll));
+  m.impl("nll_backward", TORCH_BOX(&nll_backward));
+  m.impl("nll_head", TORCH_BOX(&nll_head));
+  m.impl("nll_head_backward", TORCH_BOX(&nll_head_backward));
 }
 
 }  // namespace structlik

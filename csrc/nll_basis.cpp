@@ -28,24 +28,24 @@ static void basis_rows(const scalar_t* basis, const scalar_t* ck, int64_t S, int
   }
 }
 
-static void check_basis(const at::Tensor& coeffs, const at::Tensor& basis, const at::Tensor& log_diag, int64_t S) {
-  TORCH_CHECK(basis.dim() == 2 && basis.size(0) == S, "basis: expected shape (S, n_b) with S=", S, ", got ",
-              basis.sizes());
-  TORCH_CHECK(basis.scalar_type() == log_diag.scalar_type() && basis.device().is_cpu(),
+static void check_basis(const Tensor& coeffs, const Tensor& basis, const Tensor& log_diag, int64_t S) {
+  STD_TORCH_CHECK(basis.dim() == 2 && basis.size(0) == S, "basis: expected shape (S, n_b) with S=", S, ", got ",
+              shape(basis));
+  STD_TORCH_CHECK(basis.scalar_type() == log_diag.scalar_type() && basis.is_cpu(),
               "basis: expected a CPU tensor of log_diag's dtype");
   const int64_t nb = basis.size(1);
-  TORCH_CHECK(coeffs.dim() == 4 && coeffs.size(0) == log_diag.size(0) && coeffs.size(1) == log_diag.size(1) * nb &&
+  STD_TORCH_CHECK(coeffs.dim() == 4 && coeffs.size(0) == log_diag.size(0) && coeffs.size(1) == log_diag.size(1) * nb &&
                   coeffs.size(2) == log_diag.size(2) && coeffs.size(3) == log_diag.size(3),
-              "coeffs: expected shape (B, C*n_b, H, W) with n_b=", nb, ", got ", coeffs.sizes());
-  TORCH_CHECK(coeffs.scalar_type() == log_diag.scalar_type() && coeffs.device().is_cpu(),
+              "coeffs: expected shape (B, C*n_b, H, W) with n_b=", nb, ", got ", shape(coeffs));
+  STD_TORCH_CHECK(coeffs.scalar_type() == log_diag.scalar_type() && coeffs.is_cpu(),
               "coeffs: expected a CPU tensor of log_diag's dtype");
 }
 
-static std::vector<Offset> check_inputs(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log_diag,
-                                        const at::Tensor& coeffs, const at::Tensor& basis, at::IntArrayRef flat_offsets) {
+static std::vector<Offset> check_inputs(const Tensor& x, const Tensor& loc, const Tensor& log_diag,
+                                        const Tensor& coeffs, const Tensor& basis, IntList flat_offsets) {
   auto offsets = parse_offsets(flat_offsets);
-  TORCH_CHECK(log_diag.dim() == 4 && log_diag.device().is_cpu() &&
-                  (log_diag.scalar_type() == at::kFloat || log_diag.scalar_type() == at::kDouble),
+  STD_TORCH_CHECK(log_diag.dim() == 4 && log_diag.is_cpu() &&
+                  (log_diag.scalar_type() == ScalarType::Float || log_diag.scalar_type() == ScalarType::Double),
               "log_diag: expected a float32 or float64 CPU tensor of shape (B, C, H, W)");
   check_image(x, "x", log_diag);
   check_image(loc, "loc", log_diag);
@@ -53,19 +53,20 @@ static std::vector<Offset> check_inputs(const at::Tensor& x, const at::Tensor& l
   return offsets;
 }
 
-at::Tensor nll_basis(const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log_diag, const at::Tensor& coeffs,
-                     const at::Tensor& basis, at::IntArrayRef flat_offsets) {
+Tensor nll_basis(const Tensor& x, const Tensor& loc, const Tensor& log_diag, const Tensor& coeffs,
+                     const Tensor& basis, IntList flat_offsets) {
   const auto offsets = check_inputs(x, loc, log_diag, coeffs, basis, flat_offsets);
   const int64_t S = static_cast<int64_t>(offsets.size());
   const auto xc = planes_contiguous(x), lc = planes_contiguous(loc), s = planes_contiguous(log_diag),
-             cc = planes_contiguous(coeffs), bc = basis.contiguous();
+             cc = planes_contiguous(coeffs), bc = torch::stable::contiguous(basis);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W, nb = basis.size(1);
-  auto out = at::empty({B}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nll_basis", [&] {
-    using acc_t = at::acc_type<scalar_t, false>;
+  auto out = empty({B}, x);
+  dispatch_floating(x.scalar_type(), "nll_basis", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    using acc_t = double;
     std::vector<acc_t> per_plane(B * C);
     const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Cf(cc, C, nb);
-    const scalar_t* b_p = bc.data_ptr<scalar_t>();
+    const scalar_t* b_p = data<scalar_t>(bc);
     parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> r(n), u(W), d(W), wbuf(S * W);
       for (int64_t k = begin; k < end; ++k) {
@@ -80,30 +81,32 @@ at::Tensor nll_basis(const at::Tensor& x, const at::Tensor& loc, const at::Tenso
         per_plane[k] = 0.5 * quad - logdet;
       }
     });
-    finish_nll(per_plane, B, C, n, out.data_ptr<scalar_t>());
+    finish_nll(per_plane, B, C, n, data<scalar_t>(out));
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nll_basis_backward(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& loc, const at::Tensor& log_diag,
-    const at::Tensor& coeffs, const at::Tensor& basis, at::IntArrayRef flat_offsets) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> nll_basis_backward(
+    const Tensor& grad, const Tensor& x, const Tensor& loc, const Tensor& log_diag,
+    const Tensor& coeffs, const Tensor& basis, IntList flat_offsets) {
   const auto offsets = check_inputs(x, loc, log_diag, coeffs, basis, flat_offsets);
   const int64_t S = static_cast<int64_t>(offsets.size());
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == x.size(0), "grad: expected shape (B,), got ", grad.sizes());
+  STD_TORCH_CHECK(grad.dim() == 1 && grad.size(0) == x.size(0), "grad: expected shape (B,), got ", shape(grad));
   const auto xc = planes_contiguous(x), lc = planes_contiguous(loc), s = planes_contiguous(log_diag),
-             cc = planes_contiguous(coeffs), bc = basis.contiguous(), gc = grad.to(x.scalar_type()).contiguous();
+             cc = planes_contiguous(coeffs), bc = torch::stable::contiguous(basis),
+             gc = torch::stable::contiguous(torch::stable::to(grad, x.scalar_type()));
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W, nb = basis.size(1);
-  auto grad_loc = at::empty(x.sizes(), x.options()), grad_s = at::empty(log_diag.sizes(), x.options()),
-       grad_c = at::empty(coeffs.sizes(), x.options());
-  auto grad_b = at::empty_like(bc);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nll_basis_backward", [&] {
-    using acc_t = at::acc_type<scalar_t, false>;
+  auto grad_loc = empty(shape(x).dims, x), grad_s = empty(shape(log_diag).dims, x),
+       grad_c = empty(shape(coeffs).dims, x);
+  auto grad_b = new_empty_like(bc);
+  dispatch_floating(x.scalar_type(), "nll_basis_backward", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    using acc_t = double;
     std::vector<acc_t> basis_acc(B * C * S * nb, acc_t(0));   // per plane, reduced in order below
     const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Cf(cc, C, nb);
-    const scalar_t *b_p = bc.data_ptr<scalar_t>(), *g_p = gc.data_ptr<scalar_t>();
-    scalar_t *gx_p = grad_loc.data_ptr<scalar_t>(), *gs_p = grad_s.data_ptr<scalar_t>(),
-             *gc_p = grad_c.data_ptr<scalar_t>();
+    const scalar_t *b_p = data<scalar_t>(bc), *g_p = data<scalar_t>(gc);
+    scalar_t *gx_p = data<scalar_t>(grad_loc), *gs_p = data<scalar_t>(grad_s),
+             *gc_p = data<scalar_t>(grad_c);
     parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> r(n), u(W), d(W), wbuf(S * W), gwbuf(S * W);
       for (int64_t k = begin; k < end; ++k) {
@@ -158,19 +161,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nll_basis_backward(
         }
       }
     });
-    scalar_t* gb_p = grad_b.data_ptr<scalar_t>();
+    scalar_t* gb_p = data<scalar_t>(grad_b);
     for (int64_t e = 0; e < S * nb; ++e) {
       acc_t total = 0;
       for (int64_t k = 0; k < B * C; ++k) total += basis_acc[k * S * nb + e];
       gb_p[e] = static_cast<scalar_t>(total);
     }
   });
-  return {grad_loc, grad_s, grad_c, grad_b};
+  return std::make_tuple(grad_loc, grad_s, grad_c, grad_b);
 }
 
-TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
-  m.impl("nll_basis", &nll_basis);
-  m.impl("nll_basis_backward", &nll_basis_backward);
+STABLE_TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
+  m.impl("nll_basis", TORCH_BOX(&nll_basis));
+  m.impl("nll_basis_backward", TORCH_BOX(&nll_basis_backward));
 }
 
 }  // namespace structlik

@@ -4,15 +4,16 @@
 
 namespace structlik {
 
-at::Tensor precision_diagonal(const at::Tensor& log_diag, const at::Tensor& off_diag, at::IntArrayRef flat_offsets) {
+Tensor precision_diagonal(const Tensor& log_diag, const Tensor& off_diag, IntList flat_offsets) {
   const auto offsets = check_params(log_diag, off_diag, flat_offsets);
   const auto s = planes_contiguous(log_diag), w = planes_contiguous(off_diag);
-  auto out = at::empty(s.sizes(), s.options());
+  auto out = empty(shape(s).dims, s);
   const int64_t C = s.size(1), planes = s.size(0) * C, H = s.size(2), W = s.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "precision_diagonal", [&] {
+  dispatch_floating(s.scalar_type(), "precision_diagonal", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
     const Planes<const scalar_t> Sd(s, C), Wt(w, C, S);
-    scalar_t* out_p = out.data_ptr<scalar_t>();
+    scalar_t* out_p = data<scalar_t>(out);
     parallel_cloned(planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const scalar_t* sk = Sd(k);
@@ -35,6 +36,8 @@ at::Tensor precision_diagonal(const at::Tensor& log_diag, const at::Tensor& off_
   return out;
 }
 
-TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) { m.impl("precision_diagonal", &precision_diagonal); }
+STABLE_TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
+  m.impl("precision_diagonal", TORCH_BOX(&precision_diagonal));
+}
 
 }  // namespace structlik

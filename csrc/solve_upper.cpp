@@ -89,19 +89,20 @@ static void solve_t_plane(const scalar_t* rhs, const scalar_t* s, const scalar_t
 }
 
 template <bool transposed>
-static at::Tensor solve_impl(const at::Tensor& rhs, const at::Tensor& log_diag, const at::Tensor& off_diag,
-                             at::IntArrayRef flat_offsets) {
+static Tensor solve_impl(const Tensor& rhs, const Tensor& log_diag, const Tensor& off_diag,
+                             IntList flat_offsets) {
   const auto offsets = check_params(log_diag, off_diag, flat_offsets);
   // Samples of one distribution: z may hold several images per set of parameters.
   check_image(rhs, transposed ? "g" : "z", log_diag, /*params_repeat=*/true);
   const auto b = planes_contiguous(rhs), s = planes_contiguous(log_diag), w = planes_contiguous(off_diag);
-  auto out = at::empty(b.sizes(), b.options());
+  auto out = empty(shape(b).dims, b);
   const int64_t C = b.size(1), planes = b.size(0) * C, H = b.size(2), W = b.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
-  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "solve_upper", [&] {
+  dispatch_floating(b.scalar_type(), "solve_upper", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
     const Planes<const scalar_t> Rhs(b, C), Sd(s, C), Wt(w, C, S);
     const int64_t ws = Wt.weight_stride();
-    scalar_t* out_p = out.data_ptr<scalar_t>();
+    scalar_t* out_p = data<scalar_t>(out);
     parallel_cloned(planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> inv_d(W);   // one row of exp(-log_diag)
       for (int64_t k = begin; k < end; ++k) {
@@ -115,19 +116,19 @@ static at::Tensor solve_impl(const at::Tensor& rhs, const at::Tensor& log_diag, 
   return out;
 }
 
-at::Tensor solve_upper(const at::Tensor& z, const at::Tensor& log_diag, const at::Tensor& off_diag,
-                       at::IntArrayRef offsets) {
+Tensor solve_upper(const Tensor& z, const Tensor& log_diag, const Tensor& off_diag,
+                       IntList offsets) {
   return solve_impl<false>(z, log_diag, off_diag, offsets);
 }
 
-at::Tensor solve_upper_t(const at::Tensor& g, const at::Tensor& log_diag, const at::Tensor& off_diag,
-                         at::IntArrayRef offsets) {
+Tensor solve_upper_t(const Tensor& g, const Tensor& log_diag, const Tensor& off_diag,
+                         IntList offsets) {
   return solve_impl<true>(g, log_diag, off_diag, offsets);
 }
 
-TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
-  m.impl("solve_upper", &solve_upper);
-  m.impl("solve_upper_t", &solve_upper_t);
+STABLE_TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
+  m.impl("solve_upper", TORCH_BOX(&solve_upper));
+  m.impl("solve_upper_t", TORCH_BOX(&solve_upper_t));
 }
 
 }  // namespace structlik

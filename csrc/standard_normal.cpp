@@ -100,25 +100,28 @@ static void fill_pairs(scalar_t* __restrict__ a, scalar_t* __restrict__ b, int64
   }
 }
 
-at::Tensor standard_normal(at::IntArrayRef size, int64_t seed, at::ScalarType dtype) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "standard_normal: float32 or float64, got ", dtype);
+Tensor standard_normal(IntList size, int64_t seed, ScalarType dtype) {
+  STD_TORCH_CHECK(is_float_or_double(dtype), "standard_normal: float32 or float64, got ", dtype);
   int64_t n = 1;
   for (const int64_t d : size) {
-    TORCH_CHECK(d >= 0, "standard_normal: size must be non-negative, got ", size);
+    STD_TORCH_CHECK(d >= 0, "standard_normal: size must be non-negative, got ", Shape{size});
     n *= d;
   }
   // Pairs fill the two halves of an even-length buffer; an odd n drops the last pair's second value.
   const int64_t half = (n + 1) / 2;
-  auto buffer = at::empty({2 * half}, at::TensorOptions().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES(dtype, "standard_normal", [&] {
-    scalar_t* p = buffer.data_ptr<scalar_t>();
+  auto buffer = torch::stable::empty({2 * half}, dtype);
+  dispatch_floating(dtype, "standard_normal", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    scalar_t* p = data<scalar_t>(buffer);
     parallel_cloned(half, 4096, [&](int64_t begin, int64_t end) {
       fill_pairs(p, p + half, begin, end, static_cast<uint64_t>(seed));
     });
   });
-  return buffer.narrow(0, 0, n).view(size);
+  return torch::stable::view(narrow(buffer, 0, 0, n), size);
 }
 
-TORCH_LIBRARY_IMPL(structlik_cpu, CompositeExplicitAutograd, m) { m.impl("standard_normal", &standard_normal); }
+STABLE_TORCH_LIBRARY_IMPL(structlik_cpu, CompositeExplicitAutograd, m) {
+  m.impl("standard_normal", TORCH_BOX(&standard_normal));
+}
 
 }  // namespace structlik

@@ -7,10 +7,7 @@
 // consecutive (H, W) slices starting at off_diag[b, c*S].
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/AccumulateType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "torch_api.h"
 
 #include <algorithm>
 #include <cmath>
@@ -29,12 +26,12 @@ struct Offset {
 };
 
 // int[] offsets = [dy0, dx0, dy1, dx1, ...], each pointing forward in raster order.
-inline std::vector<Offset> parse_offsets(at::IntArrayRef flat) {
-  TORCH_CHECK(flat.size() % 2 == 0, "offsets: expected [dy0, dx0, dy1, dx1, ...], got ", flat.size(), " values");
+inline std::vector<Offset> parse_offsets(IntList flat) {
+  STD_TORCH_CHECK(flat.size() % 2 == 0, "offsets: expected [dy0, dx0, dy1, dx1, ...], got ", flat.size(), " values");
   std::vector<Offset> out;
   for (size_t i = 0; i < flat.size(); i += 2) {
     const int64_t dy = flat[i], dx = flat[i + 1];
-    TORCH_CHECK(dy > 0 || (dy == 0 && dx > 0), "offsets: (", dy, ", ", dx,
+    STD_TORCH_CHECK(dy > 0 || (dy == 0 && dx > 0), "offsets: (", dy, ", ", dx,
                 ") does not point forward in raster order");
     out.push_back({dy, dx});
   }
@@ -55,8 +52,8 @@ template <typename T>
 struct Planes {
   T* data;
   int64_t batch, sb, sc, C, per_channel;
-  Planes(const at::Tensor& t, int64_t C_, int64_t per_channel_ = 1)
-      : data(t.data_ptr<std::remove_const_t<T>>()), batch(t.size(0)), sb(t.stride(0)), sc(t.stride(1)), C(C_),
+  Planes(const Tensor& t, int64_t C_, int64_t per_channel_ = 1)
+      : data(static_cast<T*>(t.data_ptr())), batch(t.size(0)), sb(t.stride(0)), sc(t.stride(1)), C(C_),
         per_channel(per_channel_) {}
   T* operator()(int64_t k) const { return data + ((k / C) % batch) * sb + (k % C) * per_channel * sc; }
   // offset i's weight plane of image plane k (off_diag only)
@@ -65,40 +62,42 @@ struct Planes {
 };
 
 // t itself when its planes are contiguous (see Planes), else one contiguous copy.
-inline at::Tensor planes_contiguous(const at::Tensor& t) {
+inline Tensor planes_contiguous(const Tensor& t) {
   const bool rows_ok = t.size(2) <= 1 || t.stride(2) == t.size(3);
   const bool cols_ok = t.size(3) <= 1 || t.stride(3) == 1;
-  return rows_ok && cols_ok ? t : t.contiguous();
+  return rows_ok && cols_ok ? t : torch::stable::contiguous(t);
 }
 
 // An image operand: (N, C, H, W) of log_diag's dtype, with log_diag's (C, H, W);
 // its batch N equals log_diag's, or is a multiple of it where params_repeat.
-inline void check_image(const at::Tensor& t, const char* name, const at::Tensor& log_diag,
+inline void check_image(const Tensor& t, const char* name, const Tensor& log_diag,
                         bool params_repeat = false) {
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor");
-  TORCH_CHECK(t.dim() == 4, name, ": expected shape (B, C, H, W), got ", t.sizes());
+  STD_TORCH_CHECK(t.is_cpu(), name, ": expected a CPU tensor");
+  STD_TORCH_CHECK(t.dim() == 4, name, ": expected shape (B, C, H, W), got ", shape(t));
   const bool batch_ok = params_repeat ? t.size(0) % log_diag.size(0) == 0 : t.size(0) == log_diag.size(0);
-  TORCH_CHECK(batch_ok && t.sizes().slice(1) == log_diag.sizes().slice(1), name, ": expected shape (B, C, H, W) = ",
-              log_diag.sizes(), params_repeat ? " (or a multiple of its B)" : "", ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == log_diag.scalar_type(), name, ": dtype ", t.scalar_type(),
+  const bool rest_ok = t.size(1) == log_diag.size(1) && t.size(2) == log_diag.size(2) &&
+                       t.size(3) == log_diag.size(3);
+  STD_TORCH_CHECK(batch_ok && rest_ok, name, ": expected shape (B, C, H, W) = ",
+              shape(log_diag), params_repeat ? " (or a multiple of its B)" : "", ", got ", shape(t));
+  STD_TORCH_CHECK(t.scalar_type() == log_diag.scalar_type(), name, ": dtype ", t.scalar_type(),
               " does not match log_diag's ", log_diag.scalar_type());
 }
 
 // Checks log_diag (B, C, H, W) and off_diag (B, C*S, H, W); returns the offsets.
-inline std::vector<Offset> check_params(const at::Tensor& log_diag, const at::Tensor& off_diag,
-                                        at::IntArrayRef flat_offsets) {
+inline std::vector<Offset> check_params(const Tensor& log_diag, const Tensor& off_diag,
+                                        IntList flat_offsets) {
   auto offsets = parse_offsets(flat_offsets);
-  TORCH_CHECK(log_diag.device().is_cpu() && off_diag.device().is_cpu(), "log_diag, off_diag: expected CPU tensors");
-  TORCH_CHECK(log_diag.dim() == 4, "log_diag: expected shape (B, C, H, W), got ", log_diag.sizes());
-  TORCH_CHECK(log_diag.scalar_type() == at::kFloat || log_diag.scalar_type() == at::kDouble,
+  STD_TORCH_CHECK(log_diag.is_cpu() && off_diag.is_cpu(), "log_diag, off_diag: expected CPU tensors");
+  STD_TORCH_CHECK(log_diag.dim() == 4, "log_diag: expected shape (B, C, H, W), got ", shape(log_diag));
+  STD_TORCH_CHECK(log_diag.scalar_type() == ScalarType::Float || log_diag.scalar_type() == ScalarType::Double,
               "log_diag: expected float32 or float64, got ", log_diag.scalar_type());
   const int64_t S = static_cast<int64_t>(offsets.size());
-  TORCH_CHECK(off_diag.dim() == 4 && off_diag.size(0) == log_diag.size(0) &&
+  STD_TORCH_CHECK(off_diag.dim() == 4 && off_diag.size(0) == log_diag.size(0) &&
                   off_diag.size(1) == log_diag.size(1) * S && off_diag.size(2) == log_diag.size(2) &&
                   off_diag.size(3) == log_diag.size(3),
               "off_diag: expected shape (B, C*S, H, W) = (", log_diag.size(0), ", ", log_diag.size(1) * S, ", ",
-              log_diag.size(2), ", ", log_diag.size(3), "), got ", off_diag.sizes());
-  TORCH_CHECK(off_diag.scalar_type() == log_diag.scalar_type(), "off_diag: dtype ", off_diag.scalar_type(),
+              log_diag.size(2), ", ", log_diag.size(3), "), got ", shape(off_diag));
+  STD_TORCH_CHECK(off_diag.scalar_type() == log_diag.scalar_type(), "off_diag: dtype ", off_diag.scalar_type(),
               " does not match log_diag's ", log_diag.scalar_type());
   return offsets;
 }
@@ -168,10 +167,10 @@ STRUCTLIK_CLONES void run_cloned(const F& f, int64_t begin, int64_t end) {
   f(begin, end);
 }
 
-// at::parallel_for over [0, n) whose chunks run the best clone of body for this CPU.
+// torch::stable::parallel_for over [0, n) whose chunks run the best clone of body for this CPU.
 template <typename F>
 inline void parallel_cloned(int64_t n, int64_t grain, const F& body) {
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { run_cloned(body, begin, end); });
+  torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { run_cloned(body, begin, end); });
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -214,7 +213,7 @@ inline void stream_fence() {
 #endif
 }
 
-// Grain for at::parallel_for over planes: about 16K pixels of work per task.
+// Grain for parallel_cloned over planes: about 16K pixels of work per task.
 inline int64_t plane_grain(int64_t H, int64_t W) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * W)); }
 
 }  // namespace structlik

@@ -5,18 +5,19 @@
 
 namespace structlik {
 
-at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef flat_offsets) {
+Tensor weight_grad(const Tensor& a, const Tensor& b, IntList flat_offsets) {
   const auto offsets = parse_offsets(flat_offsets);
-  TORCH_CHECK(a.device().is_cpu() && a.dim() == 4, "a: expected a CPU tensor of shape (B, C, H, W), got ", a.sizes());
-  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble, "a: expected float32 or float64");
+  STD_TORCH_CHECK(a.is_cpu() && a.dim() == 4, "a: expected a CPU tensor of shape (B, C, H, W), got ", shape(a));
+  STD_TORCH_CHECK(is_float_or_double(a.scalar_type()), "a: expected float32 or float64");
   check_image(b, "b", a);
   const auto ac = planes_contiguous(a), bc = planes_contiguous(b);
   const int64_t B = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), n = H * W;
   const int64_t S = static_cast<int64_t>(offsets.size());
-  auto out = at::empty({B, C * S, H, W}, a.options());
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "weight_grad", [&] {
+  auto out = empty({B, C * S, H, W}, a);
+  dispatch_floating(a.scalar_type(), "weight_grad", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
     const Planes<const scalar_t> A(ac, C), Bp(bc, C);
-    scalar_t* out_p = out.data_ptr<scalar_t>();
+    scalar_t* out_p = data<scalar_t>(out);
     parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const scalar_t* ak = A(k);
@@ -44,6 +45,8 @@ at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef
   return out;
 }
 
-TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) { m.impl("weight_grad", &weight_grad); }
+STABLE_TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
+  m.impl("weight_grad", TORCH_BOX(&weight_grad));
+}
 
 }  // namespace structlik

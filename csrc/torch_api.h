@@ -1,0 +1,75 @@
+// The few pieces of torch the kernels use, all from torch's stable ABI (torch/csrc/stable,
+// torch/headeronly; torch >= 2.10): the library imports no C++ symbol of c10, ATen or torch,
+// only the C shim, so one build loads on every torch from 2.10 on (setup.py builds it
+// against TORCH_TARGET_VERSION = 2.10).
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+#include <ostream>
+#include <vector>
+
+namespace structlik {
+
+using Tensor = torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
+using IntList = std::vector<int64_t>;   // what an int[] argument arrives as
+
+// A tensor's shape, printable in error messages: "[2, 3, 4, 5]".
+struct Shape {
+  std::vector<int64_t> dims;
+};
+
+inline Shape shape(const Tensor& t) {
+  Shape s;
+  for (int64_t d = 0; d < t.dim(); ++d) s.dims.push_back(t.size(d));
+  return s;
+}
+
+inline std::ostream& operator<<(std::ostream& os, const Shape& s) {
+  os << "[";
+  for (size_t i = 0; i < s.dims.size(); ++i) os << (i ? ", " : "") << s.dims[i];
+  return os << "]";
+}
+
+
+inline bool is_float_or_double(ScalarType t) { return t == ScalarType::Float || t == ScalarType::Double; }
+
+// f(float{}) or f(double{}) by dtype: the kernels' float32 and float64 instantiations.
+template <typename F>
+inline void dispatch_floating(ScalarType t, const char* name, const F& f) {
+  if (t == ScalarType::Float) {
+    f(float{});
+  } else if (t == ScalarType::Double) {
+    f(double{});
+  } else {
+    STD_TORCH_CHECK(false, name, ": expected float32 or float64, got ", t);
+  }
+}
+
+// A new contiguous tensor of these sizes with like's dtype and device.
+inline Tensor empty(const IntList& sizes, const Tensor& like) {
+  return torch::stable::empty(sizes, like.scalar_type(), std::nullopt, like.device());
+}
+
+// A new contiguous tensor of like's shape, dtype and device.
+inline Tensor new_empty_like(const Tensor& like) { return empty(shape(like).dims, like); }
+
+// t.narrow(dim, start, length), a view (torch::stable::narrow takes a mutable reference).
+inline Tensor narrow(const Tensor& t, int64_t dim, int64_t start, int64_t length) {
+  Tensor view = t;
+  return torch::stable::narrow(view, dim, start, length);
+}
+
+template <typename T>
+inline T* data(const Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+}  // namespace structlik
