@@ -61,7 +61,7 @@ PRESETS = {
     "paper": Config(epochs=110, n_train=20000, iwae_samples=500, eval_batch=20, latent=64, base_width=64),
 }
 PRESETS["gpu"] = dataclasses.replace(PRESETS["paper"], epochs=30)
-# A closer look at the paper's ordering on the CPU (about 30-40 minutes on 2 cores): 100 epochs, 1,000 test
+# A closer look at the paper's ordering on the CPU (about 35 minutes alone on 2 cores): 100 epochs, 1,000 test
 # images, the paper's S = 500 importance samples
 PRESETS["cpu-long"] = dataclasses.replace(PRESETS["cpu"], epochs=100, n_test=1000, iwae_samples=500)
 
