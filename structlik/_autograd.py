@@ -213,14 +213,19 @@ def register(ns: str, *, fakes: bool = True) -> dict:
     def x_and_loc_grads(gloc, need):
         return (-gloc if need[0] else None), (gloc if need[1] else None)
 
-    def nll_backward(ctx, grad):
-        x, loc, log_diag, off_diag = ctx.saved_tensors
+    # u: what the training forward (nll_u) stored, read by the one-pass kernel; else recomputed.
+    def nll_grads(ctx, grad, x, loc, log_diag, off_diag, u=None):
         need = ctx.needs_input_grad
-        if fused(ctx):
+        if fused(ctx) and u is not None:
+            gloc, gs, gw = ops.nll_u_backward(grad, x, loc, log_diag, off_diag, u, ctx.offsets)
+        elif fused(ctx):
             gloc, gs, gw = ops.nll_backward(grad, x, loc, log_diag, off_diag, ctx.offsets)
         else:
             gloc, gs, gw = composed_nll_grads(grad, x, loc, log_diag, off_diag, ctx.offsets)
         return (*x_and_loc_grads(gloc, need), gs if need[2] else None, gw if need[3] else None, None)
+
+    def nll_backward(ctx, grad):
+        return nll_grads(ctx, grad, *ctx.saved_tensors)
 
     # The NLL of adjacent channel slices of one head: the head's gradient in one piece.
     def head_grads(ctx, grad, x, head, u=None):
@@ -254,13 +259,7 @@ def register(ns: str, *, fakes: bool = True) -> dict:
     def nll_u_backward(ctx, grad, _grad_u):
         if grad is None:        # not materialised: nothing flows back (gradcheck's undefined-grad check)
             return None, None, None, None, None
-        x, loc, log_diag, off_diag, u = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if fused(ctx):
-            gloc, gs, gw = ops.nll_u_backward(grad, x, loc, log_diag, off_diag, u, ctx.offsets)
-        else:
-            gloc, gs, gw = composed_nll_grads(grad, x, loc, log_diag, off_diag, ctx.offsets)
-        return (*x_and_loc_grads(gloc, need), gs if need[2] else None, gw if need[3] else None, None)
+        return nll_grads(ctx, grad, *ctx.saved_tensors)
 
     def save_head_and_u(ctx, inputs, output):
         x, head, c0, offsets = inputs

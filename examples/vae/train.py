@@ -106,7 +106,7 @@ def train(model_name: str, data: ImageData, cfg: Config, out: Path, seed: int, d
                 batch = flip_half(batch, mine)
             x = dequantise(batch, mine).to(device)
             loss, parts = net(x, beta=beta, alpha=alpha,
-                              gamma_prior=cfg.gamma_prior if model_name == "structured" else None)
+                              gamma_prior=cfg.gamma_prior if MODELS[model_name]["structured"] else None)
             loss = loss.mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{data.name}/{model_name}: loss is {loss.item()} at epoch {epoch}, "

@@ -76,10 +76,14 @@ def plane_strides(t: torch.Tensor):
     return t.stride(0), t.stride(1)
 
 
+def acc_torch_dtype(x: torch.Tensor) -> torch.dtype:
+    """acc_dtype as a torch dtype: for buffers the kernels accumulate into (partials, u)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def partial_buffer(x: torch.Tensor, planes: int, tiles: int) -> torch.Tensor:
     """One partial sum per program, in the accumulation dtype."""
-    return torch.empty(planes, tiles, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                       device=x.device)
+    return torch.empty(planes, tiles, dtype=acc_torch_dtype(x), device=x.device)
 
 
 def finish_nll(partial: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (acc_dtype, block_for, finish_nll, neighbour, partial_buffer, plane_start, plane_strides,
-                     planes_contiguous, tile)
+from .common import (acc_dtype, acc_torch_dtype, block_for, finish_nll, neighbour, partial_buffer, plane_start,
+                     plane_strides, planes_contiguous, tile)
 
 
 @triton.jit
@@ -105,10 +105,6 @@ def _strides(*tensors):
     return [v for t in tensors for v in plane_strides(t)]
 
 
-def u_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def forward(x, loc, log_diag, off_diag, offsets, with_u=False):
     """The per-image NLL, and with ``with_u`` also u = U (x - loc) (contiguous, in the
     accumulation dtype) for ``backward``."""
@@ -117,7 +113,8 @@ def forward(x, loc, log_diag, off_diag, offsets, with_u=False):
     meta = _meta(offsets, H, W, x)
     tiles = triton.cdiv(H * W, meta["BLOCK"])
     partial = partial_buffer(x, B * C, tiles)
-    u = torch.empty(x.shape, dtype=u_dtype(x), device=x.device) if with_u else partial
+    # without with_u the kernel never stores u (STORE_U is a constexpr); any pointer will do
+    u = torch.empty(x.shape, dtype=acc_torch_dtype(x), device=x.device) if with_u else partial
     nll_kernel[(B * C, tiles)](x, loc, log_diag, off_diag, partial, u, C, H, W,
                                *_strides(x, loc, log_diag, off_diag), STORE_U=with_u, **meta)
     nll = finish_nll(partial, x)

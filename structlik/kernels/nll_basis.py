@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (acc_dtype, block_for, finish_nll, neighbour, partial_buffer, plane_start, plane_strides,
-                     planes_contiguous, tile)
+from .common import (acc_dtype, acc_torch_dtype, block_for, finish_nll, neighbour, partial_buffer, plane_start,
+                     plane_strides, planes_contiguous, tile)
 
 
 @triton.jit
@@ -136,7 +136,7 @@ def backward(grad, x, loc, log_diag, coeffs, basis, offsets):
     meta = _meta(x, basis, offsets, H * W)
     tiles = triton.cdiv(H * W, meta["BLOCK"])
     S, nb, nb_p2 = meta["S"], meta["NB"], meta["NB_P2"]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_torch_dtype(x)
     u = torch.empty(x.shape, dtype=acc, device=x.device)
     grad_s, grad_c, grad_loc = (torch.empty(t.shape, dtype=t.dtype, device=x.device) for t in (log_diag, coeffs, x))
     basis_partial = torch.empty(B * C * tiles, S, nb_p2, dtype=acc, device=x.device)
