@@ -60,7 +60,7 @@ Tensor apply_upper_t(const Tensor& y, const Tensor& log_diag, const Tensor& off_
   return apply_upper_impl<true>(y, log_diag, off_diag, offsets);
 }
 
-STABLE_TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
+STABLE_TORCH_LIBRARY_IMPL(structlik, CPU, m) {
   m.impl("apply_upper", TORCH_BOX(&apply_upper));
   m.impl("apply_upper_t", TORCH_BOX(&apply_upper_t));
 }

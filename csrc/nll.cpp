@@ -156,7 +156,7 @@ Tensor nll_head_backward(const Tensor& grad, const Tensor& x, const Tensor& head
   return grad_head;
 }
 
-STABLE_TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
+STABLE_TORCH_LIBRARY_IMPL(structlik, CPU, m) {
   m.impl("nll", TORCH_BOX(&nll));
   m.impl("nll_backward", TORCH_BOX(&nll_backward));
   m.impl("nll_head", TORCH_BOX(&nll_head));

@@ -171,7 +171,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nll_basis_backward(
   return std::make_tuple(grad_loc, grad_s, grad_c, grad_b);
 }
 
-STABLE_TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
+STABLE_TORCH_LIBRARY_IMPL(structlik, CPU, m) {
   m.impl("nll_basis", TORCH_BOX(&nll_basis));
   m.impl("nll_basis_backward", TORCH_BOX(&nll_basis_backward));
 }

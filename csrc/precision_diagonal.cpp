@@ -36,7 +36,7 @@ Tensor precision_diagonal(const Tensor& log_diag, const Tensor& off_diag, IntLis
   return out;
 }
 
-STABLE_TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
+STABLE_TORCH_LIBRARY_IMPL(structlik, CPU, m) {
   m.impl("precision_diagonal", TORCH_BOX(&precision_diagonal));
 }
 

@@ -126,7 +126,7 @@ Tensor solve_upper_t(const Tensor& g, const Tensor& log_diag, const Tensor& off_
   return solve_impl<true>(g, log_diag, off_diag, offsets);
 }
 
-STABLE_TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
+STABLE_TORCH_LIBRARY_IMPL(structlik, CPU, m) {
   m.impl("solve_upper", TORCH_BOX(&solve_upper));
   m.impl("solve_upper_t", TORCH_BOX(&solve_upper_t));
 }

@@ -120,7 +120,7 @@ Tensor standard_normal(IntList size, int64_t seed, ScalarType dtype) {
   return torch::stable::view(narrow(buffer, 0, 0, n), size);
 }
 
-STABLE_TORCH_LIBRARY_IMPL(structlik_cpu, CompositeExplicitAutograd, m) {
+STABLE_TORCH_LIBRARY_IMPL(structlik, CompositeExplicitAutograd, m) {
   m.impl("standard_normal", TORCH_BOX(&standard_normal));
 }
 

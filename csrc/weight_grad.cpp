@@ -45,7 +45,7 @@ Tensor weight_grad(const Tensor& a, const Tensor& b, IntList flat_offsets) {
   return out;
 }
 
-STABLE_TORCH_LIBRARY_IMPL(structlik_cpu, CPU, m) {
+STABLE_TORCH_LIBRARY_IMPL(structlik, CPU, m) {
   m.impl("weight_grad", TORCH_BOX(&weight_grad));
 }
 

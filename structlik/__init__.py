@@ -14,7 +14,7 @@ from .loss import StructuredGaussianNLLLoss, structured_gaussian_nll
 from .priors import gamma_prior_log_prob, variance_minimiser, variance_weight
 from .stencil import Stencil
 
-backends.preload()
+backends.sync()     # STRUCTLIK_BACKEND, if set, forces its backend from the first call on
 
 __version__ = "0.1.0"
 

@@ -73,6 +73,12 @@ def check_consistent(**tensors) -> None:
                 raise error(f"{name}: {attr} {getattr(t, attr)} does not match the {attr} {common} of {others}")
 
 
+def param_layouts(stencil, log_diag, off_diag) -> tuple:
+    """``check_against_image``'s description of U's parameters."""
+    return (("log_diag", log_diag, 1, "(B, C, H, W)"),
+            ("off_diag", off_diag, stencil.S, f"(B, C*S, H, W) with S={stencil.S}"))
+
+
 def check_params(log_diag, off_diag, stencil) -> tuple:
     """Validate the parameters of U when no image goes with them; returns (B, C, H, W)."""
     check_stencil(stencil)

@@ -1,106 +1,67 @@
-"""The one place that decides which implementation runs each op.
+"""Which kernels serve which device, and forcing one backend (``STRUCTLIK_BACKEND``).
 
-Every backend is an object (the reference module, or an ``_autograd.OpsBackend``)
-exposing the same functions as ``structlik.reference``
-(``apply_upper``, ``apply_upper_t``, ``solve_upper``, ``solve_upper_t``, ``nll``,
-``precision_diagonal``), each differentiable in its tensor arguments. Callers
-go through :func:`backend_for` and never name a backend themselves, so adding
-a kernel never touches them.
+PyTorch's dispatcher chooses the kernel of every ``torch.ops.structlik`` op by the
+tensors' device (structlik/ops/_library.py): the C++ kernels for CPU tensors when
+the extension loaded, the Triton kernels for CUDA tensors when Triton is installed,
+the reference (plain PyTorch) everywhere else. This module only reports that choice
+and, for tests and debugging, overrides it:
 
-``STRUCTLIK_BACKEND=reference|cpu|triton`` forces a backend (read at every call,
-so tests can switch it); otherwise CPU tensors get the compiled C++ kernels
-when the extension loaded, CUDA tensors the Triton kernels when Triton is
-importable, and everything else the reference.
+``STRUCTLIK_BACKEND=reference|cpu|triton`` (read at every public call, so tests can
+switch it) installs an override of the CPU and CUDA keys: ``reference`` puts the
+reference kernels there, ``triton`` puts the Triton kernels on the CPU key too when
+``TRITON_INTERPRET=1`` (how CI runs them without a GPU), and a backend forced on
+tensors it does not run on raises a RuntimeError naming both.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
-from . import _autograd, reference
-
-# The reference's two solves are torch.library ops: their fake kernels, formulas and vmap rules.
-reference.SOLVES.update(vars(_autograd._Ops(_autograd.register("structlik_reference"))))
+from . import reference
+from .ops import _library
 
 NAMES = ("reference", "cpu", "triton")
 ENV_VAR = "STRUCTLIK_BACKEND"
 
-# name -> loader returning the backend module, or raising ImportError/RuntimeError
-# with the reason it is unavailable. Later backends register themselves here.
-_LOADERS: Dict[str, Callable[[], Any]] = {
-    "reference": lambda: reference,
-    "cpu": lambda: importlib.import_module("structlik.cpu").backend,
-    "triton": lambda: importlib.import_module("structlik.triton_backend").backend,
-}
-# name -> the devices it runs on
-_DEVICES: Dict[str, tuple] = {
-    "reference": ("cpu", "cuda", "meta", "mps", "xpu"),
-    "cpu": ("cpu",),
-    # Triton's interpreter (TRITON_INTERPRET=1, how CI tests the kernels) runs them on CPU tensors.
-    "triton": ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
-}
+_why_unavailable: Dict[str, Optional[str]] = {"reference": None}
 _warned: set = set()
-_loaded: Dict[str, Optional[Any]] = {}
-_why_unavailable: Dict[str, str] = {}
+_installed: Dict[str, Any] = {"name": None, "library": None}
 
 
-def register(name: str, loader: Callable[[], Any], devices: tuple) -> None:
-    _LOADERS[name] = loader
-    _DEVICES[name] = devices
-    _loaded.pop(name, None)
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _load(name: str) -> Optional[Any]:
-    if name not in _loaded:
-        loader = _LOADERS.get(name)
-        if loader is None:
-            _loaded[name] = None
-            _why_unavailable[name] = "not built into this version of structlik"
-        else:
-            try:
-                _loaded[name] = loader()
-            except (ImportError, RuntimeError, OSError) as err:
-                _loaded[name] = None
-                _why_unavailable[name] = f"{type(err).__name__}: {err}"
-    return _loaded[name]
-
-
-def preload() -> None:
-    """Load, at ``import structlik``, every backend this process may dispatch to: the CPU
-    kernels always, the Triton kernels when CUDA or Triton's interpreter is there, and the
-    one STRUCTLIK_BACKEND forces. Loading imports modules, which torch.compile cannot
-    trace: without this the first call of a process could not be inside a compiled
-    function. ``triton`` itself is imported only where it can run."""
-    names = ["cpu"]
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        names.append("triton")
-    name = os.environ.get(ENV_VAR, "").strip().lower()
-    if name in NAMES:
-        names.append(name)
-    for n in names:
-        _load(n)
-
-
-def available(name: str) -> bool:
-    return _load(name) is not None
+def devices(name: str) -> tuple:
+    """The device types backend ``name`` runs on."""
+    return {"reference": ("cpu", "cuda", "meta", "mps", "xpu"), "cpu": ("cpu",),
+            # Triton's interpreter (TRITON_INTERPRET=1, how CI tests the kernels) runs them on CPU tensors.
+            "triton": ("cuda", "cpu") if _interpreted() else ("cuda",)}[name]
 
 
 def why_unavailable(name: str) -> Optional[str]:
-    """Why backend ``name`` did not load (None when it did)."""
-    return None if available(name) else _why_unavailable[name]
+    """Why backend ``name`` cannot run here (None when it can)."""
+    if name not in _why_unavailable:
+        if name == "cpu":
+            _why_unavailable[name] = _library.CPU_UNAVAILABLE
+        elif name == "triton":
+            try:
+                importlib.import_module("structlik.kernels.common")
+                _why_unavailable[name] = None
+            except (ImportError, RuntimeError, OSError) as err:
+                _why_unavailable[name] = f"{type(err).__name__}: {err}"
+        else:
+            _why_unavailable[name] = "not built into this version of structlik"
+    return _why_unavailable[name]
 
 
-def get(name: str) -> Any:
-    """Backend ``name`` itself (the object ``backend_for`` returns), or a RuntimeError saying
-    why it is unavailable. For benchmarks and tests that call one backend directly."""
-    module = _load(name)
-    if module is None:
-        raise RuntimeError(f"structlik: the {name} backend is unavailable ({why_unavailable(name)})")
-    return module
+def available(name: str) -> bool:
+    return why_unavailable(name) is None
 
 
 def forced() -> Optional[str]:
@@ -112,29 +73,134 @@ def forced() -> Optional[str]:
     return name
 
 
-def backend_for(device: torch.device) -> Any:
-    """The backend module to use for tensors on ``device``."""
+def _refuse(name: str, device: str):
+    def kernel(*args, **kwargs):
+        raise RuntimeError(f"{ENV_VAR}={name} does not run on {device} tensors")
+    return kernel
+
+
+def _override(name: Optional[str]) -> Optional[torch.library.Library]:
+    """A library of kernels that make ``name`` serve every device it runs on (None: the defaults)."""
+    if name is None or (name == "cpu" and not torch.cuda.is_available()):
+        return None
+    library = torch.library.Library(_library.NAMESPACE, "IMPL")
+    with warnings.catch_warnings():      # "Overriding a previously registered kernel": that is the point
+        warnings.simplefilter("ignore")
+        for op, kernel in _library.REFERENCE_KERNELS.items():
+            if name == "reference":
+                library.impl(op, kernel, "CPU")
+                library.impl(op, kernel, "CUDA")
+            elif name == "cpu":
+                library.impl(op, _refuse(name, "cuda"), "CUDA")
+            elif op in _library.TRITON_KERNELS:
+                library.impl(op, _library.TRITON_KERNELS[op] if _interpreted() else _refuse(name, "cpu"), "CPU")
+                library.impl(op, _library.TRITON_KERNELS[op], "CUDA")
+            else:                        # no Triton kernel (standard_normal): the reference serves both
+                library.impl(op, kernel, "CPU")
+    return library
+
+
+def sync() -> None:
+    """Install the override ``STRUCTLIK_BACKEND`` asks for, if it is not the one installed."""
     name = forced()
-    if name is not None:
-        module = _load(name)
-        if module is None:
-            raise RuntimeError(f"{ENV_VAR}={name} but that backend is unavailable ({_why_unavailable[name]})")
-        if device.type not in _DEVICES[name]:
-            raise RuntimeError(f"{ENV_VAR}={name} does not run on {device.type} tensors")
-        return module
-    preferred = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
-    if preferred is not None:
-        module = _load(preferred)
-        if module is not None:
-            return module
-        if preferred not in _warned:
-            _warned.add(preferred)
-            warnings.warn(f"structlik: the {preferred} kernels are unavailable ({_why_unavailable[preferred]}); "
-                          f"{device.type} tensors use the slower reference backend", RuntimeWarning, stacklevel=3)
-    return reference
+    if name == _installed["name"]:
+        return
+    if name is not None and not available(name):
+        raise RuntimeError(f"{ENV_VAR}={name} but that backend is unavailable ({why_unavailable(name)})")
+    if _installed["library"] is not None:
+        _installed["library"]._destroy()
+    _installed.update(name=name, library=None)
+    _installed["library"] = _override(name)
+    _installed["name"] = name
 
 
 def name_of(device: torch.device) -> str:
-    """Which backend :func:`backend_for` picks, by name (for benchmarks and logs)."""
-    module = backend_for(device)
-    return next(n for n, m in _loaded.items() if m is module) if module is not reference else "reference"
+    """The backend whose kernels serve tensors on ``device`` now (installing the forced one first)."""
+    device = torch.device(device)
+    if not torch.compiler.is_compiling():
+        sync()
+    name = forced()
+    if name is not None:
+        if device.type not in devices(name):
+            raise RuntimeError(f"{ENV_VAR}={name} does not run on {device.type} tensors")
+        return name
+    default = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
+    if default is None:
+        return "reference"
+    if (default == "cpu" and _library.CPU_UNAVAILABLE is None) or (default == "triton" and _library.TRITON_INSTALLED):
+        return default
+    if default not in _warned:
+        _warned.add(default)
+        why = _library.CPU_UNAVAILABLE if default == "cpu" else "triton is not installed"
+        warnings.warn(f"structlik: the {default} kernels are unavailable ({why}); {device.type} tensors use the "
+                      f"slower reference backend", RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+@contextlib.contextmanager
+def using(name: Optional[str]):
+    """Force backend ``name`` (None: the defaults) inside the block, as ``STRUCTLIK_BACKEND`` does."""
+    previous = os.environ.get(ENV_VAR)
+    if name is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = name
+    try:
+        sync()
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = previous
+        sync()
+
+
+class Kernels:
+    """The differentiable ops served by backend ``name``, without validation, with the interface
+    of ``structlik.reference`` (a stencil, not flat offsets): for benchmarks that time the kernel
+    alone. Each call checks that ``name`` serves its tensors' device."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def _ops(self, device):
+        if name_of(device) != self.name:
+            raise RuntimeError(f"structlik: the {self.name} backend does not serve {device} tensors now "
+                               f"(the {name_of(device)} backend does)")
+        from . import ops
+        return ops
+
+    def apply_upper(self, r, log_diag, off_diag, stencil):
+        return self._ops(r.device).apply_upper_op(r, log_diag, off_diag, stencil.flat_offsets)
+
+    def apply_upper_t(self, y, log_diag, off_diag, stencil):
+        return self._ops(y.device).apply_upper_t_op(y, log_diag, off_diag, stencil.flat_offsets)
+
+    def solve_upper(self, z, log_diag, off_diag, stencil):
+        return self._ops(z.device).solve_upper_op(z, log_diag, off_diag, stencil.flat_offsets)
+
+    def solve_upper_t(self, g, log_diag, off_diag, stencil):
+        return self._ops(g.device).solve_upper_t_op(g, log_diag, off_diag, stencil.flat_offsets)
+
+    def nll(self, x, loc, log_diag, off_diag, stencil):
+        return self._ops(x.device).nll_op(x, loc, log_diag, off_diag, stencil.flat_offsets, self.name)
+
+    def nll_basis(self, x, loc, log_diag, coeffs, basis, stencil):
+        return self._ops(x.device).nll_basis_op(x, loc, log_diag, coeffs, basis, stencil.flat_offsets)
+
+    def precision_diagonal(self, log_diag, off_diag, stencil):
+        return self._ops(log_diag.device).precision_diagonal_op(log_diag, off_diag, stencil.flat_offsets)
+
+    def __repr__(self):
+        return f"Kernels({self.name!r})"
+
+
+def get(name: str) -> Any:
+    """Backend ``name``: the reference module, or the unvalidated ops it serves (``Kernels``); a
+    RuntimeError saying why when it is unavailable. For benchmarks and tests that call one backend."""
+    if name not in NAMES:
+        raise ValueError(f"backend: expected one of {NAMES}, got {name!r}")
+    if not available(name):
+        raise RuntimeError(f"structlik: the {name} backend is unavailable ({why_unavailable(name)})")
+    return reference if name == "reference" else Kernels(name)

@@ -25,7 +25,7 @@ def standard_normal(shape, dtype, device) -> torch.Tensor:
             and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
             and detect_fake_mode() is None):        # the seed is read from a tensor: not under fake tensors
         seed = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64))
-        return torch.ops.structlik_cpu.standard_normal(list(shape), seed, dtype)
+        return torch.ops.structlik.standard_normal(list(shape), seed, dtype)
     return torch.randn(shape, dtype=dtype, device=device)
 
 
@@ -153,7 +153,7 @@ class StructuredNormal(Distribution):
         # One solve for every sample: the kernels read sample r*N + b's parameters at b,
         # so the parameters are never copied per sample.
         with _checks.validation(False):
-            eps = ops.image_op("solve_upper", "z", z.reshape(-1, *self.event_shape), ld, od, self.stencil,
+            eps = ops.image_op(ops.solve_upper_op, "z", z.reshape(-1, *self.event_shape), ld, od, self.stencil,
                                params_repeat=True)
         sample = self.loc + eps.reshape(shape)
         with self._value_checks():

@@ -8,8 +8,9 @@ images (B, C, H, W), all of one dtype and device.
 The stencil terms are shifts of zero-padded tensors, one line per term of
 ``(U r)_p = d_p r_p + sum_i w_{p,i} r_{p+delta_i}``. Autograd differentiates
 them directly. The two triangular solves cannot be written as shifts; they
-run wavefront by wavefront (see ``_schedule``) as torch.library ops whose
-backward passes use the formulas of docs/contract.md §1 (structlik._autograd).
+run wavefront by wavefront (see ``_schedule``), which autograd differentiates
+too (slowly). These functions are also the kernels of ``torch.ops.structlik``
+for devices without a kernel of their own (structlik/ops/_library.py).
 """
 from __future__ import annotations
 
@@ -183,8 +184,9 @@ def _solve_operands(rhs, log_diag, off_diag, stencil):
             weights(off_diag, stencil).reshape(Bp * C, stencil.S, n))
 
 
-@torch.no_grad()
-def _solve_upper_values(z, log_diag, off_diag, stencil):
+def solve_upper(z, log_diag, off_diag, stencil):
+    """``U^-1 z`` by back-substitution in reverse raster order, one wavefront at a time:
+    (B, C, H, W); differentiable by autograd (slowly: for tests)."""
     H, W = z.shape[-2:]
     rhs, d, w = _solve_operands(z, log_diag, off_diag, stencil)
     out = z.new_zeros(*rhs.shape[:2], H * W + 1)
@@ -194,8 +196,8 @@ def _solve_upper_values(z, log_diag, off_diag, stencil):
     return out[..., :H * W].reshape(z.shape)
 
 
-@torch.no_grad()
-def _solve_upper_t_values(g, log_diag, off_diag, stencil):
+def solve_upper_t(g, log_diag, off_diag, stencil):
+    """``U^-T g`` by forward substitution in raster order: (B, C, H, W)."""
     H, W = g.shape[-2:]
     rhs, d, w = _solve_operands(g, log_diag, off_diag, stencil)
     w = _padded(w)
@@ -205,35 +207,3 @@ def _solve_upper_t_values(g, log_diag, off_diag, stencil):
         acc = (w_from * out[..., bwd]).sum(-2)
         out[..., p] = (rhs[..., p] - acc) / d[:, p]
     return out[..., :H * W].reshape(g.shape)
-
-
-# The solves are torch.library ops (namespace structlik_reference) rather than
-# autograd Functions: torch.compile treats them as opaque (the wavefront loop,
-# hundreds of indexing steps, is never traced), and torch.func's transforms take
-# them through the same registrations as the compiled backends' ops (the vmap
-# rule and the twice-differentiable formulas of structlik._autograd).
-@torch.library.custom_op("structlik_reference::solve_upper", mutates_args=())
-def _solve_upper_op(z: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor,
-                    offsets: List[int]) -> torch.Tensor:
-    return _solve_upper_values(z, log_diag, off_diag, Stencil.from_flat_offsets(offsets))
-
-
-@torch.library.custom_op("structlik_reference::solve_upper_t", mutates_args=())
-def _solve_upper_t_op(g: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor,
-                      offsets: List[int]) -> torch.Tensor:
-    return _solve_upper_t_values(g, log_diag, off_diag, Stencil.from_flat_offsets(offsets))
-
-
-# The two ops' callables (autograd Functions, the raw ops under torch.compile), with the formulas
-# of structlik._autograd; set by backends.py.
-SOLVES: dict = {}
-
-
-def solve_upper(z, log_diag, off_diag, stencil):
-    """``U^-1 z`` by back-substitution in reverse raster order: (B, C, H, W)."""
-    return SOLVES["solve_upper"](z, log_diag, off_diag, stencil.flat_offsets)
-
-
-def solve_upper_t(g, log_diag, off_diag, stencil):
-    """``U^-T g`` by forward substitution in raster order: (B, C, H, W)."""
-    return SOLVES["solve_upper_t"](g, log_diag, off_diag, stencil.flat_offsets)

@@ -39,14 +39,18 @@ def _validation_on():
     torch.compile of the process switches it off for good (torch/_dynamo/eval_frame.py),
     which would silently turn the value checks of every later test off."""
     torch.distributions.Distribution.set_default_validate_args(True)
+    backends.sync()         # the kernels STRUCTLIK_BACKEND asks for, before a first call inside torch.compile
     yield
 
 
 @pytest.fixture
 def backend(request, monkeypatch):
-    """Force the backend named by the parametrisation (see pytest_generate_tests)."""
+    """Force the backend named by the parametrisation (see pytest_generate_tests), and only in this test."""
     monkeypatch.setenv(backends.ENV_VAR, request.param)
-    return request.param
+    backends.sync()         # installed now: a test may call the ops inside torch.compile first
+    yield request.param
+    monkeypatch.undo()
+    backends.sync()
 
 
 # The interpreter runs Triton kernels at ~16 ms per program instance, so the

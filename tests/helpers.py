@@ -46,7 +46,7 @@ def available_backends(device="cpu"):
     """The backends that run on ``device`` tensors here."""
     names = []
     for name in backends.NAMES:
-        if backends.available(name) and device in backends._DEVICES[name]:
+        if backends.available(name) and device in backends.devices(name):
             names.append(name)
     return names
 

@@ -1,22 +1,55 @@
-"""Dispatch: STRUCTLIK_BACKEND, device rules, and the warn-once fallback."""
+"""Dispatch: one op namespace whose kernels the dispatcher picks by device; STRUCTLIK_BACKEND;
+the warn-once fallback to the reference."""
 import warnings
 
 import pytest
 import torch
 
 from structlik import Stencil, backends, ops, reference
+from structlik.ops import _library
+
+OPS = ("apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t", "weight_grad", "precision_diagonal",
+       "nll", "nll_backward", "nll_head", "nll_head_backward", "nll_basis", "nll_basis_backward")
+
+
+def test_one_namespace_with_a_kernel_per_device():
+    """Every op is torch.ops.structlik.<op>: the reference serves devices without a kernel
+    (CompositeExplicitAutograd), C++ the CPU key, Triton the CUDA key; a fake kernel and an
+    autograd formula each."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for name in OPS + ("nll_u", "nll_u_backward", "nll_head_u", "nll_head_u_backward"):
+        qualname = f"structlik::{name}"
+        assert has(qualname, "CompositeExplicitAutograd") and has(qualname, "Meta"), name
+        assert name in _library.REFERENCE_KERNELS and name in _library.TRITON_KERNELS
+        if _library.TRITON_INSTALLED:
+            assert has(qualname, "CUDA"), name
+        if not name.endswith("_backward"):
+            assert has(qualname, "Autograd"), name
+    if backends.available("cpu") and backends.forced() is None:
+        assert all(has(f"structlik::{name}", "CPU") for name in OPS)
+        assert not has("structlik::nll_u", "CPU")          # only Triton's kernels store u
 
 
 def test_unknown_backend_name(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "fortran")
     with pytest.raises(ValueError, match="STRUCTLIK_BACKEND: expected one of"):
-        backends.backend_for(torch.device("cpu"))
+        ops.apply_upper(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.zeros(1, 4, 2, 2), Stencil(1))
 
 
-def test_forced_reference(monkeypatch):
-    monkeypatch.setenv(backends.ENV_VAR, "reference")
-    assert backends.backend_for(torch.device("cpu")) is reference
-    assert backends.name_of(torch.device("cpu")) == "reference"
+@pytest.mark.skipif(not backends.available("cpu"), reason="no compiled CPU extension")
+def test_forced_reference_overrides_the_cpu_kernels(monkeypatch):
+    calls = []
+    kernel = _library.REFERENCE_KERNELS["apply_upper"]
+    monkeypatch.setitem(_library.REFERENCE_KERNELS, "apply_upper", lambda *a: calls.append(1) or kernel(*a))
+    stencil = Stencil(1)
+    args = torch.randn(1, 1, 3, 3), 0.1 * torch.randn(1, 1, 3, 3), 0.1 * torch.randn(1, 4, 3, 3)
+    with backends.using("reference"):
+        assert backends.name_of(torch.device("cpu")) == "reference"
+        forced = ops.apply_upper(*args, stencil)
+    assert calls == [1]
+    assert backends.name_of(torch.device("cpu")) == "cpu"       # the C++ kernel is back
+    torch.testing.assert_close(ops.apply_upper(*args, stencil), forced)
+    assert calls == [1]
 
 
 def test_forced_backend_on_wrong_device(monkeypatch):
@@ -24,34 +57,46 @@ def test_forced_backend_on_wrong_device(monkeypatch):
         pytest.skip("no compiled CPU extension")
     monkeypatch.setenv(backends.ENV_VAR, "cpu")
     with pytest.raises(RuntimeError, match="does not run on meta tensors"):
-        backends.backend_for(torch.device("meta"))
+        backends.name_of(torch.device("meta"))
+
+
+def test_meta_tensors_take_the_fake_kernels():
+    stencil = Stencil(2)
+    out = ops.nll(*(torch.empty(2, 3, 8, 8, device="meta") for _ in range(3)),
+                  torch.empty(2, 3 * stencil.S, 8, 8, device="meta"), stencil)
+    assert out.shape == (2,) and out.device.type == "meta"
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    """A CPU without the extension: the reference serves, with one warning that says why."""
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    monkeypatch.setitem(backends._loaded, "cpu", None)
+    monkeypatch.setattr(_library, "CPU_UNAVAILABLE", "ImportError: pretend it failed to build")
     monkeypatch.setitem(backends._why_unavailable, "cpu", "ImportError: pretend it failed to build")
     monkeypatch.setattr(backends, "_warned", set())
-    stencil = Stencil(1)
-    s = torch.zeros(1, 1, 3, 3)
-    w = torch.zeros(1, 4, 3, 3)
     with pytest.warns(RuntimeWarning, match="pretend it failed to build"):
-        out = ops.apply_upper(torch.ones(1, 1, 3, 3), s, w, stencil)
-    torch.testing.assert_close(out, torch.ones(1, 1, 3, 3))
+        assert backends.name_of(torch.device("cpu")) == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")          # the second call is silent
-        ops.apply_upper(torch.ones(1, 1, 3, 3), s, w, stencil)
+        backends.name_of(torch.device("cpu"))
     monkeypatch.setenv(backends.ENV_VAR, "cpu")
     with pytest.raises(RuntimeError, match="STRUCTLIK_BACKEND=cpu but that backend is unavailable"):
-        backends.backend_for(torch.device("cpu"))
+        backends.sync()
 
 
 def test_get_and_why_unavailable(monkeypatch):
-    assert backends.get("reference") is backends.reference and backends.why_unavailable("reference") is None
-    monkeypatch.setitem(backends._loaded, "cpu", None)
+    assert backends.get("reference") is reference and backends.why_unavailable("reference") is None
     monkeypatch.setitem(backends._why_unavailable, "cpu", "ImportError: pretend it failed to build")
     assert backends.why_unavailable("cpu") == "ImportError: pretend it failed to build"
     with pytest.raises(RuntimeError, match="cpu backend is unavailable .ImportError: pretend"):
         backends.get("cpu")
-    monkeypatch.setattr(backends, "_loaded", dict(backends._loaded))
-    assert backends.why_unavailable("gpu") == "not built into this version of structlik"
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        backends.get("gpu")
+
+
+@pytest.mark.skipif(not backends.available("cpu"), reason="no compiled CPU extension")
+def test_get_serves_only_its_own_device():
+    stencil = Stencil(1)
+    x, s, w = torch.randn(1, 1, 3, 3), torch.zeros(1, 1, 3, 3), torch.zeros(1, 4, 3, 3)
+    torch.testing.assert_close(backends.get("cpu").nll(x, x, s, w, stencil), reference.nll(x, x, s, w, stencil))
+    with backends.using("reference"), pytest.raises(RuntimeError, match="the reference backend does"):
+        backends.get("cpu").nll(x, x, s, w, stencil)

@@ -1,13 +1,13 @@
-"""The compiled ops as torch.library ops: opcheck, and torch.compile(fullgraph=True) through the loss."""
+"""The ops as torch.library ops: opcheck of every kernel, and torch.compile(fullgraph=True) through the loss."""
 import pytest
 import torch
 
 from conftest import TEST_DEVICE
 from helpers import available_backends, make_params
-from structlik import Stencil, structured_gaussian_nll
+from structlik import Stencil, backends, structured_gaussian_nll
 
-COMPILED = [name for name in available_backends(TEST_DEVICE) if name != "reference"]
-NAMESPACE = {"cpu": "structlik_cpu", "triton": "structlik_triton"}
+BACKENDS = available_backends(TEST_DEVICE)
+COMPILED = [name for name in BACKENDS if name != "reference"]
 STENCIL = Stencil(1, (1, 2))
 
 
@@ -44,12 +44,15 @@ def op_cases():
     yield "nll_backward", lambda g: (torch.rand(2, dtype=torch.float64), *sample_inputs(False), offsets), False
 
 
-@pytest.mark.parametrize("backend_name", COMPILED)
+@pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("name,make,differentiable", [pytest.param(*c, id=c[0]) for c in op_cases()])
 def test_opcheck(backend_name, name, make, differentiable):
-    op = getattr(getattr(torch.ops, NAMESPACE[backend_name]), name)
-    for grad in ((False, True) if differentiable else (False,)):
-        torch.library.opcheck(op, make(grad))
+    """torch.ops.structlik.<name> with each backend's kernel (the reference: what MPS, XPU and a
+    CPU without the extension run)."""
+    op = getattr(torch.ops.structlik, name)
+    with backends.using(backend_name):
+        for grad in ((False, True) if differentiable else (False,)):
+            torch.library.opcheck(op, make(grad))
 
 
 @pytest.mark.parametrize("backend", COMPILED, indirect=True)
@@ -83,4 +86,5 @@ def test_opcheck_triton_nll_half(dtype):
     """The Triton NLL reads half inputs itself: its fake kernel must give the real float32 output."""
     x, loc, log_diag, off_diag = [t.detach().to(dtype).requires_grad_(i > 0)
                                   for i, t in enumerate(sample_inputs(False))]
-    torch.library.opcheck(torch.ops.structlik_triton.nll, (x, loc, log_diag, off_diag, STENCIL.flat_offsets))
+    with backends.using("triton"):
+        torch.library.opcheck(torch.ops.structlik.nll, (x, loc, log_diag, off_diag, STENCIL.flat_offsets))

@@ -94,6 +94,7 @@ def test_triton_training_forward_stores_u_for_a_one_pass_backward(path, monkeypa
     if not backends.available("triton") or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
     monkeypatch.setenv(backends.ENV_VAR, "triton")
+    backends.sync()
     calls = []
     forward, backward = kernels.forward, kernels.backward
     monkeypatch.setattr(kernels, "forward", lambda *a, with_u=False: calls.append(("forward", with_u))

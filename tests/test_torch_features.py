@@ -10,6 +10,7 @@ import torch
 
 from conftest import TEST_DEVICE
 from helpers import make_params
+import structlik
 from structlik import Stencil, StructuredNormal, ops, structured_gaussian_nll
 
 ST = Stencil(1, (1, 2))
@@ -113,6 +114,7 @@ def test_first_call_of_a_process_is_compiled(entry, backend):
 def test_reference_sampling_compiles(monkeypatch):
     """The backend of MPS, XPU and CUDA without Triton: its solves are opaque to dynamo."""
     monkeypatch.setenv("STRUCTLIK_BACKEND", "reference")
+    structlik.backends.sync()        # installed before the first call, which is inside torch.compile
     _, loc, log_diag, off_diag = problem(requires_grad=False)
     z = torch.randn(SHAPE, dtype=torch.float64)
     solve = torch.compile(lambda *a: ops.solve_upper(*a, ST), fullgraph=True, backend="aot_eager")

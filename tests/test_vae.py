@@ -315,5 +315,24 @@ def test_training_options_reach_the_config():
     from examples.vae.__main__ import parse
 
     args = parse(["--weight-bound", "0.8", "--variance-weights", "100", "5", "--lr-warmup", "1", "--grad-clip", "50",
-                  "--warmup-fraction", "0.2", "--gamma-prior", "2", "1e-4"])
+                  "--warmup-fraction", "0.2", "--gamma-prior", "2", "1e-4", "--lr-schedule", "cosine"])
     assert (args.weight_bound, args.variance_weights, args.lr_warmup, args.grad_clip) == (0.8, [100.0, 5.0], 1.0, 50.0)
+    assert args.lr_schedule == "cosine"
+
+
+def test_learning_rate_warms_up_then_follows_the_schedule():
+    from examples.vae.config import preset
+    from examples.vae.train import learning_rate
+
+    steps = 10
+    constant = preset("tiny", epochs=4, lr=1e-3)
+    assert [learning_rate(constant, t, steps) for t in (0, 17, 39)] == [1e-3] * 3
+    warm = preset("tiny", epochs=4, lr=1e-3, lr_warmup=2.0)
+    assert learning_rate(warm, 0, steps) == pytest.approx(1e-3 / 20)      # 1 of 20 warm-up steps done
+    assert learning_rate(warm, 19, steps) == pytest.approx(1e-3)
+    cosine = preset("tiny", epochs=4, lr=1e-3, lr_schedule="cosine")
+    rates = [learning_rate(cosine, t, steps) for t in range(40)]
+    assert rates[0] == pytest.approx(1e-3) and rates[20] == pytest.approx(5e-4)
+    assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] < 1e-5
+    with pytest.raises(ValueError, match="lr_schedule"):
+        learning_rate(preset("tiny", lr_schedule="step"), 0, steps)

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 
-# Arguments with no image batch dimension, and ops with an output that has none.
+# Arguments with no image batch dimension.
 _SHARED = {"basis", "offsets", "c0"}
-PER_SLICE_OPS = {"nll_basis_backward"}
 
 
 def _per_slice(op, size, in_dims, args):
@@ -28,6 +27,8 @@ def _per_slice(op, size, in_dims, args):
 
 
 def rule(op, arg_names, per_slice_op):
+    """The vmap rule of ``op`` (argument names ``arg_names``); ``per_slice_op``: always one call
+    per slice (an op with an output that is not per image: the basis gradient)."""
     def rule(info, in_dims, *args):
         size = info.batch_size
         shared_batched = any(isinstance(a, torch.Tensor) and d is not None
@@ -50,13 +51,3 @@ def rule(op, arg_names, per_slice_op):
             return tuple(unfold(t) for t in out), tuple(0 for _ in out)
         return unfold(out), 0
     return rule
-
-
-def register(ns: str, names) -> None:
-    """A vmap rule for each op of ``names`` in namespace ``ns`` and for its fused backward."""
-    ops = getattr(torch.ops, ns)
-    backwards = [f"{n}_backward" for n in ("nll", "nll_head", "nll_basis", "nll_u", "nll_head_u") if n in names]
-    for name in sorted(names) + backwards:
-        op = getattr(ops, name).default
-        arg_names = [a.name for a in op._schema.arguments]
-        torch.library.register_vmap(f"{ns}::{name}", rule(op, arg_names, name in PER_SLICE_OPS))

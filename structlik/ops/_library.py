@@ -1,0 +1,140 @@
+"""The op library ``torch.ops.structlik``: one namespace, and what each op family registers in it.
+
+PyTorch's dispatcher picks the kernel by device (docs/contract.md §5):
+
+- the schemas are defined here, in Python, so every op exists without the C++ build;
+- the reference (``structlik.reference``, plain PyTorch) is each op's
+  ``CompositeExplicitAutograd`` kernel: what every device without a kernel of its own
+  runs (MPS, XPU, CUDA without Triton, a CPU without the extension);
+- the C++ kernels (``csrc/<op>.cpp``, ``STABLE_TORCH_LIBRARY_IMPL(structlik, CPU, m)``)
+  take the CPU key when ``structlik._C`` loads;
+- the Triton kernels (``structlik/kernels/<op>.py``) take the CUDA key when Triton is
+  installed; ``triton`` is imported at their first call, never by ``import structlik``;
+- one fake kernel (torch.compile, meta tensors), one autograd formula and one vmap rule
+  per op, registered by :func:`define`.
+
+``structlik.backends`` overrides the CPU or CUDA key to force a backend
+(``STRUCTLIK_BACKEND``, tests, debugging), which is also how CI runs the Triton kernels
+on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Callable, Dict, Optional
+
+import torch
+
+from . import _vmap
+
+NAMESPACE = "structlik"
+LIBRARY = torch.library.Library(NAMESPACE, "DEF")
+
+# op name -> its kernels, for the backends' overrides
+REFERENCE_KERNELS: Dict[str, Callable] = {}
+TRITON_KERNELS: Dict[str, Callable] = {}
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+HALF = (torch.float16, torch.bfloat16)
+CPU_UNAVAILABLE: Optional[str] = "structlik.ops has not loaded the C++ kernels yet"   # set by structlik/ops
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype an op computes in (docs/contract.md §4): float32 and float64 their own,
+    float16 and bfloat16 in float32. The NLL returns this dtype; every other output and
+    every gradient has its input's dtype."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def upcast(*tensors):
+    """float16/bfloat16 tensors as float32 (for kernels that do not read them), others as they are."""
+    return tuple(t.float() if t.dtype in HALF else t for t in tensors)
+
+
+def triton_kernels(family: str):
+    """``structlik.kernels.<family>``, imported at the first call of a Triton kernel."""
+    return importlib.import_module(f"structlik.kernels.{family}")
+
+
+def load_cpu_kernels() -> Optional[str]:
+    """Load the C++ library (its kernels take the CPU key); None, or why it did not load."""
+    try:
+        importlib.import_module("structlik._C")
+    except (ImportError, OSError, RuntimeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def has_cpu_kernel(name: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", "CPU")
+
+
+def _call(function, op):
+    """``function.apply`` (torch.func can transform it), or the dispatcher's op while
+    torch.compile traces (dynamo takes the op with its registered formula, not the Function)."""
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else function.apply(*args)
+    call.__name__ = op._name if hasattr(op, "_name") else str(op)
+    return call
+
+
+def _function(name, op, backward, setup):
+    """``op`` as an autograd.Function with the op's formula and vmap rule: torch 2.13's
+    ``register_autograd`` makes an autograd.Function without setup_context, which torch.func's
+    transforms refuse; this one has it."""
+    arg_names = [a.name for a in op._schema.arguments]
+
+    def forward(*args):
+        return op(*args)
+
+    def vmap(info, in_dims, *args):
+        return _vmap.rule(function.apply, arg_names, False)(info, in_dims, *args)
+
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(f"structlik: {NAMESPACE}::{name} has no forward-mode derivative (torch.func.jvp, "
+                                  f"torch.autograd.forward_ad); use reverse mode (torch.func.grad, vjp, jacrev)")
+
+    function = type(f"{NAMESPACE}_{name}", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup),
+        "backward": staticmethod(backward), "vmap": staticmethod(vmap), "jvp": staticmethod(jvp)})
+    return function
+
+
+def define(schema: str, *, reference: Callable, fake: Callable, triton: Optional[Callable] = None,
+           backward: Optional[Callable] = None, setup_context: Optional[Callable] = None,
+           per_slice_vmap: bool = False) -> Callable:
+    """Define ``torch.ops.structlik.<name>`` from ``schema`` with its reference kernel (every device
+    without a kernel of its own), fake kernel, optional Triton kernel (CUDA), autograd formula and
+    vmap rule (``per_slice_vmap``: call the op once per vmapped slice; for outputs that are not per
+    image). Returns what the library calls: the op differentiable by autograd, torch.func and
+    torch.compile when it has a formula, else the op itself."""
+    name = schema.split("(", 1)[0]
+    qualname = f"{NAMESPACE}::{name}"
+    LIBRARY.define(schema)
+    LIBRARY.impl(name, reference, "CompositeExplicitAutograd")
+    REFERENCE_KERNELS[name] = reference
+    torch.library.register_fake(qualname, fake, lib=LIBRARY)
+    if triton is not None:
+        TRITON_KERNELS[name] = triton
+        if TRITON_INSTALLED:
+            LIBRARY.impl(name, triton, "CUDA")
+    packet = getattr(torch.ops.structlik, name)
+    op = packet.default
+    torch.library.register_vmap(qualname, _vmap.rule(op, [a.name for a in op._schema.arguments], per_slice_vmap),
+                                lib=LIBRARY)
+    if backward is None:
+        return packet
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=LIBRARY)
+    return _call(_function(name, op, backward, setup_context), packet)
+
+
+# --- setup_context helpers shared by the formulas -------------------------------------------
+
+def save_inputs(ctx, inputs, output):
+    """Keep every tensor input; the last argument (the stencil's offsets) as an attribute."""
+    ctx.save_for_backward(*inputs[:-1])
+    ctx.offsets = inputs[-1]
+
+
+def offsets_count(offsets) -> int:
+    return len(offsets) // 2

@@ -1,0 +1,89 @@
+"""``U r`` and ``U^T y`` (docs/contract.md §1): the ops ``structlik::apply_upper`` and
+``structlik::apply_upper_t``, their formulas and the public, validated functions.
+
+Kernels: the reference (``structlik.reference``), C++ ``csrc/apply_upper.cpp`` (CPU),
+Triton ``structlik/kernels/apply_upper.py`` (CUDA).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from .. import _checks, reference
+from ..reference import sum_repeats
+from ..stencil import Stencil
+from . import _library
+from ._library import save_inputs
+from .weight_grad import weight_grad_op
+
+_SCHEMA = "(Tensor {image}, Tensor log_diag, Tensor off_diag, int[] offsets) -> Tensor"
+
+
+def _reference(transposed: bool):
+    function = reference.apply_upper_t if transposed else reference.apply_upper
+
+    def kernel(image: Tensor, log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
+        args = _library.upcast(image, log_diag, off_diag)
+        return function(*args, Stencil.from_flat_offsets(offsets)).to(image.dtype).contiguous()
+    return kernel
+
+
+def _triton(transposed: bool):
+    def kernel(image: Tensor, log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
+        return _library.triton_kernels("apply_upper").launch(image, log_diag, off_diag, offsets, transposed)
+    return kernel
+
+
+def _fake(image, log_diag, off_diag, offsets):
+    return image.new_empty(image.shape)
+
+
+def _backward(transposed: bool):
+    """U r: d/dr = U^T g, d/ds = g r d, d/dw_{p,i} = g_p r_{p+delta_i};
+    U^T y = sum over p of y_p U[p, :]: d/dy = U g, d/ds = y g d, d/dw_{p,i} = y_p g_{p+delta_i}."""
+    def backward(ctx, g):
+        image, log_diag, off_diag = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        other = apply_upper_op if transposed else apply_upper_t_op
+        row, column = (image, g) if transposed else (g, image)
+        return (other(g, log_diag, off_diag, ctx.offsets) if need[0] else None,
+                sum_repeats(g * image, log_diag.shape[0]) * log_diag.exp() if need[1] else None,
+                sum_repeats(weight_grad_op(row, column, ctx.offsets), log_diag.shape[0]) if need[2] else None,
+                None)
+    return backward
+
+
+apply_upper_op = _library.define("apply_upper" + _SCHEMA.format(image="r"), reference=_reference(False),
+                                 fake=_fake, triton=_triton(False), backward=_backward(False),
+                                 setup_context=save_inputs)
+apply_upper_t_op = _library.define("apply_upper_t" + _SCHEMA.format(image="y"), reference=_reference(True),
+                                   fake=_fake, triton=_triton(True), backward=_backward(True),
+                                   setup_context=save_inputs)
+
+
+def image_op(op, image_name: str, image, log_diag, off_diag, stencil, *, params_repeat: bool = False,
+             blame: Optional[Dict[str, torch.Tensor]] = None):
+    """One of the four image ops (``apply_upper_op`` ... ``solve_upper_t_op``), validated.
+    ``params_repeat``: log_diag and off_diag may hold fewer images than ``image`` (image b uses
+    parameters b % their batch; the distribution's samples). ``blame``: the tensors to name when
+    the result is not finite (default: the op's own arguments)."""
+    from .. import backends
+    _checks.check_stencil(stencil)
+    _checks.check_against_image(image_name, image, stencil, _checks.param_layouts(stencil, log_diag, off_diag),
+                                params_repeat)
+    backends.name_of(image.device)       # a forced backend installed, or its error raised
+    out = op(*_library.upcast(image, log_diag, off_diag), stencil.flat_offsets).to(image.dtype)
+    _checks.check_result(out, **(blame or {image_name: image, "log_diag": log_diag, "off_diag": off_diag}))
+    return out
+
+
+def apply_upper(r: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
+    """``U r``: ``(U r)_p = exp(log_diag_p) r_p + sum_i off_diag_{p,i} r_{p+delta_i}``; (B, C, H, W)."""
+    return image_op(apply_upper_op, "r", r, log_diag, off_diag, stencil)
+
+
+def apply_upper_t(y: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
+    """``U^T y``, the transposed stencil; (B, C, H, W)."""
+    return image_op(apply_upper_t_op, "y", y, log_diag, off_diag, stencil)

@@ -1,0 +1,90 @@
+"""``U^-1 z`` and ``U^-T g`` (docs/contract.md §1): the ops ``structlik::solve_upper`` and
+``structlik::solve_upper_t``, their formulas and the public, validated functions.
+
+Kernels: the reference's wavefronts (``structlik.reference``), C++ ``csrc/solve_upper.cpp``
+(CPU), Triton ``structlik/kernels/solve_upper.py`` (CUDA). The parameters may hold fewer
+images than the right-hand side (image b uses parameters b % their batch: the samples of
+one distribution), so every parameter gradient is summed over the images that share it.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..reference import sum_repeats
+from ..stencil import Stencil
+from . import _library
+from .apply_upper import image_op
+from .weight_grad import weight_grad_op
+
+_SCHEMA = "(Tensor {rhs}, Tensor log_diag, Tensor off_diag, int[] offsets) -> Tensor"
+
+
+def _reference(transposed: bool):
+    function = reference.solve_upper_t if transposed else reference.solve_upper
+
+    def kernel(rhs: Tensor, log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
+        args = _library.upcast(rhs, log_diag, off_diag)
+        return function(*args, Stencil.from_flat_offsets(offsets)).to(rhs.dtype).contiguous()
+    return kernel
+
+
+def _triton(transposed: bool):
+    def kernel(rhs: Tensor, log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
+        return _library.triton_kernels("solve_upper").launch(rhs, log_diag, off_diag, offsets, transposed)
+    return kernel
+
+
+def _fake(rhs, log_diag, off_diag, offsets):
+    return rhs.new_empty(rhs.shape)
+
+
+def _save_output(ctx, inputs, output):
+    _, log_diag, off_diag, offsets = inputs
+    ctx.save_for_backward(output, log_diag, off_diag)
+    ctx.offsets = offsets
+
+
+# After v = U^-T g (solve_upper) or a = U^-1 h (solve_upper_t): dL/dU_{pq} = -v_p sol_q,
+# summed over the samples that share one set of parameters.
+def _parameter_grads(ctx, v, sol, log_diag):
+    need = ctx.needs_input_grad
+    batch = log_diag.shape[0]
+    return (-sum_repeats(v * sol, batch) * log_diag.exp() if need[1] else None,
+            -sum_repeats(weight_grad_op(v, sol, ctx.offsets), batch) if need[2] else None)
+
+
+def _solve_upper_backward(ctx, g):
+    eps, log_diag, off_diag = ctx.saved_tensors
+    v = solve_upper_t_op(g, log_diag, off_diag, ctx.offsets)
+    return (v, *_parameter_grads(ctx, v, eps, log_diag), None)
+
+
+def _solve_upper_t_backward(ctx, h):
+    v, log_diag, off_diag = ctx.saved_tensors
+    a = solve_upper_op(h, log_diag, off_diag, ctx.offsets)
+    return (a, *_parameter_grads(ctx, v, a, log_diag), None)
+
+
+solve_upper_op = _library.define("solve_upper" + _SCHEMA.format(rhs="z"), reference=_reference(False), fake=_fake,
+                                 triton=_triton(False), backward=_solve_upper_backward, setup_context=_save_output)
+solve_upper_t_op = _library.define("solve_upper_t" + _SCHEMA.format(rhs="g"), reference=_reference(True),
+                                   fake=_fake, triton=_triton(True), backward=_solve_upper_t_backward,
+                                   setup_context=_save_output)
+
+
+def solve_upper(z: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
+    """``U^-1 z`` (back-substitution in reverse raster order); (B, C, H, W).
+
+    With ``z ~ N(0, I)``, ``loc + solve_upper(z, ...)`` is a sample of the
+    structured Gaussian. Differentiable in all three tensors.
+    """
+    return image_op(solve_upper_op, "z", z, log_diag, off_diag, stencil)
+
+
+def solve_upper_t(g: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
+    """``U^-T g`` (forward substitution in raster order); (B, C, H, W)."""
+    return image_op(solve_upper_t_op, "g", g, log_diag, off_diag, stencil)
