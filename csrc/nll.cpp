@@ -1,21 +1,29 @@
-// The fused NLL and its backward, one (b, c) plane per task.
-//
-// Forward:  nll_b = sum_c [ 0.5 ||U r||^2 - sum_p s_p ] + (C H W / 2) log 2 pi,  r = x - loc.
-// Backward, for upstream g_b, with u = U r recomputed (never stored between passes):
-//   d/dloc = -g U^T u      (returned; d/dx is its negative, formed by the caller only when x
-//                           needs a gradient, which data never does: no extra pass on the common path)
-//   d/ds_p = g (u_p r_p d_p - 1)
-//   d/dw_{p,i} = g u_p r_{p+delta_i}
-// Each task keeps one plane-sized buffer (r = x - loc) and rows of u and d; no
-// tensor of S values per pixel exists besides the off_diag gradient itself.
-// Inputs are read in place (Planes: split-head views are not copied); the
-// gradients are written contiguous.
+// The fused NLL and its backward, one (b, c) plane per task: the sweep of nll_sweep.h
+// with the weights read from off_diag. Inputs are read in place (Planes: split-head
+// views are not copied); the gradients are written contiguous, or into the slices of one
+// head's gradient (nll_head_backward).
 #include <array>
 #include <cmath>
 
-#include "nll_rows.h"
+#include "nll_sweep.h"
 
 namespace structlik {
+
+// The weights of offset i for row y: off_diag's plane, read in place; d/dw streamed out.
+template <typename scalar_t>
+struct PlainWeights {
+  Planes<const scalar_t> weights;
+  int64_t W;
+  const Planes<scalar_t>* grad = nullptr;   // backward only
+  int64_t S = 0;
+
+  int64_t buffer_size(int64_t, int64_t) const { return 0; }
+  const scalar_t* row(int64_t k, int64_t y, scalar_t*) const { return weights(k) + y * W; }
+  int64_t row_stride() const { return weights.weight_stride(); }
+  void take_weight_grad(int64_t k, int64_t y, const scalar_t* gw) const {
+    for (int64_t i = 0; i < S; ++i) stream_row(grad->weight(k, i) + y * W, gw + i * W, W);
+  }
+};
 
 Tensor nll(const Tensor& x, const Tensor& loc, const Tensor& log_diag, const Tensor& off_diag,
                IntList flat_offsets) {
@@ -24,29 +32,14 @@ Tensor nll(const Tensor& x, const Tensor& loc, const Tensor& log_diag, const Ten
   check_image(loc, "loc", log_diag);
   const auto xc = planes_contiguous(x), lc = planes_contiguous(loc), s = planes_contiguous(log_diag),
              w = planes_contiguous(off_diag);
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W;
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t S = static_cast<int64_t>(offsets.size());
   auto out = empty({B}, x);
   dispatch_floating(x.scalar_type(), "nll", [&](auto tag_) {
     using scalar_t = decltype(tag_);
-    using acc_t = double;   // double for float and double
-    std::vector<acc_t> per_plane(B * C);
-    const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Wt(w, C, S);
-    parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
-      // Rows outer, offsets inner: the rows of r that one row of u reads stay in L1.
-      std::vector<scalar_t> r(n), u(W), d(W);
-      for (int64_t k = begin; k < end; ++k) {
-        const scalar_t* sk = Sd(k);
-        residual(X(k), L(k), r.data(), n);
-        acc_t quad = 0, logdet = 0;
-        for (int64_t y = 0; y < H; ++y) {
-          u_row(r.data(), sk, Wt(k) + y * W, Wt.weight_stride(), y, H, W, offsets, d.data(), u.data());
-          reduce_row(u.data(), sk + y * W, W, quad, logdet);
-        }
-        per_plane[k] = 0.5 * quad - logdet;
-      }
-    });
-    finish_nll(per_plane, B, C, n, data<scalar_t>(out));
+    const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C);
+    const PlainWeights<scalar_t> source{Planes<const scalar_t>(w, C, S), W};
+    nll_forward_sweep(X, L, Sd, source, offsets, B, C, H, W, data<scalar_t>(out));
   });
   return out;
 }
@@ -63,56 +56,14 @@ static void nll_backward_into(const Tensor& grad, const Tensor& x, const Tensor&
   const auto xc = planes_contiguous(x), lc = planes_contiguous(loc), s = planes_contiguous(log_diag),
              w = planes_contiguous(off_diag);
   const auto gc = torch::stable::contiguous(torch::stable::to(grad, x.scalar_type()));
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W;
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t S = static_cast<int64_t>(offsets.size());
   dispatch_floating(x.scalar_type(), "nll_backward", [&](auto tag_) {
     using scalar_t = decltype(tag_);
-    const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Wt(w, C, S);
+    const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C);
     const Planes<scalar_t> GL(grad_loc, C), GS(grad_s, C), GW(grad_w, C, S);
-    const scalar_t* g_p = data<scalar_t>(gc);
-    parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
-      // One sweep over the rows: row y of u gives row y of d/ds and d/dw, and scatters
-      // w_{p,i} u_p into rows y + dy_i of U^T u; row y of d/dloc is complete once row y is done.
-      std::vector<scalar_t> r(n), u(W), d(W), gw_row(W);
-      for (int64_t k = begin; k < end; ++k) {
-        const scalar_t g = g_p[k / C];
-        const scalar_t* sk = Sd(k);
-        const scalar_t* wk = Wt(k);
-        const int64_t ws = Wt.weight_stride();
-        scalar_t* gx = GL(k);
-        scalar_t* gs = GS(k);
-        residual(X(k), L(k), r.data(), n);
-        std::fill(gx, gx + n, scalar_t(0));
-        for (int64_t y = 0; y < H; ++y) {
-          u_row(r.data(), sk, wk + y * W, ws, y, H, W, offsets, d.data(), u.data());
-          const scalar_t* __restrict__ rrow = r.data() + y * W;
-          scalar_t* __restrict__ gsrow = gs + y * W;
-          scalar_t* __restrict__ gxrow = gx + y * W;
-          for (int64_t x = 0; x < W; ++x) {
-            gsrow[x] = g * (u[x] * rrow[x] * d[x] - scalar_t(1));
-            gxrow[x] += d[x] * u[x];
-          }
-          for (int64_t i = 0; i < S; ++i) {
-            const auto [dy, dx] = offsets[i];
-            const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
-            scalar_t* __restrict__ gwrow = gw_row.data();   // formed in L1, then streamed out
-            std::fill(gwrow, gwrow + W, scalar_t(0));
-            if (y + dy < H && lo < hi) {
-              const scalar_t* __restrict__ wrow = wk + i * ws + y * W;
-              const scalar_t* __restrict__ rn = r.data() + (y + dy) * W + dx;
-              scalar_t* __restrict__ gxn = gx + (y + dy) * W + dx;
-              for (int64_t x = lo; x < hi; ++x) {
-                gwrow[x] = g * u[x] * rn[x];
-                gxn[x] += wrow[x] * u[x];   // (U^T u)_{p+delta_i} += w_{p,i} u_p
-              }
-            }
-            stream_row(GW.weight(k, i) + y * W, gwrow, W);
-          }
-          for (int64_t x = 0; x < W; ++x) gxrow[x] *= -g;   // row y of U^T u is complete: d/dloc
-        }
-      }
-      stream_fence();   // the streaming stores are visible before the task ends
-    });
+    PlainWeights<scalar_t> source{Planes<const scalar_t>(w, C, S), W, &GW, S};
+    nll_backward_sweep(data<scalar_t>(gc), X, L, Sd, source, offsets, GL, GS, B, C, H, W);
   });
 }
 

@@ -2,14 +2,14 @@
 // pixel are w_{p,i} = sum_j basis[i, j] coeffs_j(p), formed one row at a time in
 // a buffer of S x W values; the (B, C*S, H, W) off_diag never exists.
 //
-// Backward, for upstream g_b (same sweep as nll.cpp, plus the basis):
-//   d/dcoeffs_j(p) = sum_i basis[i, j] gw_{p,i},   d/dbasis[i, j] = sum_p gw_{p,i} coeffs_j(p),
-// with gw_{p,i} = g u_p r_{p+delta_i} (the off_diag gradient, kept for one row
-// only). The basis gradient is reduced per plane in float64, then over planes in
-// order, so it is deterministic.
+// The sweep is nll_sweep.h's, with BasisWeights as the weight source. Backward, for
+// upstream g_b, from the row of gw_{p,i} = g u_p r_{p+delta_i} the sweep hands over:
+//   d/dcoeffs_j(p) = sum_i basis[i, j] gw_{p,i},   d/dbasis[i, j] = sum_p gw_{p,i} coeffs_j(p).
+// The basis gradient is reduced per plane in float64, then over planes in order, so it is
+// deterministic.
 #include <cmath>
 
-#include "nll_rows.h"
+#include "nll_sweep.h"
 
 namespace structlik {
 
@@ -53,35 +53,56 @@ static std::vector<Offset> check_inputs(const Tensor& x, const Tensor& loc, cons
   return offsets;
 }
 
+// The weights of a row formed from the basis in a buffer of S x W values.
+template <typename scalar_t>
+struct BasisWeights {
+  Planes<const scalar_t> coeffs;
+  const scalar_t* basis;
+  int64_t S, nb, W;
+  const Planes<scalar_t>* grad_c = nullptr;   // backward only
+  double* basis_acc = nullptr;                // backward: S x nb sums per plane
+
+  int64_t buffer_size(int64_t S_, int64_t W_) const { return S_ * W_; }
+  const scalar_t* row(int64_t k, int64_t y, scalar_t* buf) const {
+    basis_rows(basis, coeffs(k), S, nb, y, W, coeffs.weight_stride(), buf);
+    return buf;
+  }
+  int64_t row_stride() const { return W; }
+  void take_weight_grad(int64_t k, int64_t y, const scalar_t* gw) const {
+    const scalar_t* ck = coeffs(k);
+    double* bacc = basis_acc + k * S * nb;
+    for (int64_t j = 0; j < nb; ++j) {
+      const scalar_t* __restrict__ crow = ck + j * coeffs.weight_stride() + y * W;
+      scalar_t* __restrict__ gcrow = grad_c->weight(k, j) + y * W;
+      std::fill(gcrow, gcrow + W, scalar_t(0));
+      for (int64_t i = 0; i < S; ++i) {
+        const scalar_t b = basis[i * nb + j];
+        const scalar_t* __restrict__ gwi = gw + i * W;
+        double dot = 0;
+        _Pragma("omp simd reduction(+ : dot)")
+        for (int64_t x = 0; x < W; ++x) {
+          gcrow[x] += b * gwi[x];
+          dot += double(gwi[x]) * double(crow[x]);
+        }
+        bacc[i * nb + j] += dot;
+      }
+    }
+  }
+};
+
 Tensor nll_basis(const Tensor& x, const Tensor& loc, const Tensor& log_diag, const Tensor& coeffs,
                      const Tensor& basis, IntList flat_offsets) {
   const auto offsets = check_inputs(x, loc, log_diag, coeffs, basis, flat_offsets);
   const int64_t S = static_cast<int64_t>(offsets.size());
   const auto xc = planes_contiguous(x), lc = planes_contiguous(loc), s = planes_contiguous(log_diag),
              cc = planes_contiguous(coeffs), bc = torch::stable::contiguous(basis);
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W, nb = basis.size(1);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), nb = basis.size(1);
   auto out = empty({B}, x);
   dispatch_floating(x.scalar_type(), "nll_basis", [&](auto tag_) {
     using scalar_t = decltype(tag_);
-    using acc_t = double;
-    std::vector<acc_t> per_plane(B * C);
-    const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Cf(cc, C, nb);
-    const scalar_t* b_p = data<scalar_t>(bc);
-    parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> r(n), u(W), d(W), wbuf(S * W);
-      for (int64_t k = begin; k < end; ++k) {
-        const scalar_t* sk = Sd(k);
-        residual(X(k), L(k), r.data(), n);
-        acc_t quad = 0, logdet = 0;
-        for (int64_t y = 0; y < H; ++y) {
-          basis_rows(b_p, Cf(k), S, nb, y, W, Cf.weight_stride(), wbuf.data());
-          u_row(r.data(), sk, wbuf.data(), W, y, H, W, offsets, d.data(), u.data());
-          reduce_row(u.data(), sk + y * W, W, quad, logdet);
-        }
-        per_plane[k] = 0.5 * quad - logdet;
-      }
-    });
-    finish_nll(per_plane, B, C, n, data<scalar_t>(out));
+    const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C);
+    const BasisWeights<scalar_t> source{Planes<const scalar_t>(cc, C, nb), data<scalar_t>(bc), S, nb, W};
+    nll_forward_sweep(X, L, Sd, source, offsets, B, C, H, W, data<scalar_t>(out));
   });
   return out;
 }
@@ -95,75 +116,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nll_basis_backward(
   const auto xc = planes_contiguous(x), lc = planes_contiguous(loc), s = planes_contiguous(log_diag),
              cc = planes_contiguous(coeffs), bc = torch::stable::contiguous(basis),
              gc = torch::stable::contiguous(torch::stable::to(grad, x.scalar_type()));
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), n = H * W, nb = basis.size(1);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), nb = basis.size(1);
   auto grad_loc = empty(shape(x).dims, x), grad_s = empty(shape(log_diag).dims, x),
        grad_c = empty(shape(coeffs).dims, x);
   auto grad_b = new_empty_like(bc);
   dispatch_floating(x.scalar_type(), "nll_basis_backward", [&](auto tag_) {
     using scalar_t = decltype(tag_);
-    using acc_t = double;
-    std::vector<acc_t> basis_acc(B * C * S * nb, acc_t(0));   // per plane, reduced in order below
-    const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C), Cf(cc, C, nb);
-    const scalar_t *b_p = data<scalar_t>(bc), *g_p = data<scalar_t>(gc);
-    scalar_t *gx_p = data<scalar_t>(grad_loc), *gs_p = data<scalar_t>(grad_s),
-             *gc_p = data<scalar_t>(grad_c);
-    parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> r(n), u(W), d(W), wbuf(S * W), gwbuf(S * W);
-      for (int64_t k = begin; k < end; ++k) {
-        const scalar_t g = g_p[k / C];
-        const scalar_t* sk = Sd(k);
-        const scalar_t* ck = Cf(k);
-        const int64_t cs = Cf.weight_stride();
-        scalar_t* gx = gx_p + k * n;
-        acc_t* bacc = basis_acc.data() + k * S * nb;
-        residual(X(k), L(k), r.data(), n);
-        std::fill(gx, gx + n, scalar_t(0));
-        for (int64_t y = 0; y < H; ++y) {
-          basis_rows(b_p, ck, S, nb, y, W, cs, wbuf.data());
-          u_row(r.data(), sk, wbuf.data(), W, y, H, W, offsets, d.data(), u.data());
-          const scalar_t* __restrict__ rrow = r.data() + y * W;
-          scalar_t* __restrict__ gsrow = gs_p + k * n + y * W;
-          scalar_t* __restrict__ gxrow = gx + y * W;
-          for (int64_t xx = 0; xx < W; ++xx) {
-            gsrow[xx] = g * (u[xx] * rrow[xx] * d[xx] - scalar_t(1));
-            gxrow[xx] += d[xx] * u[xx];
-          }
-          for (int64_t i = 0; i < S; ++i) {
-            const auto [dy, dx] = offsets[i];
-            scalar_t* __restrict__ gw = gwbuf.data() + i * W;
-            std::fill(gw, gw + W, scalar_t(0));
-            if (y + dy >= H) continue;
-            const scalar_t* __restrict__ wrow = wbuf.data() + i * W;
-            const scalar_t* __restrict__ rn = r.data() + (y + dy) * W + dx;
-            scalar_t* __restrict__ gxn = gx + (y + dy) * W + dx;
-            for (int64_t xx = col_lo(dx), hi = col_hi(dx, W); xx < hi; ++xx) {
-              gw[xx] = g * u[xx] * rn[xx];
-              gxn[xx] += wrow[xx] * u[xx];
-            }
-          }
-          for (int64_t j = 0; j < nb; ++j) {
-            const scalar_t* __restrict__ crow = ck + j * cs + y * W;
-            scalar_t* __restrict__ gcrow = gc_p + (k * nb + j) * n + y * W;
-            std::fill(gcrow, gcrow + W, scalar_t(0));
-            for (int64_t i = 0; i < S; ++i) {
-              const scalar_t b = b_p[i * nb + j];
-              const scalar_t* __restrict__ gw = gwbuf.data() + i * W;
-              acc_t dot = 0;
-              _Pragma("omp simd reduction(+ : dot)")
-              for (int64_t xx = 0; xx < W; ++xx) {
-                gcrow[xx] += b * gw[xx];
-                dot += acc_t(gw[xx]) * acc_t(crow[xx]);
-              }
-              bacc[i * nb + j] += dot;
-            }
-          }
-          for (int64_t xx = 0; xx < W; ++xx) gxrow[xx] *= -g;   // d/dloc, as nll.cpp
-        }
-      }
-    });
+    std::vector<double> basis_acc(B * C * S * nb, 0.0);   // per plane, reduced in order below
+    const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C);
+    const Planes<scalar_t> GL(grad_loc, C), GS(grad_s, C), GC(grad_c, C, nb);
+    BasisWeights<scalar_t> source{Planes<const scalar_t>(cc, C, nb), data<scalar_t>(bc), S, nb, W, &GC,
+                                  basis_acc.data()};
+    nll_backward_sweep(data<scalar_t>(gc), X, L, Sd, source, offsets, GL, GS, B, C, H, W);
     scalar_t* gb_p = data<scalar_t>(grad_b);
     for (int64_t e = 0; e < S * nb; ++e) {
-      acc_t total = 0;
+      double total = 0;
       for (int64_t k = 0; k < B * C; ++k) total += basis_acc[k * S * nb + e];
       gb_p[e] = static_cast<scalar_t>(total);
     }

@@ -1,0 +1,156 @@
+// The NLL's sweep, shared by the fused NLL (nll.cpp) and its learned-basis form
+// (nll_basis.cpp), which differ only in where a row's S weights come from: the
+// weight source, a template parameter (PlainWeights in nll.cpp, BasisWeights in
+// nll_basis.cpp) with
+//   int64_t buffer_size(S, W)      scratch values a task needs for one row of weights
+//   const scalar_t* row(k, y, buf) row y of plane k's weights, offset i at + i * row_stride()
+//   int64_t row_stride()
+//   void take_weight_grad(k, y, gw, wrow)  the row's d/dw (S rows of W at gw) and its weights
+//
+// Forward:  nll_b = sum_c [ 0.5 ||U r||^2 - sum_p s_p ] + (C H W / 2) log 2 pi,  r = x - loc.
+// Backward, for upstream g_b, with u = U r recomputed (never stored between passes):
+//   d/dloc = -g U^T u      (d/dx is its negative, formed by the caller only when x needs a
+//                           gradient, which data never does: no extra pass on the common path)
+//   d/ds_p = g (u_p r_p d_p - 1)
+//   d/dw_{p,i} = g u_p r_{p+delta_i}    (handed to the weight source, one row at a time)
+// Each task keeps one plane-sized buffer (r = x - loc) and rows of u, d and d/dw.
+#pragma once
+
+#include <cmath>
+#include <vector>
+
+#include "stencil.h"
+
+namespace structlik {
+
+// Row y of u = U r, given the whole plane of r (rows below y are read). The
+// weights of offset i for this row are at w_row + i * w_stride: the off_diag
+// plane's row (stride H*W), or a row formed from a learned basis (stride W).
+template <typename scalar_t>
+inline void u_row(const scalar_t* __restrict__ r, const scalar_t* __restrict__ s, const scalar_t* __restrict__ w_row,
+                  int64_t w_stride, int64_t y, int64_t H, int64_t W, const std::vector<Offset>& offsets,
+                  scalar_t* __restrict__ d, scalar_t* __restrict__ u) {
+  exp_row(s + y * W, d, W);
+  const scalar_t* __restrict__ rrow = r + y * W;
+  for (int64_t x = 0; x < W; ++x) u[x] = d[x] * rrow[x];
+  for (size_t i = 0; i < offsets.size(); ++i) {
+    const auto [dy, dx] = offsets[i];
+    if (y + dy >= H) continue;
+    const scalar_t* __restrict__ wrow = w_row + i * w_stride;
+    const scalar_t* __restrict__ rn = r + (y + dy) * W + dx;
+    for (int64_t x = col_lo(dx), hi = col_hi(dx, W); x < hi; ++x) u[x] += wrow[x] * rn[x];
+  }
+}
+
+template <typename scalar_t>
+inline void residual(const scalar_t* __restrict__ x, const scalar_t* __restrict__ loc, scalar_t* __restrict__ r,
+                            int64_t n) {
+  for (int64_t p = 0; p < n; ++p) r[p] = x[p] - loc[p];
+}
+
+// quad += sum u^2 and logdet += sum s over one row, in acc_t. The simd
+// reduction lets the compiler keep several partial sums (plain C++ may not reassociate).
+template <typename scalar_t, typename acc_t>
+inline void reduce_row(const scalar_t* __restrict__ u, const scalar_t* __restrict__ srow, int64_t W, acc_t& quad,
+                       acc_t& logdet) {
+  acc_t q = 0, l = 0;
+  _Pragma("omp simd reduction(+ : q, l)")
+  for (int64_t x = 0; x < W; ++x) {
+    q += acc_t(u[x]) * acc_t(u[x]);
+    l += acc_t(srow[x]);
+  }
+  quad += q;
+  logdet += l;
+}
+
+// out[b] = sum_c per_plane[b*C + c] + (C n / 2) log 2 pi, summed in a fixed order.
+template <typename scalar_t, typename acc_t>
+inline void finish_nll(const std::vector<acc_t>& per_plane, int64_t B, int64_t C, int64_t n, scalar_t* out) {
+  const acc_t normaliser = 0.5 * acc_t(C * n) * std::log(2.0 * M_PI);
+  for (int64_t b = 0; b < B; ++b) {
+    acc_t total = normaliser;
+    for (int64_t c = 0; c < C; ++c) total += per_plane[b * C + c];
+    out[b] = static_cast<scalar_t>(total);
+  }
+}
+
+// Per plane k: 0.5 ||u||^2 - sum s, then out[b] (finish_nll).
+template <typename scalar_t, typename Source>
+void nll_forward_sweep(const Planes<const scalar_t>& X, const Planes<const scalar_t>& L,
+                       const Planes<const scalar_t>& Sd, const Source& source, const std::vector<Offset>& offsets,
+                       int64_t B, int64_t C, int64_t H, int64_t W, scalar_t* out) {
+  using acc_t = double;   // double for float and double
+  const int64_t n = H * W, S = static_cast<int64_t>(offsets.size());
+  std::vector<acc_t> per_plane(B * C);
+  parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+    // Rows outer, offsets inner: the rows of r that one row of u reads stay in L1.
+    std::vector<scalar_t> r(n), u(W), d(W), wbuf(source.buffer_size(S, W));
+    for (int64_t k = begin; k < end; ++k) {
+      const scalar_t* sk = Sd(k);
+      residual(X(k), L(k), r.data(), n);
+      acc_t quad = 0, logdet = 0;
+      for (int64_t y = 0; y < H; ++y) {
+        u_row(r.data(), sk, source.row(k, y, wbuf.data()), source.row_stride(), y, H, W, offsets, d.data(),
+              u.data());
+        reduce_row(u.data(), sk + y * W, W, quad, logdet);
+      }
+      per_plane[k] = 0.5 * quad - logdet;
+    }
+  });
+  finish_nll(per_plane, B, C, n, out);
+}
+
+// d/dloc and d/ds written through GL and GS (contiguous tensors, or slices of one head's
+// gradient); d/dw handed to the source row by row.
+template <typename scalar_t, typename Source>
+void nll_backward_sweep(const scalar_t* g_p, const Planes<const scalar_t>& X, const Planes<const scalar_t>& L,
+                        const Planes<const scalar_t>& Sd, Source& source, const std::vector<Offset>& offsets,
+                        const Planes<scalar_t>& GL, const Planes<scalar_t>& GS, int64_t B, int64_t C, int64_t H,
+                        int64_t W) {
+  const int64_t n = H * W, S = static_cast<int64_t>(offsets.size());
+  parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+    // One sweep over the rows: row y of u gives row y of d/ds and d/dw, and scatters
+    // w_{p,i} u_p into rows y + dy_i of U^T u; row y of d/dloc is complete once row y is done.
+    std::vector<scalar_t> r(n), u(W), d(W), wbuf(source.buffer_size(S, W)), gwbuf(S * W);
+    for (int64_t k = begin; k < end; ++k) {
+      const scalar_t g = g_p[k / C];
+      const scalar_t* sk = Sd(k);
+      scalar_t* gx = GL(k);
+      scalar_t* gs = GS(k);
+      residual(X(k), L(k), r.data(), n);
+      std::fill(gx, gx + n, scalar_t(0));
+      for (int64_t y = 0; y < H; ++y) {
+        const scalar_t* wk = source.row(k, y, wbuf.data());
+        const int64_t ws = source.row_stride();
+        u_row(r.data(), sk, wk, ws, y, H, W, offsets, d.data(), u.data());
+        const scalar_t* __restrict__ rrow = r.data() + y * W;
+        scalar_t* __restrict__ gsrow = gs + y * W;
+        scalar_t* __restrict__ gxrow = gx + y * W;
+        for (int64_t x = 0; x < W; ++x) {
+          gsrow[x] = g * (u[x] * rrow[x] * d[x] - scalar_t(1));
+          gxrow[x] += d[x] * u[x];
+        }
+        for (int64_t i = 0; i < S; ++i) {
+          const auto [dy, dx] = offsets[i];
+          const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
+          scalar_t* __restrict__ gwrow = gwbuf.data() + i * W;   // formed in L1, then handed on
+          std::fill(gwrow, gwrow + W, scalar_t(0));
+          if (y + dy < H && lo < hi) {
+            const scalar_t* __restrict__ wrow = wk + i * ws;
+            const scalar_t* __restrict__ rn = r.data() + (y + dy) * W + dx;
+            scalar_t* __restrict__ gxn = gx + (y + dy) * W + dx;
+            for (int64_t x = lo; x < hi; ++x) {
+              gwrow[x] = g * u[x] * rn[x];
+              gxn[x] += wrow[x] * u[x];   // (U^T u)_{p+delta_i} += w_{p,i} u_p
+            }
+          }
+        }
+        source.take_weight_grad(k, y, gwbuf.data());
+        for (int64_t x = 0; x < W; ++x) gxrow[x] *= -g;   // row y of U^T u is complete: d/dloc
+      }
+    }
+    stream_fence();   // the streaming stores are visible before the task ends
+  });
+}
+
+}  // namespace structlik
