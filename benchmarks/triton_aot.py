@@ -149,7 +149,7 @@ def compile_one(i):
 
 
 def describe(fn, args, kwargs):
-    consts = {k: kwargs[k] for k in ("S", "BLOCK", "LANES", "NB", "TRANSPOSED", "STORE_U") if k in kwargs}
+    consts = {k: kwargs[k] for k in ("S", "BLOCK", "LANES", "NB", "TRANSPOSED", "STORE_U", "BASIS") if k in kwargs}
     dtypes = sorted({str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor)} - {"float32"}
                     or {"float32"})
     return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in consts.items()), ",".join(dtypes)

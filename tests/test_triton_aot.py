@@ -31,9 +31,11 @@ def compiled(tmp_path_factory):
 
 def test_every_kernel_and_dtype_is_covered(compiled):
     kernels = {r["kernel"] for r in compiled}
-    assert kernels >= {"nll_kernel", "nll_backward_kernel", "nll_basis_kernel",
-                       "nll_basis_backward_u_kernel", "nll_basis_backward_loc_kernel", "apply_upper_kernel",
-                       "solve_upper_kernel", "weight_grad_kernel", "precision_diagonal_kernel"}
+    assert kernels >= {"nll_kernel", "nll_backward_kernel", "apply_upper_kernel", "solve_upper_kernel",
+                       "weight_grad_kernel", "precision_diagonal_kernel"}
+    # one NLL sweep for both weight sources: off_diag's planes and the learned basis (BASIS=1)
+    for kernel in ("nll_kernel", "nll_backward_kernel"):
+        assert {r["constexprs"].split("BASIS=")[1][:1] for r in compiled if r["kernel"] == kernel} == {"0", "1"}
     assert {r["dtypes"] for r in compiled if r["kernel"] == "nll_kernel"} >= {"float32", "float16", "bfloat16"}
     # the training forward (STORE_U, u written for the one-pass backward) and the evaluation one
     assert {r["constexprs"].split("STORE_U=")[1][:1] for r in compiled if r["kernel"] == "nll_kernel"} == {"0", "1"}

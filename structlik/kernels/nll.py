@@ -1,4 +1,7 @@
-"""The fused NLL (forward) and its backward.
+"""The fused NLL (forward) and its backward, for both weight sources: off_diag's planes, or
+(``BASIS``, a constexpr: the learned basis of paper section 4.3, structlik/kernels/nll_basis.py)
+w_{p,i} = sum_j basis[i, j] coeffs_j(p), formed in registers from a (NB, BLOCK) tile of
+coefficients and never stored.
 
 Forward: each program reads its tile of x, loc, log_diag and off_diag (the
 neighbours of x - loc come through the cache) and writes one partial sum of
@@ -23,6 +26,10 @@ negation pass of 2: 109 planes.) Neighbours' values are counted once: they come
 through L1/L2, each plane's tile being read by one program and its halo by the
 programs beside it.
 
+With a basis the backward also writes d/dcoeffs_j = sum_i basis_ij gw_i and each program's
+partial d/dbasis_ij = sum_p gw_{p,i} c_j(p) (summed on the host, deterministically), and
+gathers w_{p-delta_i,i} from the coefficients at p - delta_i.
+
 Inputs are read through their batch and channel strides (``xs``, ``ls``, ``ss``,
 ``ws``: (batch, channel) pairs; common.plane_start), so split-head views are
 never copied; u and the gradients are contiguous.
@@ -35,32 +42,62 @@ from .common import (acc_dtype, acc_torch_dtype, block_for, finish_nll, neighbou
                      plane_strides, planes_contiguous, tile)
 
 
+# --- the weight source: off_diag's planes, or a learned basis times coefficients (BASIS) ---------
+
 @triton.jit
-def _residual_and_u(x, loc, log_diag, off_diag, k, p, y, xx, valid, C, H, W, xsb, xsc, lsb, lsc, ssb, ssc, wsb, wsc,
-                    OFFS: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr):
+def _coeff_tile(coeffs, cb, csc, q, ok, NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr):
+    """(NB_P2, BLOCK) coefficients of the plane starting at cb at pixels q (zero where masked or j >= NB)."""
+    j = tl.arange(0, NB_P2)
+    ptrs = coeffs + cb + j[:, None] * csc + q[None, :]
+    return tl.load(ptrs, (j[:, None] < NB) & ok[None, :], 0.0).to(ACC)
+
+
+@triton.jit
+def _basis_row(basis, i, NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr):
+    j = tl.arange(0, NB_P2)
+    return tl.load(basis + i * NB + j, j < NB, 0.0).to(ACC)
+
+
+@triton.jit
+def _weight(weights, basis, wb, wsc, c, i, q, ok, NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr,
+            BASIS: tl.constexpr):
+    """w_{q,i}: off_diag's value at q, or sum_j basis[i, j] c_j with c the (NB_P2, BLOCK) coefficients at q."""
+    if BASIS:
+        w = tl.sum(_basis_row(basis, i, NB, NB_P2, ACC)[:, None] * c, axis=0)
+    else:
+        w = tl.load(weights + wb + i * wsc + q, ok, 0.0).to(ACC)
+    return w
+
+
+@triton.jit
+def _residual_and_u(x, loc, log_diag, weights, basis, k, p, y, xx, valid, C, H, W, xsb, xsc, lsb, lsc, ssb, ssc,
+                    wsb, wsc, OFFS: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr,
+                    ACC: tl.constexpr, BASIS: tl.constexpr):
     xb = plane_start(k, C, xsb, xsc)
     lb = plane_start(k, C, lsb, lsc)
-    wb = plane_start(k, C, wsb, wsc * S)
+    wb = plane_start(k, C, wsb, wsc * (NB if BASIS else S))
     r = tl.load(x + xb + p, valid, 0.0).to(ACC) - tl.load(loc + lb + p, valid, 0.0).to(ACC)
     s = tl.load(log_diag + plane_start(k, C, ssb, ssc) + p, valid, 0.0).to(ACC)
     d = tl.exp(s)
     u = d * r
+    c = _coeff_tile(weights, wb, wsc, p, valid, NB, NB_P2, ACC) if BASIS else 0.0
     for i in tl.static_range(S):
         q, ok = neighbour(y, xx, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
         r_q = tl.load(x + xb + q, ok, 0.0).to(ACC) - tl.load(loc + lb + q, ok, 0.0).to(ACC)
         # the weight at the pixel itself, under the tile's mask (contiguous, vectorisable);
         # where the neighbour is outside, the term is dropped rather than multiplied by 0
-        w = tl.load(off_diag + wb + i * wsc + p, valid, 0.0).to(ACC)
+        w = _weight(weights, basis, wb, wsc, c, i, p, valid, NB, NB_P2, ACC, BASIS)
         u += tl.where(ok, w * r_q, 0.0)
     return r, s, d, u
 
 
 @triton.jit
-def nll_kernel(x, loc, log_diag, off_diag, partial, u_out, C, H, W, xsb, xsc, lsb, lsc, ssb, ssc, wsb, wsc,
-               OFFS: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, STORE_U: tl.constexpr):
+def nll_kernel(x, loc, log_diag, weights, basis, partial, u_out, C, H, W, xsb, xsc, lsb, lsc, ssb, ssc, wsb, wsc,
+               OFFS: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr,
+               BLOCK: tl.constexpr, STORE_U: tl.constexpr, BASIS: tl.constexpr):
     k, p, y, xx, valid = tile(H, W, BLOCK)
-    r, s, d, u = _residual_and_u(x, loc, log_diag, off_diag, k, p, y, xx, valid, C, H, W, xsb, xsc, lsb, lsc,
-                                 ssb, ssc, wsb, wsc, OFFS, S, ACC)
+    r, s, d, u = _residual_and_u(x, loc, log_diag, weights, basis, k, p, y, xx, valid, C, H, W, xsb, xsc, lsb, lsc,
+                                 ssb, ssc, wsb, wsc, OFFS, S, NB, NB_P2, ACC, BASIS)
     term = tl.where(valid, 0.5 * u * u - s, 0.0)
     tl.store(partial + k * tl.num_programs(1) + tl.program_id(1), tl.sum(term, axis=0))
     if STORE_U:      # training: one more plane written here saves the backward recomputing U r
@@ -68,16 +105,19 @@ def nll_kernel(x, loc, log_diag, off_diag, partial, u_out, C, H, W, xsb, xsc, ls
 
 
 @triton.jit
-def nll_backward_kernel(grad, x, loc, log_diag, off_diag, u, grad_loc, grad_s, grad_w, C, H, W, xsb, xsc, lsb,
-                        lsc, ssb, ssc, wsb, wsc, glsb, glsc, gssb, gssc, gwsb, gwsc, OFFS: tl.constexpr,
-                        S: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """All three gradients in one pass, from the u the forward stored."""
+def nll_backward_kernel(grad, x, loc, log_diag, weights, basis, u, grad_loc, grad_s, grad_w, basis_partial, C, H, W,
+                        xsb, xsc, lsb, lsc, ssb, ssc, wsb, wsc, glsb, glsc, gssb, gssc, gwsb, gwsc,
+                        OFFS: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr,
+                        ACC: tl.constexpr, BLOCK: tl.constexpr, BASIS: tl.constexpr):
+    """All gradients in one pass, from the u the forward stored. With BASIS, grad_w is d/dcoeffs and
+    each program writes its partial d/dbasis (summed on the host, deterministically)."""
     k, p, y, xx, valid = tile(H, W, BLOCK)
     ub = k * H * W
     xb = plane_start(k, C, xsb, xsc)
     lb = plane_start(k, C, lsb, lsc)
-    wb = plane_start(k, C, wsb, wsc * S)
-    gwb = plane_start(k, C, gwsb, gwsc * S)
+    PER: tl.constexpr = NB if BASIS else S
+    wb = plane_start(k, C, wsb, wsc * PER)
+    gwb = plane_start(k, C, gwsb, gwsc * PER)
     g = tl.load(grad + k // C).to(ACC)
     u_p = tl.load(u + ub + p, valid, 0.0).to(ACC)
     r = tl.load(x + xb + p, valid, 0.0).to(ACC) - tl.load(loc + lb + p, valid, 0.0).to(ACC)
@@ -86,58 +126,94 @@ def nll_backward_kernel(grad, x, loc, log_diag, off_diag, u, grad_loc, grad_s, g
     tl.store(grad_s + plane_start(k, C, gssb, gssc) + p, (g * (u_p * r * d - 1.0)).to(grad_s.dtype.element_ty),
              valid)
     acc = d * u_p
+    j = tl.arange(0, NB_P2)
+    c = _coeff_tile(weights, wb, wsc, p, valid, NB, NB_P2, ACC) if BASIS else 0.0
+    gc = tl.zeros([NB_P2, BLOCK], ACC) if BASIS else 0.0
+    program = k * tl.num_programs(1) + tl.program_id(1)
     for i in tl.static_range(S):
         # d/dw_{p,i} = g u_p r_{p+delta_i} (residual at the neighbour, through the cache) ...
         q, ok = neighbour(y, xx, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
         r_q = tl.load(x + xb + q, ok, 0.0).to(ACC) - tl.load(loc + lb + q, ok, 0.0).to(ACC)
-        tl.store(grad_w + gwb + i * gwsc + p, (g * u_p * r_q).to(grad_w.dtype.element_ty), valid)
+        gw = g * u_p * r_q
+        if BASIS:        # ... into d/dcoeffs_j = sum_i basis_ij gw_i and d/dbasis_ij = sum_p gw_i c_j
+            gw = tl.where(ok, gw, 0.0)
+            gc += _basis_row(basis, i, NB, NB_P2, ACC)[:, None] * gw[None, :]
+            tl.store(basis_partial + (program * S + i) * NB_P2 + j, tl.sum(c * gw[None, :], axis=1))
+        else:
+            tl.store(grad_w + gwb + i * gwsc + p, gw.to(grad_w.dtype.element_ty), valid)
         # ... and (U^T u)_p gathers w_{p-delta_i,i} u_{p-delta_i}
         q, ok = neighbour(y, xx, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
-        acc += tl.load(off_diag + wb + i * wsc + q, ok, 0.0).to(ACC) * tl.load(u + ub + q, ok, 0.0).to(ACC)
+        c_q = _coeff_tile(weights, wb, wsc, q, ok, NB, NB_P2, ACC) if BASIS else 0.0
+        w_q = _weight(weights, basis, wb, wsc, c_q, i, q, ok, NB, NB_P2, ACC, BASIS)
+        acc += w_q * tl.load(u + ub + q, ok, 0.0).to(ACC)
     tl.store(grad_loc + plane_start(k, C, glsb, glsc) + p, (-g * acc).to(grad_loc.dtype.element_ty), valid)
+    if BASIS:
+        ptrs = grad_w + gwb + j[:, None] * gwsc + p[None, :]
+        tl.store(ptrs, gc.to(grad_w.dtype.element_ty), (j[:, None] < NB) & valid[None, :])
 
 
-def _meta(offsets, H, W, x):
-    return dict(OFFS=tuple(offsets), S=len(offsets) // 2, ACC=acc_dtype(x), BLOCK=block_for(H * W))
+def _meta(offsets, H, W, x, basis=None):
+    if basis is None:
+        return dict(OFFS=tuple(offsets), S=len(offsets) // 2, NB=1, NB_P2=2, ACC=acc_dtype(x),
+                    BLOCK=block_for(H * W), BASIS=False)
+    # The coefficient tile and its gradient are NB_P2 x BLOCK each. 128 pixels for 4 warps puts one
+    # pixel's NB coefficients in one thread (the sums over the basis stay in registers); at 256 pixels
+    # the backward spilled at NB=6, and below 128 the basis axis is split across warps (sums through
+    # shared memory) and spilled more (benchmarks/triton_aot.py).
+    nb = basis.shape[1]
+    return dict(OFFS=tuple(offsets), S=len(offsets) // 2, NB=nb, NB_P2=max(2, triton.next_power_of_2(nb)),
+                ACC=acc_dtype(x), BLOCK=min(block_for(H * W), 128), BASIS=True)
 
 
 def _strides(*tensors):
     return [v for t in tensors for v in plane_strides(t)]
 
 
-def forward(x, loc, log_diag, off_diag, offsets, with_u=False):
+def forward(x, loc, log_diag, weights, offsets, basis=None, with_u=False):
     """The per-image NLL, and with ``with_u`` also u = U (x - loc) (contiguous, in the
-    accumulation dtype) for ``backward``."""
+    accumulation dtype) for ``backward``. ``weights``: off_diag, or with ``basis`` the coefficients."""
     B, C, H, W = x.shape
-    x, loc, log_diag, off_diag = (planes_contiguous(t) for t in (x, loc, log_diag, off_diag))
-    meta = _meta(offsets, H, W, x)
+    x, loc, log_diag, weights = (planes_contiguous(t) for t in (x, loc, log_diag, weights))
+    basis = basis.contiguous() if basis is not None else None
+    meta = _meta(offsets, H, W, x, basis)
     tiles = triton.cdiv(H * W, meta["BLOCK"])
     partial = partial_buffer(x, B * C, tiles)
     # without with_u the kernel never stores u (STORE_U is a constexpr); any pointer will do
     u = torch.empty(x.shape, dtype=acc_torch_dtype(x), device=x.device) if with_u else partial
-    nll_kernel[(B * C, tiles)](x, loc, log_diag, off_diag, partial, u, C, H, W,
-                               *_strides(x, loc, log_diag, off_diag), STORE_U=with_u, **meta)
+    nll_kernel[(B * C, tiles)](x, loc, log_diag, weights, partial if basis is None else basis, partial, u, C, H, W,
+                               *_strides(x, loc, log_diag, weights), STORE_U=with_u, **meta)
     nll = finish_nll(partial, x)
     return (nll, u) if with_u else nll
 
 
-def backward(grad, x, loc, log_diag, off_diag, offsets, u=None, out=None):
+def backward(grad, x, loc, log_diag, weights, offsets, basis=None, u=None, out=None):
     """(d/dloc, d/dlog_diag, d/doff_diag), contiguous, or written into ``out`` (three tensors
-    of those shapes, any plane-contiguous strides: the slices of one head's gradient).
-    ``u``: what ``forward(..., with_u=True)`` returned; computed here (one more pass) if None."""
+    of those shapes, any plane-contiguous strides: the slices of one head's gradient); with
+    ``basis``, (d/dloc, d/dlog_diag, d/dcoeffs, d/dbasis). ``u``: what ``forward(...,
+    with_u=True)`` returned; computed here (one more pass) if None."""
     B, C, H, W = x.shape
-    x, loc, log_diag, off_diag = (planes_contiguous(t) for t in (x, loc, log_diag, off_diag))
+    x, loc, log_diag, weights = (planes_contiguous(t) for t in (x, loc, log_diag, weights))
+    basis = basis.contiguous() if basis is not None else None
     if u is None:
-        u = forward(x, loc, log_diag, off_diag, offsets, with_u=True)[1]
+        u = forward(x, loc, log_diag, weights, offsets, basis=basis, with_u=True)[1]
     grad = grad.contiguous()
-    meta = _meta(offsets, H, W, x)
+    meta = _meta(offsets, H, W, x, basis)
+    tiles = triton.cdiv(H * W, meta["BLOCK"])
     if out is None:
-        out = tuple(torch.empty(t.shape, dtype=t.dtype, device=x.device) for t in (x, log_diag, off_diag))
+        out = tuple(torch.empty(t.shape, dtype=t.dtype, device=x.device) for t in (x, log_diag, weights))
     grad_loc, grad_s, grad_w = out
-    nll_backward_kernel[(B * C, triton.cdiv(H * W, meta["BLOCK"]))](
-        grad, x, loc, log_diag, off_diag, u, grad_loc, grad_s, grad_w, C, H, W,
-        *_strides(x, loc, log_diag, off_diag, grad_loc, grad_s, grad_w), **meta)
-    return grad_loc, grad_s, grad_w
+    if basis is None:
+        basis_partial = u            # never written (BASIS is a constexpr); any pointer will do
+    else:
+        basis_partial = torch.empty(B * C * tiles, meta["S"], meta["NB_P2"], dtype=acc_torch_dtype(x),
+                                    device=x.device)
+    nll_backward_kernel[(B * C, tiles)](
+        grad, x, loc, log_diag, weights, u if basis is None else basis, u, grad_loc, grad_s, grad_w, basis_partial,
+        C, H, W, *_strides(x, loc, log_diag, weights, grad_loc, grad_s, grad_w), **meta)
+    if basis is None:
+        return grad_loc, grad_s, grad_w
+    grad_basis = basis_partial.sum(0)[:, :meta["NB"]].to(basis.dtype).contiguous()
+    return grad_loc, grad_s, grad_w, grad_basis
 
 
 def head_slices(head, c0, C, S):
