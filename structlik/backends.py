@@ -84,19 +84,20 @@ def _override(name: Optional[str]) -> Optional[torch.library.Library]:
     if name is None or (name == "cpu" and not torch.cuda.is_available()):
         return None
     library = torch.library.Library(_library.NAMESPACE, "IMPL")
-    with warnings.catch_warnings():      # "Overriding a previously registered kernel": that is the point
+
+    def impl(op, kernel, key):        # overriding is the point (torch 2.10 refuses it by default)
+        library.impl(op, kernel, key, allow_override=True)
+    with warnings.catch_warnings():   # "Overriding a previously registered kernel"
         warnings.simplefilter("ignore")
         for op, kernel in _library.REFERENCE_KERNELS.items():
             if name == "reference":
-                library.impl(op, kernel, "CPU")
-                library.impl(op, kernel, "CUDA")
+                impl(op, kernel, "CPU")
+                impl(op, kernel, "CUDA")
             elif name == "cpu":
-                library.impl(op, _refuse(name, "cuda"), "CUDA")
-            elif op in _library.TRITON_KERNELS:
-                library.impl(op, _library.TRITON_KERNELS[op] if _interpreted() else _refuse(name, "cpu"), "CPU")
-                library.impl(op, _library.TRITON_KERNELS[op], "CUDA")
-            else:                        # no Triton kernel (standard_normal): the reference serves both
-                library.impl(op, kernel, "CPU")
+                impl(op, _refuse(name, "cuda"), "CUDA")
+            else:
+                impl(op, _library.TRITON_KERNELS[op] if _interpreted() else _refuse(name, "cpu"), "CPU")
+                impl(op, _library.TRITON_KERNELS[op], "CUDA")
     return library
 
 
