@@ -239,6 +239,12 @@ def test_calibration_of_noise_drawn_from_the_model_itself():
     noisy = Independent(Normal(mu, torch.full_like(mu, 0.1)), 3)    # twice too wide for x
     s = summarise(calibration(noisy, x, color=False, seed=1))
     assert 1.8 < s["median_noise_ratio"] < 2.2 and 0.2 < s["whitened_ms"] < 0.3
+    assert "median_noise_ratio_z" not in s
+    # at a posterior sample: here a decoder output whose mean is off by as much as its noise
+    shifted = Independent(Normal(mu + 0.05 * torch.randn_like(mu), torch.full_like(mu, 0.05)), 3)
+    s = summarise(calibration(diagonal, x, color=False, seed=1, dist_z=shifted))
+    assert 0.9 < s["median_noise_ratio"] < 1.1 and 0.6 < s["median_noise_ratio_z"] < 0.8
+    assert s["share_ratio_z_in_0.5_2"] == 1.0
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -65,6 +65,7 @@ def parse(argv=None):
     p.add_argument("--warmup-fraction", type=float, help="share of the epochs with the warm-up alpha")
     p.add_argument("--lr-warmup", type=float, help="epochs of linear learning-rate warm-up")
     p.add_argument("--grad-clip", type=float, help="clip each step's gradient norm to this")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="learning rate after the warm-up")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -91,7 +92,8 @@ def main(argv=None):
                  weight_bound=args.weight_bound, warmup_fraction=args.warmup_fraction,
                  warmup_weight=args.variance_weights[0] if args.variance_weights else None,
                  weight=args.variance_weights[1] if args.variance_weights else None,
-                 lr_warmup=args.lr_warmup, grad_clip=args.grad_clip)
+                 lr_warmup=args.lr_warmup, grad_clip=args.grad_clip,
+                 lr_schedule=args.lr_schedule)
     device = setup_distributed(args.device)
     rank, world = rank_world()
     out = Path(args.out)

@@ -25,6 +25,7 @@ class Config:
     lr: float = 1e-3
     grad_clip: float = float("inf")  # max gradient norm per step (off, as in the paper; norms are logged)
     lr_warmup: float = 0.0           # epochs of linear learning-rate warm-up (0: none, as in the paper)
+    lr_schedule: str = "constant"    # or "cosine": lr decays as (1 + cos(pi t / T)) / 2 to 0 at the last step
     latent: int = 32
     base_width: int = 32
     size: int = 32                   # mnist / photo crops; a folder uses folder_size

@@ -73,7 +73,12 @@ def evaluate(model: ConvVAE, test_uint8: torch.Tensor, cfg, seed: int, device: t
         p_mean = model.decode(q.mean)
         recon = p_mean.mean.clamp(0, 1)
         mse.append(((recon - x) * 255).square().flatten(1).mean(1))
-        for k, v in calib.calibration(p_mean, x, model.likelihood.color, seed + 7 + start).items():
+        # and from one posterior sample z (its own seed: the global random state stays as it was)
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed + 11 + start)
+            p_z = model.decode(q.sample())
+        for k, v in calib.calibration(p_mean, x, model.likelihood.color, seed + 7 + start, p_z).items():
             cal[k].append(v)
     mu, std = torch.cat(mus), torch.cat(stds)
     mi = mutual_information(mu, std, cfg.mi_samples, torch.Generator().manual_seed(seed + 1))

@@ -6,6 +6,7 @@ exactly as the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -44,6 +45,18 @@ def alpha_of(model_name: str, cfg: Config, epoch: int) -> float:
     if not MODELS[model_name]["structured"]:
         return 0.0
     return structlik.variance_weight(epoch, cfg.warmup_epochs, cfg.warmup_weight, cfg.weight)
+
+
+def learning_rate(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of global step ``step`` (0-based): the linear warm-up over ``cfg.lr_warmup``
+    epochs, counted in steps so it is smooth within an epoch, times the schedule's factor."""
+    t = (step + 1) / steps_per_epoch                       # epochs done after this step
+    factor = min(1.0, t / cfg.lr_warmup) if cfg.lr_warmup > 0 else 1.0
+    if cfg.lr_schedule == "cosine":
+        factor *= 0.5 * (1 + math.cos(math.pi * step / (cfg.epochs * steps_per_epoch)))
+    elif cfg.lr_schedule != "constant":
+        raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    return cfg.lr * factor
 
 
 def _seed(*parts: int) -> int:
@@ -113,9 +126,8 @@ def train(model_name: str, data: ImageData, cfg: Config, out: Path, seed: int, d
                                          f"step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.lr_warmup > 0:     # linear warm-up, counted in steps so it is smooth within an epoch
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * min(1.0, (epoch * steps + step + 1) / (cfg.lr_warmup * steps))
+            for group in opt.param_groups:      # from (epoch, step) alone, so a resumed run continues exactly
+                group["lr"] = learning_rate(cfg, epoch * steps + step, steps)
             norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).detach())
             opt.step()
             # kept on the device; read back once per epoch, not once per metric and step
