@@ -188,7 +188,7 @@ class Kernels:
         return self._ops(x.device).nll_op(x, loc, log_diag, off_diag, stencil.flat_offsets, self.name)
 
     def nll_basis(self, x, loc, log_diag, coeffs, basis, stencil):
-        return self._ops(x.device).nll_basis_op(x, loc, log_diag, coeffs, basis, stencil.flat_offsets)
+        return self._ops(x.device).nll_basis_op(x, loc, log_diag, coeffs, basis, stencil.flat_offsets, self.name)
 
     def precision_diagonal(self, log_diag, off_diag, stencil):
         return self._ops(log_diag.device).precision_diagonal_op(log_diag, off_diag, stencil.flat_offsets)

@@ -17,7 +17,8 @@ def test_one_namespace_with_a_kernel_per_device():
     (CompositeExplicitAutograd), C++ the CPU key, Triton the CUDA key; a fake kernel and an
     autograd formula each."""
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    for name in OPS + ("nll_u", "nll_u_backward", "nll_head_u", "nll_head_u_backward"):
+    for name in OPS + ("nll_u", "nll_u_backward", "nll_head_u", "nll_head_u_backward", "nll_basis_u",
+                       "nll_basis_u_backward"):
         qualname = f"structlik::{name}"
         assert has(qualname, "CompositeExplicitAutograd") and has(qualname, "Meta"), name
         assert name in _library.REFERENCE_KERNELS and name in _library.TRITON_KERNELS

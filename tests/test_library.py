@@ -38,10 +38,13 @@ def op_cases():
         return coeffs, basis
 
     yield "nll_basis", lambda g: (*sample_inputs(g)[:3], *basis_inputs(g), offsets), True
+    yield "nll_basis_u", lambda g: (*sample_inputs(g)[:3], *basis_inputs(g), offsets), True
     yield "nll_basis_backward", lambda g: (torch.rand(2, dtype=torch.float64), *sample_inputs(False)[:3],
                                            *basis_inputs(False), offsets), False
     yield "weight_grad", lambda g: (*sample_inputs(False)[:2], offsets), False
     yield "nll_backward", lambda g: (torch.rand(2, dtype=torch.float64), *sample_inputs(False), offsets), False
+    yield "nll_u", lambda g: (*sample_inputs(g), offsets), True
+    yield "nll_head_u", lambda g: (*head_inputs(g), offsets), True
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)

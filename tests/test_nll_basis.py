@@ -92,3 +92,31 @@ def test_bad_basis_arguments():
         LearnedBasis(stencil, 0)
     with pytest.raises(ValueError, match=r"off_diag: expected shape \(\*batch, C\*n_b, H, W\)"):
         StructuredNormal(loc, log_diag, coeffs[:, :2], stencil, basis=basis)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_triton_basis_training_forward_stores_u(backend, monkeypatch):
+    """With a gradient to take, the Triton basis NLL stores u in the forward (op nll_basis_u) and the
+    one-pass backward reads it; without one, the forward writes no u."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+    from structlik.kernels import nll as kernels
+    calls = []
+    forward, backward = kernels.forward, kernels.backward
+    monkeypatch.setattr(kernels, "forward", lambda *a, basis=None, with_u=False: calls.append(("forward", with_u))
+                        or forward(*a, basis=basis, with_u=with_u))
+    monkeypatch.setattr(kernels, "backward", lambda *a, basis=None, u=None, out=None:
+                        calls.append(("backward", u is not None)) or backward(*a, basis=basis, u=u, out=out))
+    stencil, shape, n_b = Stencil(1), (2, 1, 5, 6), 3
+    x, loc, log_diag, coeffs, basis = make(stencil, shape, n_b)
+    params = [t.requires_grad_() for t in (loc, log_diag, coeffs, basis)]
+    grads = torch.autograd.grad(ops.nll_basis(x, *params, stencil).sum(), params)
+    assert calls == [("forward", True), ("backward", True)]
+    expected = torch.autograd.grad(reference.nll_basis(x, *params, stencil).sum(), params)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+    calls.clear()
+    with torch.no_grad():
+        ops.nll_basis(x, *params, stencil)
+    assert calls == [("forward", False)]

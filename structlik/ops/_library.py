@@ -136,5 +136,14 @@ def save_inputs(ctx, inputs, output):
     ctx.offsets = inputs[-1]
 
 
+def save_inputs_and_u(ctx, inputs, output):
+    """For the training forwards (output: the NLL and u): every tensor input and u. u is auxiliary:
+    not differentiable, and its gradient never materialised."""
+    ctx.save_for_backward(*inputs[:-1], output[1])
+    ctx.offsets = inputs[-1]
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
 def offsets_count(offsets) -> int:
     return len(offsets) // 2

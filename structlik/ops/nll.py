@@ -7,7 +7,7 @@
 - ``nll_head`` / ``nll_head_backward``: loc, log_diag and off_diag as adjacent channel
   slices of one decoder head (what ``head.split`` gives), whose gradient is written in one
   piece (no copy of three gradients into one by split's backward);
-- ``nll_u`` / ``nll_head_u``: the training forward, which also returns u = U (x - loc) for a
+- ``nll_u`` / ``nll_head_u`` (and ``nll_basis_u``, structlik/ops/nll_basis.py): the training forward, which also returns u = U (x - loc) for a
   one-pass backward (``nll_u_backward``, ``nll_head_u_backward``). Only the Triton kernels
   store u (docs/kernels.md §1); elsewhere the plain forward runs.
 
@@ -26,7 +26,7 @@ from .. import _checks, reference
 from ..basis import check_basis
 from ..stencil import Stencil
 from . import _library
-from ._library import compute_dtype, offsets_count, save_inputs
+from ._library import compute_dtype, offsets_count, save_inputs, save_inputs_and_u
 from .apply_upper import apply_upper_op, apply_upper_t_op
 from .weight_grad import weight_grad_op
 
@@ -247,14 +247,6 @@ def _nll_head_formula(ctx, grad):
     return _head_grads(ctx, grad, *ctx.saved_tensors)
 
 
-# The training forwards: u is auxiliary, not differentiable, and its gradient never materialised.
-def _save_inputs_and_u(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:-1], output[1])
-    ctx.offsets = inputs[-1]
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-
-
 def _nll_u_formula(ctx, grad, _grad_u):
     if grad is None:        # not materialised: nothing flows back (gradcheck's undefined-grad check)
         return None, None, None, None, None
@@ -279,7 +271,7 @@ _nll = _library.define(f"nll({_ARGS}, int[] offsets) -> Tensor", reference=_refe
                        triton=_triton_nll, backward=_nll_formula, setup_context=save_inputs)
 _nll_u = _library.define(f"nll_u({_ARGS}, int[] offsets) -> (Tensor, Tensor)", reference=_reference_nll_u,
                          fake=_fake_nll_u, triton=_triton_nll_u, backward=_nll_u_formula,
-                         setup_context=_save_inputs_and_u)
+                         setup_context=save_inputs_and_u)
 _nll_head = _library.define(f"nll_head({_HEAD_ARGS}, int[] offsets) -> Tensor", reference=_reference_nll_head,
                             fake=_fake_nll, triton=_triton_nll_head, backward=_nll_head_formula,
                             setup_context=_save_head)
@@ -366,7 +358,7 @@ def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None)
     elif basis is None:
         out = nll_op(*tensors, stencil.flat_offsets, backend)
     else:
-        out = nll_basis_op(*tensors, stencil.flat_offsets)
+        out = nll_basis_op(*tensors, stencil.flat_offsets, backend)
         inputs["basis"] = basis
     _checks.check_result(out, **inputs)
     return out
