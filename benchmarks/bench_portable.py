@@ -5,7 +5,7 @@
     python benchmarks/bench_portable.py --native DIR   # a folder holding a native structlik/_C*.so
 
 Two builds of one extension cannot be loaded into one process (both register
-``torch.ops.structlik_cpu``), so each build is timed in child processes, taken
+``torch.ops.structlik``), so each build is timed in child processes, taken
 in turns (portable, native, portable, ...) so that the machine's drift hits
 both alike; the report keeps each build's best median per case. Writes
 results/portable.md.
