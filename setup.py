@@ -30,6 +30,8 @@ def extension_modules():
     ext = CppExtension(
         "structlik._C",
         sources,
+        # the headers: rebuilt when they change, and shipped in a source distribution
+        depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
         extra_compile_args={"cxx": flags},
         extra_link_args=["-fopenmp"],
         py_limited_api=True,

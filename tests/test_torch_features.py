@@ -171,15 +171,10 @@ def test_per_sample_gradients_through_a_split_head(backend):
 
 
 def test_forward_mode_names_the_op(backend):
+    """Every backend's ops share one formula, reverse mode only: forward mode says which op refuses."""
     x, loc, log_diag, off_diag = problem(requires_grad=False)
-    try:
-        out, tangent = torch.func.jvp(lambda m: ops.nll(x, m, log_diag, off_diag, ST), (loc,), (torch.ones_like(loc),))
-    except RuntimeError as err:
-        assert "structlik" in str(err) or "nll" in str(err), str(err)
-    else:   # the reference is plain PyTorch: forward mode works there
-        leaves = loc.clone().requires_grad_()
-        (g,) = torch.autograd.grad(ops.nll(x, leaves, log_diag, off_diag, ST).sum(), leaves)
-        torch.testing.assert_close(tangent.sum(), g.sum())
+    with pytest.raises(NotImplementedError, match="structlik::nll.*reverse mode"):
+        torch.func.jvp(lambda m: ops.nll(x, m, log_diag, off_diag, ST), (loc,), (torch.ones_like(loc),))
 
 
 # --- meta and fake tensors -----------------------------------------------------------------
