@@ -101,3 +101,40 @@ def test_get_serves_only_its_own_device():
     torch.testing.assert_close(backends.get("cpu").nll(x, x, s, w, stencil), reference.nll(x, x, s, w, stencil))
     with backends.using("reference"), pytest.raises(RuntimeError, match="the reference backend does"):
         backends.get("cpu").nll(x, x, s, w, stencil)
+
+
+def test_a_cpu_without_the_extension_runs_the_reference():
+    """No C++ library (a failed build): the ops exist all the same (their schemas are Python's), the
+    dispatcher serves CPU tensors with the reference, and the user gets one warning saying why."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["structlik._C"] = None          # import structlik._C raises ImportError
+        import torch, structlik
+        from structlik import Stencil, backends, ops, reference
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key("structlik::nll", "CPU")
+        st = Stencil(1)
+        g = torch.Generator().manual_seed(0)
+        x, loc = torch.randn(2, 1, 5, 4, generator=g, dtype=torch.float64), torch.zeros(2, 1, 5, 4, dtype=torch.float64)
+        s = (0.1 * torch.randn(2, 1, 5, 4, generator=g, dtype=torch.float64)).requires_grad_()
+        w = (0.1 * torch.randn(2, 4, 5, 4, generator=g, dtype=torch.float64)).requires_grad_()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = ops.nll(x, loc, s, w, st)
+            ops.nll(x, loc, s, w, st)
+        messages = [str(c.message) for c in caught]
+        assert len(messages) == 1 and messages[0].startswith("structlik: the cpu kernels are unavailable"), messages
+        assert backends.name_of(torch.device("cpu")) == "reference"
+        torch.testing.assert_close(out, reference.nll(x, loc, s, w, st))
+        got = torch.autograd.grad(out.sum(), (s, w))
+        expected = torch.autograd.grad(reference.nll(x, loc, s, w, st).sum(), (s, w))
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
+        z = ops.solve_upper(x, s.detach(), w.detach(), st)
+        torch.testing.assert_close(ops.apply_upper(z, s.detach(), w.detach(), st), x)
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
