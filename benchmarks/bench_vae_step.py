@@ -1,7 +1,10 @@
 """Time per training step of the reference VAE: structured likelihood vs the diagonal one.
 
-    python benchmarks/bench_vae_step.py              # 64x64, B=64, the VAE's gpu configuration's network
-    python benchmarks/bench_vae_step.py --quick      # 16x16, B=4, a narrow network: checks the script runs
+    python -m benchmarks.bench_vae_step              # 64x64, B=64, the VAE's gpu configuration's network
+    python -m benchmarks.bench_vae_step --quick      # 16x16, B=4, a narrow network: checks the script runs
+
+From the repository's root, as a module (like the main job, ``python -m examples.vae``), so that
+both ``benchmarks`` and ``examples`` are importable without editing ``sys.path``.
 
 One step is what ``examples/vae/train.py`` does per batch: encoder, decoder,
 the likelihood's log_prob (+ KL, + the variance minimiser for the structured
@@ -15,19 +18,14 @@ it is not timed separately.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import torch
 
-import common
-import harness
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from examples.vae.config import preset  # noqa: E402
-from examples.vae.data import ImageData  # noqa: E402
-from examples.vae.train import alpha_of, build  # noqa: E402
+from benchmarks import common, harness
+from examples.vae.config import preset
+from examples.vae.data import ImageData
+from examples.vae.train import alpha_of, build
 
 MODELS = ("diagonal", "structured")
 

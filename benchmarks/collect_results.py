@@ -13,7 +13,7 @@ Each section below was written by the script named in its `command` line, on
 the device it names; nothing here is edited by hand but the notes. Re-run with
 
     python benchmarks/bench_nll.py && python benchmarks/bench_solve_upper.py
-    python benchmarks/bench_nll_basis.py && python benchmarks/bench_vae_step.py
+    python benchmarks/bench_nll_basis.py && python -m benchmarks.bench_vae_step
     python benchmarks/targets.py --device cpu      # or --device cuda
     python benchmarks/collect_results.py
 

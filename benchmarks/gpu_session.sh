@@ -56,7 +56,8 @@ bench() {
   local b
   for b in bench_nll bench_solve_upper bench_nll_basis bench_vae_step; do
     say "$b"
-    timeout 150 $PY benchmarks/$b.py 2>&1 | tee "$OUT/$b.log" | tail -30
+    if [ "$b" = bench_vae_step ]; then run=(-m benchmarks.$b); else run=(benchmarks/$b.py); fi
+    timeout 150 $PY "${run[@]}" 2>&1 | tee "$OUT/$b.log" | tail -30
   done
   $PY benchmarks/targets.py --device cuda
   $PY benchmarks/collect_results.py

@@ -271,10 +271,17 @@ def markdown(rows: List[dict], columns: List[str]) -> str:
     return "\n".join(lines)
 
 
+def command() -> str:
+    """How this process was started: ``python benchmarks/x.py ...`` or ``python -m benchmarks.x ...``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    script = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    return " ".join([os.path.basename(sys.executable)] + script + sys.argv[1:])
+
+
 def _write(family: str, rows: List[dict], device: torch.device, notes: str = "") -> None:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     meta = {"device": device_name(device), "date": datetime.date.today().isoformat(), **versions(),
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+            "command": command()}
     columns = ["case", "mode", "contender", "ms", "ratio", "GBps", "of_copy", "peak_mb", "mem_of_io", "error", "status",
                "note"]
     present = {k for r in rows for k in r}
