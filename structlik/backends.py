@@ -101,26 +101,25 @@ def _override(name: Optional[str]) -> Optional[torch.library.Library]:
     return library
 
 
-def sync() -> None:
-    """Install the override ``STRUCTLIK_BACKEND`` asks for, if it is not the one installed."""
+def sync() -> Optional[str]:
+    """Install the override ``STRUCTLIK_BACKEND`` asks for, if it is not the one installed; return
+    the forced backend's name (None: the defaults)."""
     name = forced()
     if name == _installed["name"]:
-        return
+        return name
     if name is not None and not available(name):
         raise RuntimeError(f"{ENV_VAR}={name} but that backend is unavailable ({why_unavailable(name)})")
     if _installed["library"] is not None:
         _installed["library"]._destroy()
-    _installed.update(name=name, library=None)
-    _installed["library"] = _override(name)
-    _installed["name"] = name
+        _installed.update(name=None, library=None)        # the defaults, until the new override is in
+    _installed.update(library=_override(name), name=name)
+    return name
 
 
 def name_of(device: torch.device) -> str:
     """The backend whose kernels serve tensors on ``device`` now (installing the forced one first)."""
     device = torch.device(device)
-    if not torch.compiler.is_compiling():
-        sync()
-    name = forced()
+    name = forced() if torch.compiler.is_compiling() else sync()
     if name is not None:
         if device.type not in devices(name):
             raise RuntimeError(f"{ENV_VAR}={name} does not run on {device.type} tensors")

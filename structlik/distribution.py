@@ -25,7 +25,7 @@ def standard_normal(shape, dtype, device) -> torch.Tensor:
             and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
             and detect_fake_mode() is None):        # the seed is read from a tensor: not under fake tensors
         seed = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64))
-        return torch.ops.structlik.standard_normal(list(shape), seed, dtype)
+        return ops.standard_normal_op(list(shape), seed, dtype)
     return torch.randn(shape, dtype=dtype, device=device)
 
 

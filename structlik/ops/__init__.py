@@ -16,11 +16,9 @@ Validation: the image operand (x, or r/y/z/g) is the reference for shapes,
 dtype and device, so an error names the argument that disagrees with it.
 NaN/inf are found from each op's result (see ``structlik._checks.check_result``).
 
-Each public name here is the function; its module is ``sys.modules["structlik.ops.<name>"]``.
+Each public name here is the function; its module is ``importlib.import_module("structlik.ops.<name>")``.
 """
 from __future__ import annotations
-
-import importlib
 
 from . import _library
 
@@ -41,7 +39,3 @@ __all__ = [
     "nll", "nll_basis", "precision_diagonal", "to_dense_upper",
 ]
 
-
-def family(name: str):
-    """The module of op family ``name`` (``structlik.ops.nll`` is the function, not the module)."""
-    return importlib.import_module(f"{__name__}.{name}")

@@ -65,10 +65,6 @@ def load_cpu_kernels() -> Optional[str]:
     return None
 
 
-def has_cpu_kernel(name: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", "CPU")
-
-
 def _call(function, op):
     """The dispatcher's op with its registered formula, or ``function.apply`` inside a torch.func
     transform (which refuses the autograd.Function that ``register_autograd`` makes). Not the
@@ -78,7 +74,7 @@ def _call(function, op):
         if torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling():
             return function.apply(*args)
         return op(*args)
-    call.__name__ = op._name if hasattr(op, "_name") else str(op)
+    call.__name__ = function.__name__
     return call
 
 
@@ -132,7 +128,28 @@ def define(schema: str, *, reference: Callable, fake: Callable, triton: Optional
     return _call(_function(name, op, backward, setup_context), packet)
 
 
-# --- setup_context helpers shared by the formulas -------------------------------------------
+# --- kernels and setup_context helpers shared by the op families ----------------------------
+
+def image_kernels(family: str, reference_function: Callable, transposed: bool) -> dict:
+    """The reference and Triton kernels of an op of one image and U's parameters (U r, U^T y, U^-1 z,
+    U^-T g): ``reference_function(image, log_diag, off_diag, stencil)`` from structlik.reference, and
+    ``structlik.kernels.<family>.launch(..., transposed)``."""
+    from ..stencil import Stencil
+
+    def reference(image, log_diag, off_diag, offsets):
+        args = upcast(image, log_diag, off_diag)
+        return reference_function(*args, Stencil.from_flat_offsets(offsets)).to(image.dtype).contiguous()
+
+    def triton(image, log_diag, off_diag, offsets):
+        return triton_kernels(family).launch(image, log_diag, off_diag, offsets, transposed)
+    return {"reference": reference, "triton": triton}
+
+
+def fake_image(image, log_diag, off_diag, offsets):
+    """The fake kernel of those ops: an image like ``image``."""
+    return image.new_empty(image.shape)
+
+
 
 def save_inputs(ctx, inputs, output):
     """Keep every tensor input; the last argument (the stencil's offsets) as an attribute."""

@@ -6,10 +6,9 @@ Triton ``structlik/kernels/apply_upper.py`` (CUDA).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
-from torch import Tensor
 
 from .. import _checks, reference
 from ..reference import sum_repeats
@@ -19,25 +18,6 @@ from ._library import save_inputs
 from .weight_grad import weight_grad_op
 
 _SCHEMA = "(Tensor {image}, Tensor log_diag, Tensor off_diag, int[] offsets) -> Tensor"
-
-
-def _reference(transposed: bool):
-    function = reference.apply_upper_t if transposed else reference.apply_upper
-
-    def kernel(image: Tensor, log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
-        args = _library.upcast(image, log_diag, off_diag)
-        return function(*args, Stencil.from_flat_offsets(offsets)).to(image.dtype).contiguous()
-    return kernel
-
-
-def _triton(transposed: bool):
-    def kernel(image: Tensor, log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
-        return _library.triton_kernels("apply_upper").launch(image, log_diag, off_diag, offsets, transposed)
-    return kernel
-
-
-def _fake(image, log_diag, off_diag, offsets):
-    return image.new_empty(image.shape)
 
 
 def _backward(transposed: bool):
@@ -55,12 +35,12 @@ def _backward(transposed: bool):
     return backward
 
 
-apply_upper_op = _library.define("apply_upper" + _SCHEMA.format(image="r"), reference=_reference(False),
-                                 fake=_fake, triton=_triton(False), backward=_backward(False),
-                                 setup_context=save_inputs)
-apply_upper_t_op = _library.define("apply_upper_t" + _SCHEMA.format(image="y"), reference=_reference(True),
-                                   fake=_fake, triton=_triton(True), backward=_backward(True),
-                                   setup_context=save_inputs)
+apply_upper_op = _library.define("apply_upper" + _SCHEMA.format(image="r"),
+                                 **_library.image_kernels("apply_upper", reference.apply_upper, False),
+                                 fake=_library.fake_image, backward=_backward(False), setup_context=save_inputs)
+apply_upper_t_op = _library.define("apply_upper_t" + _SCHEMA.format(image="y"),
+                                   **_library.image_kernels("apply_upper", reference.apply_upper_t, True),
+                                   fake=_library.fake_image, backward=_backward(True), setup_context=save_inputs)
 
 
 def image_op(op, image_name: str, image, log_diag, off_diag, stencil, *, params_repeat: bool = False,

@@ -84,13 +84,12 @@ def head_slices(head: Tensor, c0: int, C: int, S: int) -> Tuple[Tensor, Tensor, 
     return head.narrow(1, c0, C), head.narrow(1, c0 + C, C), head.narrow(1, c0 + 2 * C, S * C)
 
 
-def _head_gradient(head, c0, parts):
-    """The head's gradient: ``parts`` (of loc, log_diag, off_diag) at their channels, zero elsewhere."""
-    grad_head = head.new_zeros(head.shape)
-    for slot, part in zip(head_slices(grad_head, c0, parts[0].shape[1], parts[2].shape[1] // parts[0].shape[1]),
-                          parts):
-        slot.copy_(part)
-    return grad_head
+def head_gradient(head, c0, parts):
+    """The head's gradient: ``parts`` (of loc, log_diag, off_diag) at their channels, zero elsewhere
+    (a cat: differentiable, for the composed formula too)."""
+    rest = head.shape[1] - c0 - sum(p.shape[1] for p in parts)
+    return torch.cat([head.new_zeros(head.shape[0], c0, *head.shape[2:]), *parts,
+                      head.new_zeros(head.shape[0], rest, *head.shape[2:])], dim=1)
 
 
 def _reference_nll_head_u(x: Tensor, head: Tensor, c0: int, offsets: List[int]) -> Tuple[Tensor, Tensor]:
@@ -103,7 +102,7 @@ def _reference_nll_head(x: Tensor, head: Tensor, c0: int, offsets: List[int]) ->
 
 def _reference_nll_head_backward(grad: Tensor, x: Tensor, head: Tensor, c0: int, offsets: List[int]) -> Tensor:
     parts = _reference_grads(grad, x, *head_slices(head, c0, x.shape[1], offsets_count(offsets)), offsets)
-    return _head_gradient(head, c0, parts)
+    return head_gradient(head, c0, parts)
 
 
 def _reference_nll_head_u_backward(grad: Tensor, x: Tensor, head: Tensor, c0: int, u: Tensor,
@@ -229,10 +228,7 @@ def _head_grads(ctx, grad, x, head, u=None):
     elif fused():
         grad_head = _nll_head_backward(grad, x, head, c0, ctx.offsets)
     else:
-        parts = composed_grads(grad, x, *head_slices(head, c0, C, S), ctx.offsets)
-        rest = head.shape[1] - c0 - (2 + S) * C
-        grad_head = torch.cat([head.new_zeros(head.shape[0], c0, *head.shape[2:]), *parts,
-                               head.new_zeros(head.shape[0], rest, *head.shape[2:])], dim=1)
+        grad_head = head_gradient(head, c0, composed_grads(grad, x, *head_slices(head, c0, C, S), ctx.offsets))
     grad_x = -grad_head.narrow(1, c0, C) if need[0] else None
     return grad_x, grad_head if need[1] else None, None, None
 

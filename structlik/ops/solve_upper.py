@@ -8,10 +8,8 @@ one distribution), so every parameter gradient is summed over the images that sh
 """
 from __future__ import annotations
 
-from typing import List
 
 import torch
-from torch import Tensor
 
 from .. import reference
 from ..reference import sum_repeats
@@ -21,25 +19,6 @@ from .apply_upper import image_op
 from .weight_grad import weight_grad_op
 
 _SCHEMA = "(Tensor {rhs}, Tensor log_diag, Tensor off_diag, int[] offsets) -> Tensor"
-
-
-def _reference(transposed: bool):
-    function = reference.solve_upper_t if transposed else reference.solve_upper
-
-    def kernel(rhs: Tensor, log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
-        args = _library.upcast(rhs, log_diag, off_diag)
-        return function(*args, Stencil.from_flat_offsets(offsets)).to(rhs.dtype).contiguous()
-    return kernel
-
-
-def _triton(transposed: bool):
-    def kernel(rhs: Tensor, log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
-        return _library.triton_kernels("solve_upper").launch(rhs, log_diag, off_diag, offsets, transposed)
-    return kernel
-
-
-def _fake(rhs, log_diag, off_diag, offsets):
-    return rhs.new_empty(rhs.shape)
 
 
 def _save_output(ctx, inputs, output):
@@ -69,10 +48,12 @@ def _solve_upper_t_backward(ctx, h):
     return (a, *_parameter_grads(ctx, v, a, log_diag), None)
 
 
-solve_upper_op = _library.define("solve_upper" + _SCHEMA.format(rhs="z"), reference=_reference(False), fake=_fake,
-                                 triton=_triton(False), backward=_solve_upper_backward, setup_context=_save_output)
-solve_upper_t_op = _library.define("solve_upper_t" + _SCHEMA.format(rhs="g"), reference=_reference(True),
-                                   fake=_fake, triton=_triton(True), backward=_solve_upper_t_backward,
+solve_upper_op = _library.define("solve_upper" + _SCHEMA.format(rhs="z"),
+                                 **_library.image_kernels("solve_upper", reference.solve_upper, False),
+                                 fake=_library.fake_image, backward=_solve_upper_backward, setup_context=_save_output)
+solve_upper_t_op = _library.define("solve_upper_t" + _SCHEMA.format(rhs="g"),
+                                   **_library.image_kernels("solve_upper", reference.solve_upper_t, True),
+                                   fake=_library.fake_image, backward=_solve_upper_t_backward,
                                    setup_context=_save_output)
 
 
