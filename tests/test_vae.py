@@ -73,24 +73,51 @@ def test_random_crops_are_windows_of_one_image():
         assert torch.equal(crop, images[int(crop[0, 0, 0])][:, y0:y0 + 8, x0:x0 + 8])
 
 
-def test_photos_split_by_columns():
+def test_random_crops_at_given_positions():
+    images = [torch.arange(3 * 20 * 30).view(3, 20, 30) for _ in range(2)]
+    positions = [torch.tensor([[0, 0]]), torch.tensor([[4, 7], [12, 22]])]
+    crops = vdata.random_crops(images, 30, 8, torch.Generator().manual_seed(0), positions)
+    allowed = [images[0][:, :8, :8], images[1][:, 4:12, 7:15], images[1][:, 12:20, 22:30]]
+    assert all(any(torch.equal(c, a) for a in allowed) for c in crops)
+
+
+def test_held_out_tiles_are_a_diagonal_lattice():
+    mask = vdata.held_out_mask(45, 50, tile=10)      # 4 x 5 whole tiles, 5 rows and 0 columns left over
+    tiles = mask[:40, :50].view(4, 10, 5, 10).permute(0, 2, 1, 3)
+    assert ((tiles.all(-1).all(-1)) == (tiles.any(-1).any(-1))).all()       # whole tiles only
+    expected = torch.tensor([[(i + j) % vdata.HELD_OUT_PERIOD == 0 for j in range(5)] for i in range(4)])
+    assert torch.equal(tiles.all(-1).all(-1), expected)
+    assert not mask[40:].any()                                               # the rest trains
+    # every row and column of tiles holds test pixels, and no two held-out tiles share an edge
+    assert expected.any(0).all() and expected[:, :4].any(1).all()
+    assert not (expected[1:] & expected[:-1]).any() and not (expected[:, 1:] & expected[:, :-1]).any()
+
+
+def test_photos_split_by_tiles():
     photos = vdata.photos(vdata.PHOTOS, short_side=64)
     assert len(photos) == len(vdata.PHOTOS)
     assert all(p.dtype == torch.uint8 and p.shape[0] == 3 and min(p.shape[1:]) == 64 for p in photos)
-    train, test = vdata.split_columns(photos, vdata.TEST_FRACTION, size=16)
-    for image, left, right in zip(photos, train, test):
-        # the two parts tile the image, side by side, and each holds at least one crop
-        assert torch.equal(torch.cat([left, right], -1), image)
-        assert min(left.shape[-1], right.shape[-1]) >= 16
-        assert right.shape[-1] == max(16, round(image.shape[-1] * vdata.TEST_FRACTION))
+    train, test = vdata.split_tiles(photos, size=16)
+    for image, train_at, test_at in zip(photos, train, test):
+        mask = vdata.held_out_mask(*image.shape[-2:], vdata.tile_side(16))
+        assert 0.15 < mask.float().mean() <= 0.25 + 1e-6
+        # test crops wholly held out, training crops wholly not, and every such crop listed
+        assert all(mask[y:y + 16, x:x + 16].all() for y, x in test_at.tolist())
+        assert all(not mask[y:y + 16, x:x + 16].any() for y, x in train_at.tolist())
+        windows = mask.unfold(0, 16, 1).unfold(1, 16, 1)
+        assert len(test_at) == int(windows.all(-1).all(-1).sum())
+        assert len(train_at) == int((~windows.any(-1).any(-1)).sum())
     with pytest.raises(ValueError, match="no 40-pixel crop"):
-        vdata.split_columns(photos, 0.5, size=40)
+        vdata.split_tiles([torch.zeros(3, 64, 64, dtype=torch.uint8)], size=40)
 
 
-def test_photo_test_crops_come_from_the_held_out_parts():
+def test_photo_test_crops_come_from_the_held_out_tiles():
     crops = vdata.PhotoCrops(size=16, n_train=8, n_test=8, short_side=64)
-    _, held_out = vdata.split_columns(vdata.photos(vdata.PHOTOS, 64), vdata.TEST_FRACTION, 16)
-    windows = [img.unfold(1, 16, 1).unfold(2, 16, 1).permute(1, 2, 0, 3, 4).reshape(-1, 3, 16, 16) for img in held_out]
+    windows = []
+    for image in crops.images:
+        mask = vdata.held_out_mask(*image.shape[-2:], vdata.tile_side(16))
+        held_out = mask.unfold(0, 16, 1).unfold(1, 16, 1).all(-1).all(-1).flatten()
+        windows.append(image.unfold(1, 16, 1).unfold(2, 16, 1).permute(1, 2, 0, 3, 4).reshape(-1, 3, 16, 16)[held_out])
     for crop in crops.test:
         assert any((w == crop).all(dim=(1, 2, 3)).any() for w in windows)
     assert crops.epoch_data(torch.Generator().manual_seed(0)).shape == (8, 3, 16, 16)
@@ -247,6 +274,18 @@ def test_calibration_of_noise_drawn_from_the_model_itself():
     assert s["share_ratio_z_in_0.5_2"] == 1.0
 
 
+def test_calibration_by_source_finds_the_miscalibrated_one():
+    from examples.vae.calibration import by_source, source_table
+    ratio = torch.tensor([1.0, 1.1, 0.9, 3.0, 2.5, 1.0])
+    sources = ["a", "a", "a", "b", "b", "b"]
+    rows = by_source({"noise_ratio": ratio}, sources)
+    assert rows["a"] == (3, 1.0, 1.0)
+    n, median, share = rows["b"]
+    assert n == 3 and median == 2.5 and share == pytest.approx(1 / 3)
+    text = source_table({"m": rows})
+    assert "a (3)" in text and "2.50 / 0.33" in text
+
+
 def test_resume_continues_exactly(tmp_path):
     cfg = preset("tiny", epochs=3)
     data = vdata.ImageData("toy", torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8),
@@ -269,14 +308,24 @@ def test_main_writes_table_json_and_figures(tmp_path):
     for name in ("mnist", "photos"):
         models = report["datasets"][name]["models"]
         assert set(models) == {"diagonal", "beta", "structured"}
+        sources = report["datasets"][name]["test_sources"]
         for m in models.values():
             assert all(math.isfinite(v["mean"]) for v in m["summary"].values())
+            by_source = m["calibration"].pop("by_source", None)
             assert all(math.isfinite(v) for v in m["calibration"].values())
+            # photo crops: calibration per photograph, over the test crops of each
+            if name == "photos":
+                assert set(by_source) == set(sources) and set(sources) <= set(vdata.PHOTOS)
+                assert sum(v["n"] for v in by_source.values()) == report["datasets"][name]["n_test"]
+            else:
+                assert by_source is None and sources is None
         for fig in ("reconstructions", "samples", "nll_hist", "residual_correlations"):
             assert (tmp_path / f"{name}_{fig}.png").stat().st_size > 1000
     table = (tmp_path / "results.md").read_text()
-    assert table.count("| structured") == 4 and "YCbCr" in table      # NLL and calibration tables
+    # NLL and calibration tables of both datasets, and the photos' calibration by source
+    assert table.count("| structured") == 5 and "YCbCr" in table
     assert table.count("Calibration of the luminance noise") == 2
+    assert table.count("By source") == 1                                # photos only
 
 
 def test_main_trains_on_a_folder(tmp_path):

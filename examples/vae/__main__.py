@@ -132,6 +132,13 @@ def main(argv=None):
         cal_text = ("\n\nCalibration of the luminance noise (one sample e per test image at the posterior mean "
                     "mu, against r = x - mu; see examples/vae/calibration.py):\n\n"
                     + calib.table({f"{m} ({models[m].likelihood.describe()})": c for m, c in calibration.items()}))
+        if data.test_sources is not None:
+            sources = {m: calib.by_source(v["calibration"], data.test_sources) for m, v in per_image.items()}
+            cal_text += ("\n\nBy source (test images in brackets; median std(e)/std(r) / share in [0.5, 2]):\n\n"
+                         + calib.source_table(sources))
+            for m in per_image:
+                calibration[m]["by_source"] = {k: {"n": n, "median_noise_ratio": med, "share_ratio_in_0.5_2": share}
+                                               for k, (n, med, share) in sources[m].items()}
         markdown.append(caption + text + cal_text)
         print(caption + text + cal_text, flush=True)
         seed = args.seed + 200
@@ -141,7 +148,7 @@ def main(argv=None):
         figures.residual_correlations(models, data.test, out / f"{data.name}_residual_correlations.png", seed,
                                       device)
         report["datasets"][data.name] = {
-            "color": data.color, "size": data.size, "n_test": n_test,
+            "color": data.color, "size": data.size, "n_test": n_test, "test_sources": data.test_sources,
             # training time from the epochs' own clocks, so a resumed run reports the whole training
             "models": {m: {"summary": summarise(v), "train_seconds": sum(h["seconds"] for h in histories[m]),
                            "history": histories[m],

@@ -97,6 +97,29 @@ def summarise(per_image: dict) -> dict:
     }
 
 
+def by_source(per_image: dict, sources: list[str]) -> dict:
+    """{source: (test images, median std(e)/std(r), share in [0.5, 2])} over the images of each source:
+    where a model's noise is off, not only how often (on the photo crops, a source is a photograph)."""
+    ratio = per_image["noise_ratio"].double()
+    out = {}
+    for name in sorted(set(sources)):
+        mask = torch.tensor([s == name for s in sources])
+        out[name] = (int(mask.sum()), float(ratio[mask].median()), _in_range(ratio[mask]))
+    return out
+
+
+def source_table(rows: dict) -> str:
+    """Markdown: one row per model, one column per source; each cell 'median ratio / share in [0.5, 2]'."""
+    names = sorted({n for r in rows.values() for n in r})
+    counts = {n: next(r[n][0] for r in rows.values() if n in r) for n in names}
+    lines = ["| model | " + " | ".join(f"{n} ({counts[n]})" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for model, r in rows.items():
+        cells = [f"{r[n][1]:.2f} / {r[n][2]:.2f}" if n in r else "-" for n in names]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: dict) -> str:
     """Markdown: one row per model."""
     lines = ["| model | median std(e)/std(r) | share with that in [0.5, 2] | share of mu+e outside [0, 1] | "

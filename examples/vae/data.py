@@ -18,12 +18,17 @@ import torch.nn.functional as F
 # stereo motorcycle pair only the left view (the right one is a near-duplicate).
 PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
           "stereo_motorcycle")
-# Each photograph is split by columns: crops for training from the left part, test crops from the
-# right TEST_FRACTION, so that test crops are new pixels of the same kinds of scene. (With eight
-# photographs, holding out whole photographs tests the decoder on content it never saw: both
-# likelihoods then predict the same noise level for every test crop, smooth or busy, and the
-# calibration measures read that shift, not the likelihood; see the README.)
-TEST_FRACTION = 0.25
+# Each photograph is cut into square tiles, one in four of them held out on a diagonal lattice
+# (tile (i, j) when (i + j) % 4 == 0): test crops lie inside held-out tiles, training crops touch
+# none of their pixels, and every region of every photograph has both, so test crops are new
+# pixels of the same kinds of scene. Holding out whole photographs tested the decoder on content it
+# never saw; holding out each photograph's right quarter did too for one of them (chelsea's right
+# quarter is the blurred background, its left three quarters the cat's fur): both likelihoods then
+# predicted the fur's noise level on the smooth background, and the calibration measures read that
+# shift, not the likelihood (README.md, "How the test crops are chosen").
+HELD_OUT_PERIOD = 4
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -86,47 +91,94 @@ def photos(names, short_side: int = 160):
     return out
 
 
-def split_columns(images: list, test_fraction: float, size: int) -> tuple[list, list]:
-    """(left parts, right parts) of each image: the right ``test_fraction`` of its columns held out."""
+def tile_side(size: int) -> int:
+    """Side of the split's tiles: a quarter larger than a crop, so each held-out tile holds
+    (size // 4 + 1)^2 distinct test crops."""
+    return size + size // 4
+
+
+def held_out_mask(H: int, W: int, tile: int) -> torch.Tensor:
+    """(H, W) bool: the pixels of the held-out tiles. Tile (i, j) covers rows i*tile ... and
+    columns j*tile ...; the ones with (i + j) % HELD_OUT_PERIOD == 0 are held out, so every row and
+    every column of tiles has some. Rows and columns past the last whole tile stay for training."""
+    mask = torch.zeros(H, W, dtype=torch.bool)
+    for i in range(H // tile):
+        for j in range(W // tile):
+            if (i + j) % HELD_OUT_PERIOD == 0:
+                mask[i * tile:(i + 1) * tile, j * tile:(j + 1) * tile] = True
+    return mask
+
+
+def crop_positions(mask: torch.Tensor, size: int, inside: bool) -> torch.Tensor:
+    """(n, 2) top-left corners (y, x) of the size x size crops all of whose pixels are held out
+    (``inside``: test crops; no two held-out tiles share an edge, so each lies within one tile),
+    or none of them (training crops)."""
+    # held-out pixels per window, from the summed-area table
+    table = torch.nn.functional.pad(mask.long().cumsum(0).cumsum(1), (1, 0, 1, 0))
+    windows = table[size:, size:] - table[:-size, size:] - table[size:, :-size] + table[:-size, :-size]
+    return (windows == (size * size if inside else 0)).nonzero()
+
+
+def split_tiles(images: list, size: int) -> tuple[list, list]:
+    """(training positions, test positions) of size x size crops for each image (``held_out_mask``)."""
+    tile = tile_side(size)
     train, test = [], []
     for image in images:
-        W = image.shape[-1]
-        cut = W - max(size, round(W * test_fraction))
-        if cut < size:
-            raise ValueError(f"images: a {W}-pixel-wide image leaves no {size}-pixel crop on both sides")
-        train.append(image[..., :cut])
-        test.append(image[..., cut:])
+        H, W = image.shape[-2:]
+        mask = held_out_mask(H, W, tile)
+        train.append(crop_positions(mask, size, inside=False))
+        test.append(crop_positions(mask, size, inside=True))
+        if len(train[-1]) == 0 or len(test[-1]) == 0:
+            raise ValueError(f"images: a {H}x{W} image has no {size}-pixel crop on both sides of the split "
+                             f"(tiles of {tile} pixels, one in {HELD_OUT_PERIOD} held out)")
     return train, test
 
 
-def random_crops(images: list, n: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """n crops of size x size, each from a random image at a random position."""
+def random_crops(images: list, n: int, size: int, generator: torch.Generator,
+                 positions: list | None = None) -> torch.Tensor:
+    """n crops of size x size, each from a random image at a random position (one of that image's
+    ``positions``, (k, 2) top-left corners, when given; anywhere in it otherwise)."""
+    return crops_and_sources(images, n, size, generator, positions)[0]
+
+
+def crops_and_sources(images: list, n: int, size: int, generator: torch.Generator,
+                      positions: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``random_crops`` and, for each crop, the index of the image it came from."""
     which = torch.randint(len(images), (n,), generator=generator)
     crops = []
     for i in which.tolist():
         C, H, W = images[i].shape
-        y = int(torch.randint(H - size + 1, (1,), generator=generator))
-        x = int(torch.randint(W - size + 1, (1,), generator=generator))
+        if positions is None:
+            y = int(torch.randint(H - size + 1, (1,), generator=generator))
+            x = int(torch.randint(W - size + 1, (1,), generator=generator))
+        else:
+            y, x = positions[i][int(torch.randint(len(positions[i]), (1,), generator=generator))].tolist()
         crops.append(images[i][:, y:y + size, x:x + size])
-    return torch.stack(crops)
+    return torch.stack(crops), which
 
 
 class PhotoCrops:
-    """Random crops of the skimage photographs, split by columns (``split_columns``).
+    """Random crops of the skimage photographs, split by tiles (``split_tiles``).
 
-    Training crops are redrawn every epoch (``epoch_data``) from the left part
-    of each photograph; test crops are fixed by the seed and come only from
-    the held-out right part.
+    Training crops are redrawn every epoch (``epoch_data``) from anywhere that
+    touches no held-out tile; test crops are fixed by the seed and lie inside
+    the held-out tiles.
     """
 
     def __init__(self, size: int = 32, n_train: int = 4000, n_test: int = 1000, seed: int = 0,
                  short_side: int = 160):
         self.size, self.n_train = size, n_train
-        self.train_images, test_images = split_columns(photos(PHOTOS, short_side), TEST_FRACTION, size)
-        self.test = random_crops(test_images, n_test, size, torch.Generator().manual_seed(seed + 1))
+        self.images = photos(PHOTOS, short_side)
+        self.train_positions, test_positions = split_tiles(self.images, size)
+        self.test, which = crops_and_sources(self.images, n_test, size, torch.Generator().manual_seed(seed + 1),
+                                             test_positions)
+        self.test_sources = [PHOTOS[i] for i in which.tolist()]     # the photograph of each test crop
+
+    def training_crops(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return random_crops(self.images, n, self.size, generator, self.train_positions)
 
     def epoch_data(self, generator: torch.Generator) -> torch.Tensor:
-        return random_crops(self.train_images, self.n_train, self.size, generator)
+        return self.training_crops(self.n_train, generator)
 
 
 def image_folder(root: str | Path, size: int = 64, crop: float = 1.0) -> torch.Tensor:
@@ -164,11 +216,16 @@ def split(images: torch.Tensor, test_fraction: float, seed: int):
 
 
 class ImageData:
-    """A named train/test pair: ``epoch_data(generator)`` gives one epoch's uint8 images."""
+    """A named train/test pair: ``epoch_data(generator)`` gives one epoch's uint8 images;
+    ``test_sources`` (or None) names where each test image came from (photo crops: the photograph)."""
 
     def __init__(self, name: str, test: torch.Tensor, train: torch.Tensor | None = None,
-                 sampler=None, flips: bool = False, valid: torch.Tensor | None = None):
+                 sampler=None, flips: bool = False, valid: torch.Tensor | None = None,
+                 test_sources: list[str] | None = None):
+        if test_sources is not None and len(test_sources) != len(test):
+            raise ValueError(f"test_sources: expected one name per test image ({len(test)}), got {len(test_sources)}")
         self.name, self.test, self.flips, self.valid = name, test, flips, valid
+        self.test_sources = test_sources
         self._train, self._sampler = train, sampler
         self.color = test.shape[1] == 3
         self.size = test.shape[-1]
@@ -195,8 +252,9 @@ def load(name: str, cfg, seed: int, folder: str | None = None, folder_gray: bool
     if name == "photos":
         crops = PhotoCrops(cfg.size, cfg.n_train, cfg.n_test, seed)
         # validation: fixed crops of the training photographs (training crops are redrawn every epoch)
-        valid = random_crops(crops.train_images, cfg.n_valid, cfg.size, torch.Generator().manual_seed(seed + 2))
-        return ImageData("photos", crops.test, sampler=crops.epoch_data, flips=cfg.flips, valid=valid)
+        valid = crops.training_crops(cfg.n_valid, torch.Generator().manual_seed(seed + 2))
+        return ImageData("photos", crops.test, sampler=crops.epoch_data, flips=cfg.flips, valid=valid,
+                         test_sources=crops.test_sources)
     if name == "folder":
         if folder is None:
             raise ValueError("folder: pass --folder PATH to train on your own images")
