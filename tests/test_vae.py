@@ -274,6 +274,36 @@ def test_calibration_of_noise_drawn_from_the_model_itself():
     assert s["share_ratio_z_in_0.5_2"] == 1.0
 
 
+def test_resume_refuses_other_training_settings(tmp_path):
+    import dataclasses
+    from examples.vae.train import check_resumable
+    cfg = preset("cpu")
+    state = {"config": dataclasses.asdict(cfg), "seed": 0}
+    check_resumable(state, dataclasses.replace(cfg, iwae_samples=500, eval_batch=10), 0, tmp_path)   # evaluation only
+    # the cpu run, resumed as cpu-long: its cosine decay would restart half-way, and MNIST's split moves
+    with pytest.raises(ValueError, match=r"epochs 50 -> 100, n_test 500 -> 1000\); pass --fresh"):
+        check_resumable(state, PRESETS["cpu-long"], 0, tmp_path)
+    with pytest.raises(ValueError, match="weight_bound 0.9 -> 0.5"):
+        check_resumable(state, dataclasses.replace(cfg, weight_bound=0.5), 0, tmp_path)
+    with pytest.raises(ValueError, match="seed 0 -> 1"):
+        check_resumable(state, cfg, 1, tmp_path)
+    with pytest.raises(ValueError, match="epochs"):
+        check_resumable(state, dataclasses.replace(cfg, epochs=60), 0, tmp_path)       # cosine: refused
+    constant = dataclasses.replace(cfg, lr_schedule="constant")
+    check_resumable({"config": dataclasses.asdict(constant), "seed": 0}, dataclasses.replace(constant, epochs=60),
+                    0, tmp_path)                                                      # constant: continues
+    with pytest.raises(ValueError, match="epochs 50 -> 110"):   # the variance minimiser's warm-up: 5 -> 10 epochs
+        check_resumable({"config": dataclasses.asdict(constant), "seed": 0},
+                        dataclasses.replace(constant, epochs=110), 0, tmp_path)
+
+
+def test_main_refuses_to_resume_another_config(tmp_path):
+    args = ["--data", "mnist", "--models", "diagonal", "--out", str(tmp_path), "--no-progress"]
+    main(["--config", "tiny", *args])
+    with pytest.raises(ValueError, match="trained with other settings"):
+        main(["--config", "tiny", "--lr", "0.01", *args])
+
+
 def test_calibration_by_source_finds_the_miscalibrated_one():
     from examples.vae.calibration import by_source, source_table
     ratio = torch.tensor([1.0, 1.1, 0.9, 3.0, 2.5, 1.0])

@@ -5,8 +5,9 @@
     python -m examples.vae --data folder --folder ~/celeba --config gpu --device cuda
     torchrun --nproc_per_node 2 -m examples.vae --config tiny      # DistributedDataParallel
 
-Checkpoints go to OUT/checkpoints after every epoch; a second run resumes
-from them (``--fresh`` starts over). Results: OUT/results.md, OUT/results.json,
+Checkpoints go to OUT/checkpoints after every epoch; a second run with the same
+training settings resumes from them (``--fresh`` starts over; other settings are
+refused). Results: OUT/results.md, OUT/results.json,
 OUT/*.png.
 """
 from __future__ import annotations
@@ -41,7 +42,8 @@ def parse(argv=None):
     p.add_argument("--folder", help="a folder of images (e.g. CelebA or LSUN churches) for --data folder")
     p.add_argument("--folder-gray", action="store_true", help="train on the folder's luminance (Table 1)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--out", default="runs/vae")
+    p.add_argument("--out", help="output folder (default: runs/vae for --config cpu, runs/vae-CONFIG otherwise, "
+                                 "so that one configuration never resumes another's checkpoints)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
@@ -96,7 +98,7 @@ def main(argv=None):
                  lr_schedule=args.lr_schedule)
     device = setup_distributed(args.device)
     rank, world = rank_world()
-    out = Path(args.out)
+    out = Path(args.out or ("runs/vae" if args.config == "cpu" else f"runs/vae-{args.config}"))
     out.mkdir(parents=True, exist_ok=True)
     report = {"config": args.config, "settings": dataclasses.asdict(cfg), "seed": args.seed, "world_size": world,
               "versions": {"torch": torch.__version__, "structlik": structlik.__version__,

@@ -6,6 +6,7 @@ exactly as the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -70,6 +71,27 @@ def checkpoint_path(out: Path, data: ImageData, model_name: str) -> Path:
     return Path(out) / "checkpoints" / f"{data.name}-{model_name}.pt"
 
 
+# settings that only change the evaluation: a finished model may be evaluated again with others
+EVALUATION_ONLY = frozenset({"iwae_samples", "mi_samples", "eval_batch", "n_figure"})   # (n_test also splits MNIST)
+
+
+def check_resumable(state: dict, cfg: Config, seed: int, path: Path) -> None:
+    """Refuse to resume a checkpoint trained with other settings or another seed: its next epochs
+    would follow another schedule (the cosine decay and the variance minimiser's warm-up depend on
+    the number of epochs), other random draws or another model. More epochs of a constant schedule
+    with the same warm-up continue it exactly and are allowed."""
+    saved, now = {**state.get("config", {}), "seed": state.get("seed")}, {**dataclasses.asdict(cfg), "seed": seed}
+    differ = sorted(k for k in (now.keys() | saved.keys()) - EVALUATION_ONLY if saved.get(k) != now.get(k))
+    if differ == ["epochs"]:
+        old = dataclasses.replace(cfg, epochs=saved["epochs"])     # its variance-minimiser warm-up
+        if cfg.lr_schedule == "constant" and old.warmup_epochs == cfg.warmup_epochs:
+            return
+    if differ:
+        changes = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+        raise ValueError(f"{path}: trained with other settings ({changes}); pass --fresh to start over or "
+                         f"--out to train elsewhere")
+
+
 def _save(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -88,6 +110,7 @@ def train(model_name: str, data: ImageData, cfg: Config, out: Path, seed: int, d
     history, start, best = [], 0, None
     if resume and path.exists():
         state = torch.load(path, map_location=device, weights_only=False)
+        check_resumable(state, cfg, seed, path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         history, start, best = state["history"], state["epoch"] + 1, state["best"]
