@@ -100,7 +100,8 @@ def tile_side(size: int) -> int:
 def held_out_mask(H: int, W: int, tile: int) -> torch.Tensor:
     """(H, W) bool: the pixels of the held-out tiles. Tile (i, j) covers rows i*tile ... and
     columns j*tile ...; the ones with (i + j) % HELD_OUT_PERIOD == 0 are held out, so every row and
-    every column of tiles has some. Rows and columns past the last whole tile stay for training."""
+    every column of at least HELD_OUT_PERIOD tiles has some. Rows and columns past the last whole
+    tile stay for training."""
     mask = torch.zeros(H, W, dtype=torch.bool)
     for i in range(H // tile):
         for j in range(W // tile):
@@ -114,7 +115,7 @@ def crop_positions(mask: torch.Tensor, size: int, inside: bool) -> torch.Tensor:
     (``inside``: test crops; no two held-out tiles share an edge, so each lies within one tile),
     or none of them (training crops)."""
     # held-out pixels per window, from the summed-area table
-    table = torch.nn.functional.pad(mask.long().cumsum(0).cumsum(1), (1, 0, 1, 0))
+    table = F.pad(mask.long().cumsum(0).cumsum(1), (1, 0, 1, 0))
     windows = table[size:, size:] - table[:-size, size:] - table[size:, :-size] + table[:-size, :-size]
     return (windows == (size * size if inside else 0)).nonzero()
 
