@@ -259,13 +259,18 @@ def test_calibration_of_noise_drawn_from_the_model_itself():
         s = summarise(calibration(dist, x, color=False, seed=1))
         assert torch.equal(torch.get_rng_state(), state)
         assert 0.9 < s["median_noise_ratio"] < 1.1 and s["share_ratio_in_0.5_2"] == 1.0
-        assert 0.9 < s["whitened_ms"] < 1.1
+        assert 0.9 < s["whitened_ms"] < 1.1 and s["overconfident"] == 0.0
         assert abs(s["corr_e"] - s["corr_r"]) < 0.1
     assert s["corr_e"] > 0.5                     # the structured one
     x = diagonal.sample()
     noisy = Independent(Normal(mu, torch.full_like(mu, 0.1)), 3)    # twice too wide for x
     s = summarise(calibration(noisy, x, color=False, seed=1))
-    assert 1.8 < s["median_noise_ratio"] < 2.2 and 0.2 < s["whitened_ms"] < 0.3
+    assert 1.8 < s["median_noise_ratio"] < 2.2 and 0.2 < s["whitened_ms"] < 0.3 and s["overconfident"] == 0.0
+    # overconfident on a quarter of the images: their residual three times the model's scale (mean u^2 9)
+    wide = x.clone()
+    wide[:16] = mu[:16] + 3 * (x[:16] - mu[:16])
+    s = summarise(calibration(diagonal, wide, color=False, seed=1))
+    assert s["overconfident"] == 0.25 and 0.9 < s["whitened_ms"] < 1.1          # the median does not see it
     assert "median_noise_ratio_z" not in s
     # at a posterior sample: here a decoder output whose mean is off by as much as its noise
     shifted = Independent(Normal(mu + 0.05 * torch.randn_like(mu), torch.full_like(mu, 0.05)), 3)
