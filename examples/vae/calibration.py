@@ -15,8 +15,8 @@ compared with the true residual r = x - mu:
   overconfident, below 1 underconfident. Summarised by its median over images and by
   ``overconfident``, the share of images where it exceeds OVERCONFIDENT_MS: there the
   whitened residual is more than twice the model's own scale, and the image's NLL pays
-  at least 1.5 nats per pixel for it. A median of 1 can hide a tail of such images (a
-  sharp edge that mu misses, where a structured precision expects a smooth residual);
+  at least 1.5 nats per pixel for it. A median of 1 can hide a tail of such images (small
+  sharp detail that mu misses, where a structured precision expects a smooth residual);
   the per-image NLL shows them as outliers, the noise ratio does not.
 - ``noise_ratio_z``: std(e) / std(r) again, at the decoder's output for one posterior
   sample z ~ q(z|x) instead of its mean: the residuals the likelihood is trained on.
