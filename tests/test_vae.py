@@ -19,6 +19,8 @@ from examples.vae.evaluate import iwae_nll, mutual_information  # noqa: E402
 from examples.vae.likelihoods import Likelihood, YCbCrDiagonalNormal  # noqa: E402
 from examples.vae.model import ConvVAE  # noqa: E402
 from examples.vae.train import train  # noqa: E402
+from examples.vae import tail  # noqa: E402
+from examples.vae.calibration import whitened  # noqa: E402
 from structlik.color import downsample_chroma, rgb_to_ycbcr  # noqa: E402
 
 
@@ -361,6 +363,30 @@ def test_main_writes_table_json_and_figures(tmp_path):
     assert table.count("| structured") == 5 and "YCbCr" in table
     assert table.count("Calibration of the luminance noise") == 2
     assert table.count("By source") == 1                                # photos only
+    # the tail tool rebuilds the evaluation's structured model and test images from the run: their
+    # whitened residual is the one results.json has
+    ds = report["datasets"]["photos"]
+    model, x, _ = tail.structured_at_test(tmp_path, report, "photos")
+    for i in (0, len(x) - 1):
+        with torch.no_grad():
+            luma, y = tail.luma_and_y(model, x[i:i + 1])
+            ms = float(whitened(luma, y - luma.mean).square().mean())
+        assert ms == pytest.approx(ds["per_image"]["structured"]["whitened_ms"][i], rel=1e-3, abs=1e-4)
+    tail.main([str(tmp_path), "--data", "photos", "--worst", "3", "--pixels"])
+    with pytest.raises(ValueError, match="data: 'folder' is not in"):
+        tail.main([str(tmp_path), "--data", "folder"])
+
+
+def test_tail_counts_overconfident_images_and_their_nll():
+    ds = {"n_test": 4, "test_sources": ["a", "b", "a", "b"], "per_image": {
+        "diagonal": {"whitened_ms": [1.0, 1.0, 5.0, 1.0], "nll": [-10.0, -20.0, -30.0, -40.0]},
+        "structured": {"whitened_ms": [9.0, 1.0, 4.5, 0.5], "nll": [90.0, -25.0, 0.0, -50.0]}}}
+    lines, worst = tail.report_dataset("photos", ds, worst=2)
+    text = "\n".join(lines)
+    assert "- diagonal: 1 (0.250): a 1" in text and "- structured: 2 (0.500): a 2" in text
+    # differences on the overconfident images 0 and 2: 100 and 30; worse on 2 of 4 images
+    assert "median 65, max 100" in text and "worse on 0.500 of all images" in text
+    assert worst == [0, 2]
 
 
 def test_main_trains_on_a_folder(tmp_path):

@@ -42,7 +42,8 @@ def _neighbour_corr(t: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1) / (a.square().sum(1) * b.square().sum(1)).sqrt().clamp_min(1e-30)
 
 
-def _whitened(luma, r: torch.Tensor) -> torch.Tensor:
+def whitened(luma, r: torch.Tensor) -> torch.Tensor:
+    """u: U r for a structured luminance, r / sigma for a diagonal one."""
     if isinstance(luma, Independent):                                    # diagonal: r / sigma
         return r / luma.base_dist.scale
     return structlik.ops.apply_upper(r, luma.log_diag, luma.off_diag, luma.stencil)
@@ -76,7 +77,7 @@ def calibration(dist, x: torch.Tensor, color: bool, seed: int, dist_z=None) -> d
         "clipped": ((mu + e < 0) | (mu + e > 1)).flatten(1).float().mean(1),
         "corr_e": _neighbour_corr(e),
         "corr_r": _neighbour_corr(r),
-        "whitened_ms": _whitened(luma, r).square().flatten(1).mean(1),
+        "whitened_ms": whitened(luma, r).square().flatten(1).mean(1),
     }
     if dist_z is not None:
         out["noise_ratio_z"] = _ratio(*_noise_and_residual(dist_z, x, color, seed + 1)[1:])
