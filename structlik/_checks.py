@@ -46,25 +46,37 @@ def check_float_tensor(name: str, t, layout: str, min_dim: int = 0) -> torch.Ten
         )
     ndim = layout.count(",") + 1
     if (t.dim() < min_dim) if min_dim else (t.dim() != ndim):
-        raise ValueError(f"{name}: expected shape {layout}, got {_shape(t)}")
+        hint = (f"; for one image add the batch dimension: {name}.unsqueeze(0)"
+                if layout.startswith("(B, ") and t.dim() == ndim - 1 else "")
+        raise ValueError(f"{name}: expected shape {layout}, got {_shape(t)}{hint}")
     return t
 
 
 def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, shape, layout: str) -> None:
-    """``t`` has ``shape`` and the dtype and device of ``ref``."""
+    """``t`` has ``shape`` and the device of ``ref`` (floating dtypes may differ: :func:`promote`)."""
     if tuple(t.shape) != tuple(shape):
         expected = "(" + ", ".join(str(s) for s in shape) + ")"
-        raise ValueError(f"{name}: expected shape {layout} = {expected}, got {_shape(t)}")
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{name}: dtype {t.dtype} does not match {ref_name}'s dtype {ref.dtype}")
+        hint = (f"; for one image add the batch dimension: {name}.unsqueeze(0)"
+                if t.dim() == 3 and tuple(t.shape) == tuple(shape)[1:] else "")
+        raise ValueError(f"{name}: expected shape {layout} = {expected}, got {_shape(t)}{hint}")
     if t.device != ref.device:
         raise ValueError(f"{name}: device {t.device} does not match {ref_name}'s device {ref.device}")
 
 
+def promote(*tensors):
+    """The tensors in their common floating dtype, ``torch.result_type``'s (as
+    ``F.gaussian_nll_loss`` and ``Normal.log_prob`` promote: a bfloat16 head under autocast
+    with a float32 target computes in float32). Integer tensors were refused before this."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
 def check_consistent(**tensors) -> None:
-    """One dtype and one device for all: the argument that differs from the others (the
-    first listed, on a tie) is named."""
-    for attr, error in (("dtype", TypeError), ("device", ValueError)):
+    """One device for all: the argument that differs from the others (the first listed, on a
+    tie) is named. Floating dtypes may differ (:func:`promote`)."""
+    for attr, error in (("device", ValueError),):
         values = [getattr(t, attr) for t in tensors.values()]
         common = max(values, key=values.count)          # the first of the most frequent
         for name, t in tensors.items():
@@ -100,7 +112,10 @@ def check_against_image(image_name: str, image, stencil, params, params_repeat: 
     coeffs. With ``params_repeat`` the parameters' batch may divide the image's (many
     samples of one distribution). Returns the image's (B, C, H, W)."""
     check_stencil(stencil)
-    check_float_tensor(image_name, image, "(B, C, H, W)")
+    check_float_tensor(image_name, image, "(B, C, H, W)", min_dim=1)
+    if image.dim() != 4:
+        hint = f"; for one image add the batch dimension: {image_name}.unsqueeze(0)" if image.dim() == 3 else ""
+        raise ValueError(f"{image_name}: expected shape (B, C, H, W), got {_shape(image)}{hint}")
     B, C, H, W = image.shape
     if min(B, C, H, W) == 0:
         raise ValueError(f"{image_name}: expected non-empty (B, C, H, W), got {_shape(image)}")

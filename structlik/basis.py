@@ -42,8 +42,9 @@ def expand_basis(coeffs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     if n_b == 0 or CNB % n_b:
         raise ValueError(f"coeffs: expected shape (B, C*n_b, H, W) with n_b={n_b} (basis: {tuple(basis.shape)}), "
                          f"got {tuple(coeffs.shape)}")
-    if coeffs.dtype != basis.dtype:
-        raise TypeError(f"basis: dtype {basis.dtype} does not match coeffs' dtype {coeffs.dtype}")
+    if coeffs.device != basis.device:
+        raise ValueError(f"basis: device {basis.device} does not match coeffs' device {coeffs.device}")
+    coeffs, basis = _checks.promote(coeffs, basis)
     C = CNB // n_b
     w = torch.einsum("ij,bcjhw->bcihw", basis, coeffs.reshape(B, C, n_b, H, W))
     return w.reshape(B, C * S, H, W)

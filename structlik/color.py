@@ -12,6 +12,7 @@ from torch.distributions import Distribution, Normal, constraints
 
 from . import _checks
 from .distribution import StructuredNormal
+from .head import DEFAULT_WEIGHT_BOUND, bound_weights, check_bound
 from .stencil import Stencil
 
 __all__ = ["rgb_to_ycbcr", "ycbcr_to_rgb", "downsample_chroma", "upsample_chroma", "YCbCrStructuredNormal"]
@@ -117,8 +118,14 @@ class YCbCrStructuredNormal(Distribution):
         return 2 + stencil.S, 4
 
     @classmethod
-    def from_heads(cls, full_res: torch.Tensor, low_res: torch.Tensor, stencil: Stencil, factor: int = 4):
-        """Split decoder outputs (B, 2+S, H, W) and (B, 4, H/f, W/f) into the distribution."""
+    def from_heads(cls, full_res: torch.Tensor, low_res: torch.Tensor, stencil: Stencil, factor: int = 4, *,
+                   weight_bound=DEFAULT_WEIGHT_BOUND, validate_args=None):
+        """Split decoder outputs (B, 2+S, H, W) (``y_loc``, ``y_log_diag``, raw ``y_off_diag``) and
+        (B, 4, H/f, W/f) into the distribution. ``weight_bound`` (default 0.9) bounds the luminance
+        weights as :meth:`StructuredNormal.from_head` does (:func:`structlik.bound_weights`);
+        ``None`` takes them raw."""
+        if weight_bound is not None:
+            weight_bound = check_bound(weight_bound, "weight_bound")
         _checks.check_stencil(stencil)
         full, low = cls.head_channels(stencil)
         for name, t, channels, layout, size in (("full_res", full_res, full, "(B, 2+S, H, W)", "H, W"),
@@ -129,7 +136,10 @@ class YCbCrStructuredNormal(Distribution):
                                  f"got {tuple(t.shape)}")
         y_loc, y_log_diag, y_off_diag = full_res.split([1, 1, stencil.S], dim=1)
         chroma_loc, chroma_log_scale = low_res.split([2, 2], dim=1)
-        return cls(y_loc, y_log_diag, y_off_diag, chroma_loc, chroma_log_scale, stencil, factor)
+        if weight_bound is not None:
+            y_off_diag = bound_weights(y_log_diag, y_off_diag, weight_bound)
+        return cls(y_loc, y_log_diag, y_off_diag, chroma_loc, chroma_log_scale, stencil, factor,
+                   validate_args=validate_args)
 
     def split(self, rgb: torch.Tensor):
         """RGB (B, 3, H, W) -> (Y (B, 1, H, W), downsampled CbCr (B, 2, H/f, W/f))."""

@@ -26,8 +26,10 @@ def structured_gaussian_nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.
     """Negative log-likelihood of ``x`` under ``StructuredNormal(loc, log_diag, off_diag, stencil)``.
 
     Args:
-        x, loc, log_diag: (B, C, H, W).
-        off_diag: (B, C*S, H, W) with S = ``stencil.S``.
+        x, loc, log_diag: (B, C, H, W), or all four unbatched, (C, H, W) and (C*S, H, W).
+        off_diag: (B, C*S, H, W) with S = ``stencil.S``; the raw weights of a decoder head go
+            through :func:`structlik.bound_weights` first (or take all three from
+            :func:`structlik.split_head`), so that samples stay finite.
         stencil: a :class:`structlik.Stencil`.
         reduction: ``"none"`` gives the per-image NLL (B,); ``"mean"`` (default)
             its mean over the batch; ``"sum"`` its sum, as ``nn.GaussianNLLLoss``.
@@ -36,12 +38,22 @@ def structured_gaussian_nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.
             kernels form the S weights of each pixel on the fly.
 
     Equivalent to ``-StructuredNormal(loc, log_diag, off_diag, stencil).log_prob(x)``
-    reduced, computed without building U.
+    reduced, computed without building U. Floating dtypes promote as in
+    ``F.gaussian_nll_loss`` (``torch.result_type``): a bfloat16 head under ``torch.autocast``
+    with a float32 target gives a float32 loss.
     """
     _checks.check_reduction(reduction)
+    tensors = (x, loc, log_diag, off_diag)
+    # One unbatched image (C, H, W), as StructuredNormal and torch's nn layers take it: the
+    # per-image NLL is then a scalar.
+    unbatched = all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in tensors)
+    if unbatched:
+        x, loc, log_diag, off_diag = (t.unsqueeze(0) for t in tensors)
     if basis is not None:
-        return _reduce(ops.nll_basis(x, loc, log_diag, off_diag, basis, stencil), reduction)
-    return _reduce(ops.nll(x, loc, log_diag, off_diag, stencil), reduction)
+        per_image = ops.nll_basis(x, loc, log_diag, off_diag, basis, stencil)
+    else:
+        per_image = ops.nll(x, loc, log_diag, off_diag, stencil)
+    return _reduce(per_image[0] if unbatched else per_image, reduction)
 
 
 class StructuredGaussianNLLLoss(nn.Module):

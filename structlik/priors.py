@@ -42,6 +42,7 @@ def variance_minimiser(x: torch.Tensor, loc: torch.Tensor, weight: float, reduct
     _checks.check_float_tensor("x", x, "(B, C, H, W)")
     _checks.check_float_tensor("loc", loc, "(B, C, H, W)")
     _checks.check_same("loc", loc, "x", x, x.shape, "(B, C, H, W)")
+    x, loc = _checks.promote(x, loc)
     per_image = weight * (x - loc).square().sum((1, 2, 3))
     _checks.check_result(per_image, x=x, loc=loc)
     if reduction == "mean":

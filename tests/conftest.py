@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 import itertools  # noqa: E402
 
 from helpers import SHAPES, STENCILS, available_backends  # noqa: E402
+import structlik  # noqa: E402
 from structlik import backends  # noqa: E402
 
 settings.register_profile(
@@ -39,6 +40,7 @@ def _validation_on():
     torch.compile of the process switches it off for good (torch/_dynamo/eval_frame.py),
     which would silently turn the value checks of every later test off."""
     torch.distributions.Distribution.set_default_validate_args(True)
+    structlik.head.reset_warnings()      # the ill-conditioning warning is once per process
     backends.sync()         # the kernels STRUCTLIK_BACKEND asks for, before a first call inside torch.compile
     yield
 

@@ -29,8 +29,10 @@ def nll(x, loc, s, w, stencil=ST):
                  id="x-int"),
     pytest.param(3, torch.zeros(2, 12, 5, 4, dtype=torch.int32), TypeError, r"off_diag: expected a floating",
                  id="off_diag-int"),
-    pytest.param(1, torch.zeros(2, 3, 5, 4, dtype=torch.float64), TypeError, r"loc: dtype torch.float64 does not "
-                 r"match x's dtype torch.float32", id="loc-dtype"),
+    pytest.param(1, torch.zeros(2, 3, 5, 4, dtype=torch.bool), TypeError, r"loc: expected a floating-point",
+                 id="loc-bool"),
+    pytest.param(0, torch.zeros(3, 5, 4), ValueError, r"x: expected shape \(B, C, H, W\), got \(3, 5, 4\); "
+                 r"for one image add the batch dimension: x\.unsqueeze\(0\)", id="x-unbatched"),
     pytest.param(2, torch.zeros(2, 3, 5, 4, device="meta"), ValueError, r"log_diag: device", id="device-mismatch"),
     pytest.param(0, [[0.0]], TypeError, r"x: expected a torch.Tensor", id="x-list"),
     pytest.param(2, torch.zeros(0, 3, 5, 4), ValueError, r"log_diag: expected shape", id="empty-batch"),
@@ -97,8 +99,9 @@ def test_distribution_bad_shapes():
         StructuredNormal(loc, s[:1].expand(3, 3, 5, 4), w, ST)
     with pytest.raises(TypeError, match="log_diag: expected a torch.Tensor"):
         StructuredNormal(loc, 0.0, w, ST)
-    with pytest.raises(TypeError, match="loc: dtype"):
-        StructuredNormal(loc.double(), s, w, ST)
+    with pytest.raises(TypeError, match="loc: expected a floating-point"):
+        StructuredNormal(loc.int(), s, w, ST)
+    assert StructuredNormal(loc.double(), s, w, ST).loc.dtype == torch.float64     # promoted, as Normal
 
 
 def test_log_prob_bad_value():
@@ -106,8 +109,10 @@ def test_log_prob_bad_value():
     dist = StructuredNormal(loc, s, w, ST)
     with pytest.raises(ValueError):
         dist.log_prob(x[..., :3])
-    with pytest.raises(TypeError, match="value: expected a torch.float32 tensor"):
-        dist.log_prob(x.double())
+    with pytest.raises(TypeError, match="value: expected a floating-point"):
+        dist.log_prob(x.long())
+    with pytest.raises(ValueError, match=r"value: expected a tensor on cpu"):
+        dist.log_prob(x.to("meta"))
     with pytest.raises(ValueError):
         dist.log_prob(torch.full_like(x, float("nan")))
 
@@ -119,7 +124,9 @@ def test_log_prob_bad_value():
                  id="B"),
     pytest.param(torch.zeros(2, 2, 5, 4), ValueError, r"^log_diag: expected shape", id="C"),
     pytest.param(torch.zeros(2, 3, 6, 4), ValueError, r"^log_diag: expected shape", id="H"),
-    pytest.param(torch.zeros(2, 3, 5, 4, dtype=torch.float64), TypeError, r"^log_diag: dtype torch.float64", id="dtype"),
+    pytest.param(torch.zeros(2, 3, 5, 4, dtype=torch.int16), TypeError, r"^log_diag: expected a floating", id="dtype"),
+    pytest.param(torch.zeros(3, 5, 4), ValueError, r"^log_diag: expected shape .*log_diag\.unsqueeze\(0\)",
+                 id="unbatched"),
 ])
 def test_wrong_log_diag_is_named(bad, exc, match):
     x, loc, _, w = good()
@@ -132,8 +139,10 @@ def test_distribution_with_a_basis_names_log_diag():
     coeffs = torch.zeros(2, 3 * 2, 5, 4)
     with pytest.raises(TypeError, match=r"^log_diag: expected a floating-point"):
         StructuredNormal(loc, s.int(), coeffs, ST, basis=torch.zeros(ST.S, 2))
-    with pytest.raises(TypeError, match=r"^basis: dtype torch.float64 does not match"):
-        StructuredNormal(loc, s, coeffs, ST, basis=torch.zeros(ST.S, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^basis: expected a floating-point"):
+        StructuredNormal(loc, s, coeffs, ST, basis=torch.zeros(ST.S, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"^basis: device meta does not match"):
+        StructuredNormal(loc, s, coeffs, ST, basis=torch.zeros(ST.S, 2, device="meta"))
 
 
 def test_ycbcr_bad_heads_and_resolution():
@@ -167,8 +176,9 @@ def test_priors_and_schedules_reject_bad_numbers():
             gamma_prior_log_prob(s, w, ST, concentration=bad, rate=1.0)
         with pytest.raises(ValueError, match="^rate: expected a positive finite number"):
             gamma_prior_log_prob(s, w, ST, concentration=2.0, rate=bad)
-    with pytest.raises(TypeError, match=r"^loc: dtype torch.float64 does not match x's dtype torch.float32"):
-        variance_minimiser(loc, loc.double(), 1.0)
+    with pytest.raises(TypeError, match=r"^loc: expected a floating-point"):
+        variance_minimiser(loc, loc.int(), 1.0)
+    assert variance_minimiser(loc, loc.double(), 1.0).dtype == torch.float64
     with pytest.raises(ValueError, match="^loc: contains NaN"):
         variance_minimiser(loc, torch.full_like(loc, float("nan")), 1.0)
     with pytest.raises(ValueError, match="^weight: expected a finite number"):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from helpers import make_params
+import structlik
 from structlik import Stencil, StructuredGaussianNLLLoss, StructuredNormal, structured_gaussian_nll
 
 ST = Stencil(2)
@@ -51,3 +52,22 @@ def test_fitting_recovers_correlation():
     assert loss.item() < first - 5.0
     # positive correlation means a negative precision entry: U's (0, 1) weight takes the sign opposite to d > 0
     assert off_diag[0, 0, :, :-1].mean() < -0.1
+
+
+def test_one_unbatched_image_gives_a_scalar_nll():
+    """(C, H, W) inputs, as StructuredNormal takes them: the per-image NLL is a scalar."""
+    st = structlik.Stencil(1)
+    x, loc, s = torch.randn(2, 5, 4), torch.randn(2, 5, 4), 0.1 * torch.randn(2, 5, 4)
+    w = 0.1 * torch.randn(2 * st.S, 5, 4)
+    out = structlik.structured_gaussian_nll(x, loc, s, w, st, reduction="none")
+    assert out.shape == ()
+    torch.testing.assert_close(out, -structlik.StructuredNormal(loc, s, w, st).log_prob(x))
+    torch.testing.assert_close(structlik.StructuredGaussianNLLLoss(st)(x, loc, s, w), out)
+
+
+def test_variance_and_stddev_say_what_to_use_meanwhile():
+    dist = structlik.StructuredNormal(torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3), torch.zeros(1, 4, 3, 3),
+                                      structlik.Stencil(1))
+    for name in ("variance", "stddev"):
+        with pytest.raises(NotImplementedError, match=rf"StructuredNormal\.{name}: .*not implemented yet.*sample"):
+            getattr(dist, name)

@@ -86,8 +86,11 @@ def test_bad_basis_arguments():
         ops.nll_basis(x, loc, log_diag, coeffs, basis[:3], stencil)
     with pytest.raises(ValueError, match=r"coeffs: expected shape \(B, C\*n_b, H, W\)"):
         ops.nll_basis(x, loc, log_diag, coeffs[:, :2], basis, stencil)
-    with pytest.raises(TypeError, match="basis: dtype"):
-        ops.nll_basis(x, loc, log_diag, coeffs, basis.float(), stencil)
+    with pytest.raises(TypeError, match="basis: expected a floating-point"):
+        ops.nll_basis(x, loc, log_diag, coeffs, basis.long(), stencil)
+    # a float32 basis beside float64 images promotes (torch.result_type), as every other argument
+    torch.testing.assert_close(ops.nll_basis(x, loc, log_diag, coeffs, basis.float(), stencil),
+                               ops.nll_basis(x, loc, log_diag, coeffs, basis.float().double(), stencil))
     with pytest.raises(ValueError, match="n_basis"):
         LearnedBasis(stencil, 0)
     with pytest.raises(ValueError, match=r"off_diag: expected shape \(\*batch, C\*n_b, H, W\)"):

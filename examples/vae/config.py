@@ -60,14 +60,14 @@ PRESETS = {
     # the pixels (right quarters held out, 20 epochs);
     # a one-epoch learning-rate warm-up with gradient clipping (without them the norm peaks at up
     # to 131x its epoch's median on digits) then a cosine decay: the structured test NLL 240-350 nats lower on photos and 380-390 on
-    # digits than 50 epochs without them (README.md, "What we tried"); 50: the variance heads improve to there
+    # digits than 50 epochs without them (examples/vae/README.md, "What we tried"); 50: the variance heads improve to there
     "cpu": Config(epochs=50, base_width=16, n_test=500, weight_bound=0.9, lr_warmup=1.0, grad_clip=3000.0,
                   lr_schedule="cosine"),
     "paper": Config(epochs=110, n_train=20000, iwae_samples=500, eval_batch=20, latent=64, base_width=64),
 }
 PRESETS["gpu"] = dataclasses.replace(PRESETS["paper"], epochs=30)
 # A closer look at the paper's ordering on the CPU (the cpu preset's training for 100 epochs, 1,000 test images,
-# the paper's S = 500 importance samples; README.md gives its measured time)
+# the paper's S = 500 importance samples; examples/vae/README.md gives its measured time)
 PRESETS["cpu-long"] = dataclasses.replace(PRESETS["cpu"], epochs=100, n_test=1000, iwae_samples=500)
 
 

@@ -25,7 +25,7 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistoche
 # never saw; holding out each photograph's right quarter did too for one of them (chelsea's right
 # quarter is the blurred background, its left three quarters the cat's fur): both likelihoods then
 # predicted the fur's noise level on the smooth background, and the calibration measures read that
-# shift, not the likelihood (README.md, "How the test crops are chosen").
+# shift, not the likelihood (examples/vae/README.md, "How the test crops are chosen").
 HELD_OUT_PERIOD = 4
 
 

@@ -13,6 +13,7 @@ from torch.distributions import Independent, Normal
 
 import structlik
 from structlik.color import YCbCrStructuredNormal
+from structlik.head import check_bound
 
 
 class YCbCrDiagonalNormal(YCbCrStructuredNormal):
@@ -27,19 +28,6 @@ class YCbCrDiagonalNormal(YCbCrStructuredNormal):
                                                   event_shape=torch.Size([3, H, W]), validate_args=False)
 
 
-def bound_weights(log_diag: torch.Tensor, raw: torch.Tensor, bound: float) -> torch.Tensor:
-    """Off-diagonal weights with sum_k |w_k| < bound * d at every pixel (d = exp(log_diag)).
-
-    With bound < 1 every row of U is diagonally dominant, so U's smallest singular value stays
-    at least (1 - bound) min d, and no direction of the image (a smooth, low-frequency one above
-    all) can have a variance more than 1 / (1 - bound)^2 times a pixel's 1 / d^2. Unbounded, the
-    learned weights nearly cancel the diagonal (sum_k w_k ~ -0.85 d on the photo crops) and the
-    samples carry large low-frequency blobs. raw = 0 gives w = 0: training starts at the identity.
-    """
-    scale = bound * log_diag.exp() / (1 + raw.abs().sum(1, keepdim=True))
-    return raw * scale
-
-
 class Likelihood:
     """Head sizes and the distribution they parameterise.
 
@@ -52,8 +40,8 @@ class Likelihood:
 
     def __init__(self, color: bool, stencil: structlik.Stencil | None, factor: int = 4,
                  weight_bound: float | None = None):
-        if weight_bound is not None and not 0 < weight_bound < float("inf"):
-            raise ValueError(f"weight_bound: expected a positive number or None, got {weight_bound}")
+        if weight_bound is not None:
+            weight_bound = check_bound(weight_bound, "weight_bound")
         self.color, self.stencil, self.factor = color, stencil, factor
         self.structured = stencil is not None
         self.weight_bound = weight_bound
@@ -80,7 +68,7 @@ class Likelihood:
         if self.structured:
             log_diag, off_diag = cov.split([1, self.stencil.S], dim=1)
             if self.weight_bound is not None:
-                off_diag = bound_weights(log_diag, off_diag, self.weight_bound)
+                off_diag = structlik.bound_weights(log_diag, off_diag, self.weight_bound)
             if self.color:
                 return YCbCrStructuredNormal(mean, log_diag, off_diag, low_mean, low_cov, self.stencil,
                                              self.factor, validate_args=False)

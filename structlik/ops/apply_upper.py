@@ -54,6 +54,7 @@ def image_op(op, image_name: str, image, log_diag, off_diag, stencil, *, params_
     _checks.check_against_image(image_name, image, stencil, _checks.param_layouts(stencil, log_diag, off_diag),
                                 params_repeat)
     backends.name_of(image.device)       # a forced backend installed, or its error raised
+    image, log_diag, off_diag = _checks.promote(image, log_diag, off_diag)
     out = op(*_library.upcast(image, log_diag, off_diag), stencil.flat_offsets).to(image.dtype)
     _checks.check_result(out, **(blame or {image_name: image, "log_diag": log_diag, "off_diag": off_diag}))
     return out

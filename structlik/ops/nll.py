@@ -338,13 +338,18 @@ def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None)
         per_channel, layout = stencil.S, f"(B, C*S, H, W) with S={stencil.S}"
     else:
         _checks.check_float_tensor(x_name, x, "(B, C, H, W)")
-        per_channel = check_basis(basis, stencil, x.dtype, x.device)
+        per_channel = check_basis(basis, stencil, device=x.device)
         layout = f"(B, C*n_b, H, W) with n_b={per_channel}"
     _checks.check_against_image(x_name, x, stencil, (("loc", loc, 1, "(B, C, H, W)"),
                                                      ("log_diag", log_diag, 1, "(B, C, H, W)"),
                                                      (off_name, off_diag, per_channel, layout)))
     backend = backends.name_of(x.device)
-    inputs = {x_name: x, "loc": loc, "log_diag": log_diag, off_name: off_diag}
+    inputs = {x_name: x, "loc": loc, "log_diag": log_diag, off_name: off_diag, **({} if basis is None else
+                                                                                 {"basis": basis})}
+    if basis is None:
+        x, loc, log_diag, off_diag = _checks.promote(x, loc, log_diag, off_diag)
+    else:
+        x, loc, log_diag, off_diag, basis = _checks.promote(x, loc, log_diag, off_diag, basis)
     head = head_of(loc, log_diag, off_diag) if basis is None else None
     tensors = (x, loc, log_diag, off_diag) + (() if basis is None else (basis,))
     if not reads_half(backend):
@@ -355,7 +360,6 @@ def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None)
         out = nll_op(*tensors, stencil.flat_offsets, backend)
     else:
         out = nll_basis_op(*tensors, stencil.flat_offsets, backend)
-        inputs["basis"] = basis
     _checks.check_result(out, **inputs)
     return out
 

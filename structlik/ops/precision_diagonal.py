@@ -51,6 +51,7 @@ def precision_diagonal(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: 
     from .. import backends
     _checks.check_params(log_diag, off_diag, stencil)
     backends.name_of(log_diag.device)
+    log_diag, off_diag = _checks.promote(log_diag, off_diag)
     out = precision_diagonal_op(*_library.upcast(log_diag, off_diag), stencil.flat_offsets).to(log_diag.dtype)
     _checks.check_result(out, **(blame or {"log_diag": log_diag, "off_diag": off_diag}))
     return out

@@ -13,4 +13,5 @@ def to_dense_upper(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Sten
     O(n^2) memory: for small images, tests and teaching.
     """
     _checks.check_params(log_diag, off_diag, stencil)
+    log_diag, off_diag = _checks.promote(log_diag, off_diag)
     return reference.to_dense_upper(log_diag, off_diag, stencil)
