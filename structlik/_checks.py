@@ -56,9 +56,7 @@ def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, sha
     """``t`` has ``shape`` and the device of ``ref`` (floating dtypes may differ: :func:`promote`)."""
     if tuple(t.shape) != tuple(shape):
         expected = "(" + ", ".join(str(s) for s in shape) + ")"
-        hint = (f"; for one image add the batch dimension: {name}.unsqueeze(0)"
-                if t.dim() == 3 and tuple(t.shape) == tuple(shape)[1:] else "")
-        raise ValueError(f"{name}: expected shape {layout} = {expected}, got {_shape(t)}{hint}")
+        raise ValueError(f"{name}: expected shape {layout} = {expected}, got {_shape(t)}")
     if t.device != ref.device:
         raise ValueError(f"{name}: device {t.device} does not match {ref_name}'s device {ref.device}")
 
@@ -76,13 +74,12 @@ def promote(*tensors):
 def check_consistent(**tensors) -> None:
     """One device for all: the argument that differs from the others (the first listed, on a
     tie) is named. Floating dtypes may differ (:func:`promote`)."""
-    for attr, error in (("device", ValueError),):
-        values = [getattr(t, attr) for t in tensors.values()]
-        common = max(values, key=values.count)          # the first of the most frequent
-        for name, t in tensors.items():
-            if getattr(t, attr) != common:
-                others = ", ".join(n for n, u in tensors.items() if getattr(u, attr) == common)
-                raise error(f"{name}: {attr} {getattr(t, attr)} does not match the {attr} {common} of {others}")
+    devices = [t.device for t in tensors.values()]
+    common = max(devices, key=devices.count)            # the first of the most frequent
+    for name, t in tensors.items():
+        if t.device != common:
+            others = ", ".join(n for n, u in tensors.items() if u.device == common)
+            raise ValueError(f"{name}: device {t.device} does not match the device {common} of {others}")
 
 
 def param_layouts(stencil, log_diag, off_diag) -> tuple:
@@ -112,10 +109,7 @@ def check_against_image(image_name: str, image, stencil, params, params_repeat: 
     coeffs. With ``params_repeat`` the parameters' batch may divide the image's (many
     samples of one distribution). Returns the image's (B, C, H, W)."""
     check_stencil(stencil)
-    check_float_tensor(image_name, image, "(B, C, H, W)", min_dim=1)
-    if image.dim() != 4:
-        hint = f"; for one image add the batch dimension: {image_name}.unsqueeze(0)" if image.dim() == 3 else ""
-        raise ValueError(f"{image_name}: expected shape (B, C, H, W), got {_shape(image)}{hint}")
+    check_float_tensor(image_name, image, "(B, C, H, W)")
     B, C, H, W = image.shape
     if min(B, C, H, W) == 0:
         raise ValueError(f"{image_name}: expected non-empty (B, C, H, W), got {_shape(image)}")
