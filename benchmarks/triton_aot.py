@@ -54,6 +54,8 @@ CASES = [
     ("B64-C3-32x32-r2-d12", 64, 3, 32, 32, Stencil(2, (1, 2)), (6, 12)),
     ("B256-C1-512x512-r3", 256, 1, 512, 512, Stencil(3), ()),
     ("B100000-C1-16x16-r1", 100_000, 1, 16, 16, Stencil(1), ()),      # 100,000 planes: e.g. many samples
+    ("B1-C1-4096x4096-r3", 1, 1, 4096, 4096, Stencil(3), (6,)),        # 65,536 tiles of 256 in one plane
+    ("B2-C3-8192x8192-r1", 2, 3, 8192, 8192, Stencil(1), (6,)),        # 262,144 tiles a plane, 6 planes
 ]
 
 _recorded = []

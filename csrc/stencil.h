@@ -74,7 +74,9 @@ inline void check_image(const Tensor& t, const char* name, const Tensor& log_dia
                         bool params_repeat = false) {
   STD_TORCH_CHECK(t.is_cpu(), name, ": expected a CPU tensor");
   STD_TORCH_CHECK(t.dim() == 4, name, ": expected shape (B, C, H, W), got ", shape(t));
-  const bool batch_ok = params_repeat ? t.size(0) % log_diag.size(0) == 0 : t.size(0) == log_diag.size(0);
+  // (an empty log_diag batch takes only an empty image batch: no % 0)
+  const bool batch_ok = params_repeat && log_diag.size(0) > 0 ? t.size(0) % log_diag.size(0) == 0
+                                                              : t.size(0) == log_diag.size(0);
   const bool rest_ok = t.size(1) == log_diag.size(1) && t.size(2) == log_diag.size(2) &&
                        t.size(3) == log_diag.size(3);
   STD_TORCH_CHECK(batch_ok && rest_ok, name, ": expected shape (B, C, H, W) = ",

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
+from typing import Callable, Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -92,8 +94,8 @@ def check_params(log_diag, off_diag, stencil) -> tuple:
     """Validate the parameters of U when no image goes with them; returns (B, C, H, W)."""
     check_stencil(stencil)
     check_float_tensor("log_diag", log_diag, "(B, C, H, W)")
-    if min(log_diag.shape) == 0:
-        raise ValueError(f"log_diag: expected non-empty (B, C, H, W), got {_shape(log_diag)}")
+    if min(log_diag.shape[1:]) == 0:
+        raise ValueError(f"log_diag: expected C, H and W of at least 1 in (B, C, H, W), got {_shape(log_diag)}")
     check_float_tensor("off_diag", off_diag, "(B, C*S, H, W)")
     B, C, H, W = log_diag.shape
     check_same("off_diag", off_diag, "log_diag", log_diag, (B, C * stencil.S, H, W),
@@ -111,8 +113,8 @@ def check_against_image(image_name: str, image, stencil, params, params_repeat: 
     check_stencil(stencil)
     check_float_tensor(image_name, image, "(B, C, H, W)")
     B, C, H, W = image.shape
-    if min(B, C, H, W) == 0:
-        raise ValueError(f"{image_name}: expected non-empty (B, C, H, W), got {_shape(image)}")
+    if min(C, H, W) == 0:      # an empty batch is fine (B = 0: empty results, as torch's losses)
+        raise ValueError(f"{image_name}: expected C, H and W of at least 1 in (B, C, H, W), got {_shape(image)}")
     for name, t, per_channel, layout in params:
         check_float_tensor(name, t, layout)
         batch = t.shape[0] if params_repeat and t.dim() == 4 and t.shape[0] and B % t.shape[0] == 0 else B
@@ -135,9 +137,25 @@ def validation(on: bool):
         _override.on = previous
 
 
+_traced = {"warned": False}
+
+
 def values_checked() -> bool:
     if torch.compiler.is_compiling():
         return False
+    if torch.jit.is_tracing():
+        # a trace records tensor ops, not the Python that reads a result: checks made while
+        # tracing would be absent from the traced graph, so none are made (as under compile)
+        if not _traced["warned"] and _validation_wanted():
+            _traced["warned"] = True
+            warnings.warn("structlik: torch.jit.trace records no value checks (NaN/inf): the traced module "
+                          "runs without them; torch.export and torch.compile keep the op, and eager calls "
+                          "check", torch.jit.TracerWarning, stacklevel=3)
+        return False
+    return _validation_wanted()
+
+
+def _validation_wanted() -> bool:
     on = getattr(_override, "on", None)
     return bool(torch.distributions.Distribution._validate_args) if on is None else on
 
@@ -148,10 +166,16 @@ def _readable(t: torch.Tensor) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
-def check_result(out: torch.Tensor, **inputs) -> None:
-    """Raise a ValueError naming the first input with NaN/inf, if ``out`` (computed from
-    them) is not finite. The inputs are read only then: with finite inputs a non-finite
-    ``out`` is an overflow of a finite computation and is returned as it is."""
+def check_result(out: torch.Tensor, inputs: dict, *, op: str, overflow: Optional[Callable[[], str]] = None,
+                 inf_ok: bool = True) -> None:
+    """Raise a ValueError if ``out`` (computed by ``op`` from ``inputs``, name -> tensor) is
+    not finite: naming the first input with NaN/inf, else saying that finite inputs gave
+    NaN (never the rounding of a true value) or, where ``inf_ok`` is False (the solves, whose
+    infinite values come with NaN elsewhere), inf. ``overflow`` gives the reason then (the
+    weight ratio of an ill-conditioned U); by default, that an intermediate overflowed.
+    With ``inf_ok`` an infinite result of finite inputs is an overflow of a huge true value
+    (an NLL of a residual of 1e30) and is returned as it is. The inputs are read only when
+    ``out`` is not finite."""
     if not values_checked() or not _readable(out):
         return
     # One read of out and one host read: the sum is non-finite exactly when some value is (or when a
@@ -161,6 +185,13 @@ def check_result(out: torch.Tensor, **inputs) -> None:
     for name, t in inputs.items():
         if _readable(t) and not bool(torch.isfinite(t.detach()).all()):
             raise ValueError(f"{name}: contains NaN or infinite values")
+    nan = bool(torch.isnan(out.detach()).any())
+    if nan or (not inf_ok and not bool(torch.isfinite(out.detach()).all())):
+        names = ", ".join(inputs)
+        why = overflow() if overflow is not None else (
+            f"an intermediate value overflowed {out.dtype} (largest {torch.finfo(out.dtype).max:.3g})")
+        raise ValueError(f"{op}: the result has {'NaN' if nan else 'infinite'} values although {names} "
+                         f"{'are' if len(inputs) > 1 else 'is'} finite: {why}")
 
 
 REDUCTIONS = ("none", "mean", "sum")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import threading
 import warnings
 from typing import Any, Dict, Optional
 
@@ -137,9 +138,25 @@ def name_of(device: torch.device) -> str:
     return "reference"
 
 
+_using_lock = threading.Lock()
+_using_owner = {"thread": None, "depth": 0}
+
+
 @contextlib.contextmanager
 def using(name: Optional[str]):
-    """Force backend ``name`` (None: the defaults) inside the block, as ``STRUCTLIK_BACKEND`` does."""
+    """Force backend ``name`` (None: the defaults) inside the block, as ``STRUCTLIK_BACKEND`` does.
+
+    Process-wide, not per thread: the choice is a registration in PyTorch's dispatcher, which
+    every thread shares, so while the block runs every thread's calls go to ``name``. Blocks
+    nest in one thread; a second thread entering while one is open raises a RuntimeError
+    (interleaved, A enters, B enters, A exits, B exits, they left the process on B's backend)."""
+    me = threading.get_ident()
+    with _using_lock:
+        if _using_owner["thread"] not in (None, me):
+            raise RuntimeError("structlik.backends.using: another thread is inside a using() block; the backend "
+                               "choice is process-wide (PyTorch's dispatcher), so blocks in two threads cannot "
+                               "overlap")
+        _using_owner.update(thread=me, depth=_using_owner["depth"] + 1)
     previous = os.environ.get(ENV_VAR)
     if name is None:
         os.environ.pop(ENV_VAR, None)
@@ -154,6 +171,10 @@ def using(name: Optional[str]):
         else:
             os.environ[ENV_VAR] = previous
         sync()
+        with _using_lock:
+            _using_owner["depth"] -= 1
+            if _using_owner["depth"] == 0:
+                _using_owner["thread"] = None
 
 
 class Kernels:

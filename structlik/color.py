@@ -6,6 +6,8 @@ centred on 0.5; ``ycbcr_to_rgb`` applies the exact inverse matrix.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch.distributions import Distribution, Normal, constraints
@@ -49,17 +51,20 @@ def ycbcr_to_rgb(ycbcr: torch.Tensor) -> torch.Tensor:
     return _apply(_YCBCR_TO_RGB, ycbcr, _OFFSET, torch.zeros(3, dtype=torch.float64))
 
 
-def _check_factor(name: str, t: torch.Tensor, factor: int) -> None:
-    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+def _check_factor(name: str, t: torch.Tensor, factor: int) -> int:
+    """``factor`` as an int (any integer type: numpy's too, as Stencil takes them; not bool)."""
+    if not isinstance(factor, numbers.Integral) or isinstance(factor, bool) or factor < 1:
         raise ValueError(f"factor: expected a positive integer, got {factor!r}")
+    factor = int(factor)
     if t.shape[-2] % factor or t.shape[-1] % factor:
         raise ValueError(f"{name}: expected H and W divisible by factor={factor}, got {tuple(t.shape)}")
+    return factor
 
 
 def downsample_chroma(chroma: torch.Tensor, factor: int = 4) -> torch.Tensor:
     """(B, 2, H, W) -> (B, 2, H/f, W/f) by averaging f x f blocks (the paper: 64x64 -> 16x16)."""
     _checks.check_float_tensor("chroma", chroma, "(B, 2, H, W)")
-    _check_factor("chroma", chroma, factor)
+    factor = _check_factor("chroma", chroma, factor)
     return F.avg_pool2d(chroma, factor) if factor > 1 else chroma
 
 
@@ -102,7 +107,7 @@ class YCbCrStructuredNormal(Distribution):
         self.luma = StructuredNormal(y_loc, y_log_diag, y_off_diag, stencil, validate_args=validate_args)
         if y_loc.dim() != 4 or y_loc.shape[1] != 1:
             raise ValueError(f"y_loc: expected shape (B, 1, H, W), got {tuple(y_loc.shape)}")
-        _check_factor("y_loc", y_loc, factor)
+        factor = _check_factor("y_loc", y_loc, factor)
         B, _, H, W = y_loc.shape
         low = (B, 2, H // factor, W // factor)
         for name, t in (("chroma_loc", chroma_loc), ("chroma_log_scale", chroma_log_scale)):
@@ -142,18 +147,27 @@ class YCbCrStructuredNormal(Distribution):
                    validate_args=validate_args)
 
     def split(self, rgb: torch.Tensor):
-        """RGB (B, 3, H, W) -> (Y (B, 1, H, W), downsampled CbCr (B, 2, H/f, W/f))."""
-        _check_rgb_like("rgb", rgb)
+        """RGB (*sample, B, 3, H, W) -> (Y (*sample, B, 1, H, W), downsampled CbCr
+        (*sample, B, 2, H/f, W/f)); B may be 1 (broadcast over the batch)."""
         B, H, W = self.batch_shape[0], *self.event_shape[1:]
-        if tuple(rgb.shape[-2:]) != (H, W) or rgb.shape[0] not in (1, B):
-            raise ValueError(f"rgb: expected shape (B, 3, H, W) = ({B}, 3, {H}, {W}), got {tuple(rgb.shape)}")
-        ycbcr = rgb_to_ycbcr(rgb)
-        return ycbcr[:, :1], downsample_chroma(ycbcr[:, 1:], self.factor)
+        layout = f"(*sample, B, 3, H, W) = (*, {B}, 3, {H}, {W})"
+        _checks.check_float_tensor("rgb", rgb, layout, min_dim=4)
+        if tuple(rgb.shape[-3:]) != (3, H, W) or rgb.shape[-4] not in (1, B):
+            raise ValueError(f"rgb: expected shape {layout}, got {tuple(rgb.shape)}")
+        lead = rgb.shape[:-3]
+        ycbcr = rgb_to_ycbcr(rgb.reshape(-1, 3, H, W))
+        chroma = downsample_chroma(ycbcr[:, 1:], self.factor)
+        return ycbcr[:, :1].reshape(*lead, 1, H, W), chroma.reshape(*lead, *chroma.shape[-3:])
 
     def log_prob(self, rgb: torch.Tensor) -> torch.Tensor:
-        """(B,): the sum of the structured Y term and the two diagonal chroma terms."""
+        """(*sample, B): the sum of the structured Y term and the two diagonal chroma terms
+        (``log_prob(rsample((3,)))`` is (3, B), as torch.distributions)."""
         y, chroma = self.split(rgb)
-        return self.luma.log_prob(y) + self.chroma.log_prob(chroma).sum((1, 2, 3))
+        # NaN in rgb is named rgb (the luminance is computed from it); a luma replaced by another
+        # distribution (the reference VAE's diagonal ablation) is asked as it is
+        luma = (self.luma._log_prob(y, "rgb") if isinstance(self.luma, StructuredNormal)
+                else self.luma.log_prob(y))
+        return luma + self.chroma.log_prob(chroma).sum((-3, -2, -1))
 
     def _to_rgb(self, y, chroma):
         return ycbcr_to_rgb(torch.cat([y, upsample_chroma(chroma, self.factor)], dim=1))

@@ -17,24 +17,42 @@ def gamma_prior_log_prob(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil
     """Eq. 13: ``sum_p log Gamma(Lambda_pp; concentration, rate)`` per image, (B,).
 
     ``Lambda_pp = exp(2 log_diag_p) + sum_i off_diag_{p-delta_i,i}^2`` is the
-    diagonal of the precision (``ops.precision_diagonal``, fused on every
-    backend). Add its negative, scaled as you like, to the loss.
+    diagonal of the precision. Add its negative, scaled as you like, to the loss.
+    Float32 for float32, float16 and bfloat16 inputs (float64 for float64), as the NLL.
+
+    The weights' part ``sum_i w^2`` is one fused pass (``ops.precision_diagonal`` with
+    d = 0); the density is formed per pixel in float64, where ``exp(2 log_diag)`` and its
+    logarithm cannot overflow or underflow for any float32 log_diag: float16 holds d^2 only
+    up to log_diag = 5.55, float32 up to 44.4 (past it the prior was NaN and the gradient at
+    log_diag = -45 infinite; the exact values are -inf in float32 and 2 (concentration - 1)).
     """
     for name, v in (("concentration", concentration), ("rate", rate)):
         if not (_is_real(v) and math.isfinite(v) and v > 0):
             raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
-    lam = ops.precision_diagonal(log_diag, off_diag, stencil)
-    prior = torch.distributions.Gamma(torch.tensor(float(concentration), dtype=lam.dtype, device=lam.device),
-                                      torch.tensor(float(rate), dtype=lam.dtype, device=lam.device),
-                                      validate_args=False)
-    return prior.log_prob(lam).sum((1, 2, 3))
+    _checks.check_params(log_diag, off_diag, stencil)
+    log_diag, off_diag = _checks.promote(log_diag, off_diag)
+    dtype = torch.float64 if log_diag.dtype == torch.float64 else torch.float32
+    no_diagonal = torch.full_like(log_diag, -math.inf, dtype=dtype)
+    weights = ops.precision_diagonal_op(no_diagonal, off_diag.to(dtype), stencil.flat_offsets)
+    two_s = 2 * log_diag.to(torch.float64)
+    lam = two_s.exp() + weights.to(torch.float64)
+    # lam is 0 only where d^2 underflows float64 (log_diag < -372) and no weight reaches the pixel:
+    # then log(lam) = 2 log_diag exactly (a where on the safe argument keeps its gradient finite)
+    positive = lam > 0
+    log_lam = torch.where(positive, torch.where(positive, lam, 1.0).log(), two_s)
+    a, b = float(concentration), float(rate)
+    per_pixel = (a - 1) * log_lam - b * lam + (a * math.log(b) - math.lgamma(a))
+    out = per_pixel.sum((1, 2, 3)).to(dtype)
+    _checks.check_result(out, {"log_diag": log_diag, "off_diag": off_diag}, op="gamma_prior_log_prob")
+    return out
 
 
 def variance_minimiser(x: torch.Tensor, loc: torch.Tensor, weight: float, reduction: str = "mean") -> torch.Tensor:
     """Eq. 14's extra term ``weight * ||x - loc||^2`` per image, reduced as the NLL losses.
 
     It pushes the mean to explain the image, so the covariance cannot absorb
-    the signal early in training (the paper's "poor local minima").
+    the signal early in training (the paper's "poor local minima"). Float32 for float32,
+    float16 and bfloat16 inputs (float64 for float64).
     """
     _checks.check_reduction(reduction)
     if not (_is_real(weight) and math.isfinite(weight)):
@@ -42,9 +60,10 @@ def variance_minimiser(x: torch.Tensor, loc: torch.Tensor, weight: float, reduct
     _checks.check_float_tensor("x", x, "(B, C, H, W)")
     _checks.check_float_tensor("loc", loc, "(B, C, H, W)")
     _checks.check_same("loc", loc, "x", x, x.shape, "(B, C, H, W)")
-    x, loc = _checks.promote(x, loc)
+    # float16/bfloat16 in float32, as every loss (alpha = 5e3 at 64x64 overflowed float16)
+    x, loc = ops.upcast(*_checks.promote(x, loc))
     per_image = weight * (x - loc).square().sum((1, 2, 3))
-    _checks.check_result(per_image, x=x, loc=loc)
+    _checks.check_result(per_image, {"x": x, "loc": loc}, op="variance_minimiser")
     if reduction == "mean":
         return per_image.mean()
     if reduction == "sum":

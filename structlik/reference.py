@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+from torch._guards import detect_fake_mode
 
 from .stencil import Stencil
 
@@ -39,10 +40,30 @@ def shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., pad_y + dy: pad_y + dy + H, pad_x + dx: pad_x + dx + W]
 
 
+def _read_mask(offsets, H, W, device):
+    ys = torch.arange(H, device=device).view(H, 1)
+    xs = torch.arange(W, device=device).view(1, W)
+    return torch.stack([(ys + dy < H) & (xs + dx >= 0) & (xs + dx < W) for dy, dx in offsets])
+
+
+_cached_read_mask = functools.lru_cache(maxsize=64)(_read_mask)
+
+
+def read_mask(offsets: Tuple[Tuple[int, int], ...], H: int, W: int, device: torch.device) -> torch.Tensor:
+    """(S, H, W): True where offset i of pixel p lands inside the image (a weight of U). Cached,
+    except while tracing (torch.compile, fake tensors: a traced tensor must not be kept)."""
+    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
+        return _read_mask(offsets, H, W, device)
+    return _cached_read_mask(offsets, H, W, device)
+
+
 def weights(off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
-    """(B, C*S, H, W) -> (B, C, S, H, W), channel-major as docs/contract.md §3."""
+    """(B, C*S, H, W) -> (B, C, S, H, W), channel-major as docs/contract.md §3, with the weights
+    that point outside the image set to 0: they are not part of U (contract §1), whatever they
+    hold (a NaN there is 0 here, as in the kernels, which never read it)."""
     B, CS, H, W = off_diag.shape
-    return off_diag.reshape(B, CS // stencil.S, stencil.S, H, W)
+    w = off_diag.reshape(B, CS // stencil.S, stencil.S, H, W)
+    return torch.where(read_mask(tuple(stencil.offsets), H, W, off_diag.device), w, 0)
 
 
 def apply_upper(r, log_diag, off_diag, stencil):
@@ -73,7 +94,7 @@ def weight_grad(a, b, stencil):
 def nll(x, loc, log_diag, off_diag, stencil):
     """Per-image ``-log N(x; loc, (U^T U)^-1)``: (B,)."""
     u = apply_upper(x - loc, log_diag, off_diag, stencil)
-    n = x[0].numel()
+    n = math.prod(x.shape[1:])
     return 0.5 * u.square().sum((1, 2, 3)) - log_diag.sum((1, 2, 3)) + 0.5 * n * LOG_2PI
 
 
@@ -168,7 +189,7 @@ def _padded(t: torch.Tensor) -> torch.Tensor:
 
 def repeats(image: torch.Tensor, params: torch.Tensor) -> int:
     """How many images share each set of parameters (the solves take R samples per image)."""
-    return image.shape[0] // params.shape[0]
+    return image.shape[0] // params.shape[0] if params.shape[0] else 1     # an empty batch: 0 images
 
 
 def sum_repeats(t: torch.Tensor, batch: int) -> torch.Tensor:

@@ -138,3 +138,32 @@ def test_a_cpu_without_the_extension_runs_the_reference():
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_using_is_guarded_across_threads():
+    """The override is process-wide (the dispatcher's): a second thread entering while a block is
+    open is refused (interleaved blocks left the process on the reference backend); nesting in
+    one thread works, and the defaults come back after the last exit."""
+    import threading
+    inside, release, errors = threading.Event(), threading.Event(), []
+
+    def holder():
+        with backends.using("reference"):
+            with backends.using("reference"):       # nesting in one thread
+                inside.set()
+                release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    inside.wait(10)
+    try:
+        with backends.using("reference"):
+            pass
+    except RuntimeError as e:
+        errors.append(str(e))
+    release.set()
+    thread.join(10)
+    assert len(errors) == 1 and "another thread" in errors[0]
+    assert backends.name_of(torch.device("cpu")) == ("cpu" if backends.available("cpu") else "reference")
+    with backends.using("reference"):                # free again once the holder left
+        assert backends.name_of(torch.device("cpu")) == "reference"

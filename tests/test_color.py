@@ -77,5 +77,34 @@ def test_heads_and_errors():
     assert dist.rsample().shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match=r"chroma_loc: expected shape \(B, 2, H/f, W/f\)"):
         YCbCrStructuredNormal.from_heads(torch.zeros(2, full, 16, 16), torch.zeros(2, low, 8, 8), stencil)
-    with pytest.raises(ValueError, match=r"rgb: expected shape \(B, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"rgb: expected shape \(\*sample, B, 3, H, W\)"):
         dist.log_prob(torch.zeros(2, 1, 16, 16))
+
+
+def test_log_prob_of_many_samples_is_sample_by_batch():
+    """torch's convention: log_prob(rsample((3,))) is (3, B), each the log_prob of one sample."""
+    dist = _dist()
+    samples = dist.rsample((3,))
+    got = dist.log_prob(samples)
+    assert got.shape == (3, 2)
+    torch.testing.assert_close(got, torch.stack([dist.log_prob(s) for s in samples]))
+    assert dist.log_prob(samples[:, :1]).shape == (3, 2)         # one image broadcast over the batch
+
+
+def test_rgb_is_named_and_numpy_factors_are_integers():
+    """NaN in rgb names rgb (not the internal luminance value), a wrong shape names rgb with the
+    RGB shape; a numpy integer factor is an integer."""
+    import numpy as np
+    dist = _dist()
+    with pytest.raises(ValueError, match="^rgb: contains NaN"):
+        dist.log_prob(torch.full((2, 3, 8, 8), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^rgb: expected shape \(\*sample, B, 3, H, W\) = \(\*, 2, 3, 8, 8\), "
+                                         r"got \(2, 3, 8, 9\)"):
+        dist.log_prob(torch.rand(2, 3, 8, 9, dtype=torch.float64))
+    assert dist.log_prob(torch.rand(2, 3, 8, 8, dtype=torch.float64)).shape == (2,)
+    B, H, S = 2, 8, Stencil(1).S
+    numpy_factor = YCbCrStructuredNormal(torch.zeros(B, 1, H, H), torch.zeros(B, 1, H, H), torch.zeros(B, S, H, H),
+                                         torch.zeros(B, 2, 2, 2), torch.zeros(B, 2, 2, 2), Stencil(1),
+                                         factor=np.int64(4))
+    assert numpy_factor.factor == 4 and type(numpy_factor.factor) is int
+    assert downsample_chroma(torch.rand(1, 2, 8, 8), np.int64(4)).shape == (1, 2, 2, 2)

@@ -79,3 +79,37 @@ def test_log_prob_of_mean_is_normaliser():
 def test_precision_diagonal_method():
     d = dist()
     torch.testing.assert_close(d.precision_diagonal(), ops.precision_diagonal(d.log_diag, d.off_diag, ST))
+
+
+def test_empty_batches_give_empty_results(backend):
+    """B = 0 and sample_shape (0,) give empty tensors of the right shape, with gradients (zeros),
+    as Normal.rsample((0,)) and F.gaussian_nll_loss do; the C++ solve divided by the empty batch."""
+    from structlik import gamma_prior_log_prob, structured_gaussian_nll
+    stencil = Stencil(1)
+    loc, log_diag, off_diag = make_params((0, 2, 4, 5), stencil, requires_grad=True)
+    x = torch.randn(0, 2, 4, 5, dtype=torch.float64)
+    params = (loc, log_diag, off_diag)
+    image_ops = [getattr(ops, n)(x, log_diag, off_diag, stencil)
+                 for n in ("apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t")]
+    dist = StructuredNormal(loc, log_diag, off_diag, stencil)
+    results = {
+        "nll": (ops.nll(x, loc, log_diag, off_diag, stencil), (0,)),
+        "precision_diagonal": (ops.precision_diagonal(log_diag, off_diag, stencil), (0, 2, 4, 5)),
+        "gamma_prior": (gamma_prior_log_prob(log_diag, off_diag, stencil, 2.0, 1.0), (0,)),
+        "rsample": (dist.rsample((3,)), (3, 0, 2, 4, 5)),
+        "log_prob": (dist.log_prob(x), (0,)),
+        "entropy": (dist.entropy(), (0,)),
+        "loss none": (structured_gaussian_nll(x, loc, log_diag, off_diag, stencil, reduction="none"), (0,)),
+        "loss sum": (structured_gaussian_nll(x, loc, log_diag, off_diag, stencil, reduction="sum"), ()),
+        **{f"image op {i}": (out, (0, 2, 4, 5)) for i, out in enumerate(image_ops)},
+    }
+    for name, (out, shape) in results.items():
+        assert out.shape == shape, name
+        for g in torch.autograd.grad(out.sum(), params, allow_unused=True):
+            assert g is None or (g.shape[0] == 0), name
+    assert structured_gaussian_nll(x, loc, log_diag, off_diag, stencil).isnan()     # the mean of nothing
+    full = StructuredNormal(*make_params((2, 2, 4, 5), stencil, requires_grad=True), stencil)
+    for sample_shape in ((0,), (0, 4)):
+        sample = full.rsample(sample_shape)
+        assert sample.shape == (*sample_shape, 2, 2, 4, 5)
+        assert full.log_prob(sample).shape == (*sample_shape, 2)

@@ -36,7 +36,9 @@ def nll(x, loc, s, w, stencil=ST):
     pytest.param(2, torch.zeros(2, 3, 5, 4, device="meta"), ValueError, r"log_diag: device", id="device-mismatch"),
     pytest.param(0, [[0.0]], TypeError, r"x: expected a torch.Tensor", id="x-list"),
     pytest.param(2, torch.zeros(0, 3, 5, 4), ValueError, r"log_diag: expected shape", id="empty-batch"),
-    pytest.param(0, torch.zeros(0, 3, 5, 4), ValueError, r"x: expected non-empty", id="empty-x"),
+    pytest.param(0, torch.zeros(0, 3, 5, 4), ValueError, r"loc: expected shape \(B, C, H, W\) = \(0, 3, 5, 4\)",
+                 id="empty-x"),       # an empty batch is fine, the parameters' B must match it
+    pytest.param(0, torch.zeros(2, 3, 0, 4), ValueError, r"x: expected C, H and W of at least 1", id="no-rows"),
 ])
 def test_bad_tensor_arguments(which, bad, exc, match):
     args = list(good())
@@ -153,7 +155,7 @@ def test_ycbcr_bad_heads_and_resolution():
     with pytest.raises(ValueError, match=r"^low_res: expected shape \(B, 4, H/f, W/f\)"):
         YCbCrStructuredNormal.from_heads(torch.zeros(2, full, 8, 8), torch.zeros(2, 3, 2, 2), ST)
     dist = YCbCrStructuredNormal.from_heads(torch.zeros(2, full, 8, 8), torch.zeros(2, low, 2, 2), ST)
-    with pytest.raises(ValueError, match=r"^rgb: expected shape \(B, 3, H, W\) = \(2, 3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"^rgb: expected shape \(\*sample, B, 3, H, W\) = \(\*, 2, 3, 8, 8\)"):
         dist.log_prob(torch.zeros(2, 3, 16, 16))
     with pytest.raises(NotImplementedError, match="YCbCrStructuredNormal.expand"):
         dist.expand((4, 2))

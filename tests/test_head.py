@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import structlik
-from structlik import StructuredNormal, YCbCrStructuredNormal, bound_weights, split_head
+from structlik import StructuredNormal, YCbCrStructuredNormal, bound_weights, ops, split_head
 from structlik.head import largest_weight_ratio
 
 ST = structlik.Stencil(2)
@@ -159,5 +159,17 @@ def test_bounded_and_unvalidated_sampling_does_not_warn(backend):
 def test_an_overflowing_sample_raises_instead_of_returning_nan(backend):
     """d = 1 and every weight 3 at 32x32: the solve overflows to inf and NaN (issue: 337 NaN of 1,024)."""
     dist = _amplifying(ratio=3.0 * ST.S, H=32)
-    with pytest.raises(ValueError, match=r"^rsample: the sample is not finite although .* reaches 36"):
+    with pytest.raises(ValueError, match=r"^rsample: the result has NaN values although .* "
+                                         r"are finite: U\^-1 overflowed .* reaches 36"):
         dist.rsample()
+
+
+@pytest.mark.parametrize("name", ["solve_upper", "solve_upper_t"])
+def test_an_overflowing_solve_raises_instead_of_returning_nan(name, backend):
+    """The public solves on the same U: finite inputs, NaN out, named with the ratio."""
+    dist = _amplifying(ratio=3.0 * ST.S, H=32)
+    z = torch.randn(dist.loc.shape, dtype=dist.loc.dtype)
+    inverse = "U\\^-T" if name.endswith("_t") else "U\\^-1"
+    with pytest.raises(ValueError, match=f"^{name}: the result has NaN values although .* are finite: "
+                                         f"{inverse} overflowed .* reaches 36"):
+        getattr(ops, name)(z, dist.log_diag, dist.off_diag, ST)

@@ -36,3 +36,28 @@ def test_solves_match_reference(shape, stencil, dtype, backend):
         got = getattr(ops, name)(z, log_diag, off_diag, stencil)
         assert got.dtype == dtype
         torch.testing.assert_close(got, getattr(reference, name)(z, log_diag, off_diag, stencil), **tol)
+
+
+@pytest.mark.parametrize("name", ["solve_upper", "solve_upper_t", "rsample"])
+def test_a_pinned_pixel_has_the_gradients_of_the_limit(name, backend):
+    """d = +inf pins a pixel (its value 0): every gradient is that of d -> inf, here d = e^300,
+    where v_p sol_p d_p ~ 1/d_p (it was NaN: 0 * 0 * inf)."""
+    from structlik import Stencil, StructuredNormal
+    stencil, shape = Stencil(1), (2, 1, 4, 5)
+    loc, log_diag, off_diag = make_params(shape, stencil)
+    z = torch.randn(shape, dtype=torch.float64)
+    weights = torch.randn(shape, dtype=torch.float64)
+
+    def grads(pin):
+        s = log_diag.clone()
+        s[:, 0, 1, 2] = pin
+        leaves = [t.clone().requires_grad_() for t in (z, s, off_diag)]
+        if name == "rsample":
+            torch.manual_seed(5)
+            out = StructuredNormal(loc, *leaves[1:], stencil).rsample()
+        else:
+            out = getattr(ops, name)(*leaves, stencil)
+        return (out,) + torch.autograd.grad((out * weights).sum(), leaves[1:] if name == "rsample" else leaves)
+
+    for got, limit in zip(grads(float("inf")), grads(300.0)):
+        torch.testing.assert_close(got, limit, rtol=1e-12, atol=1e-12)

@@ -129,6 +129,32 @@ def test_nll_of_a_head_takes_the_head_whole(stencil, shape, backend):
                                     eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast)
 
 
+def test_a_slice_autograd_does_not_record_gets_no_gradient():
+    """A slice taken under torch.no_grad() (no grad_fn, yet requires_grad says True) sends
+    nothing to the head, as in PyTorch; one with a hook or a retained gradient gets its own."""
+    stencil, C = Stencil(1), 2
+    S = stencil.S
+    x, *params = make(stencil, (2, C, 5, 4))
+    head = head_of(*params)
+    with torch.no_grad():
+        loc = split(head, C, C, C * S)[0]
+    _, log_diag, off_diag = split(head, C, C, C * S)
+    assert ops.head_of(loc, log_diag, off_diag) is None
+    (grad_head,) = torch.autograd.grad(ops.nll(x, loc, log_diag, off_diag, stencil).sum(), head)
+    assert split(grad_head, C, C, C * S)[0].abs().sum() == 0
+    expected = torch.autograd.grad(ops.nll(x, loc.detach(), log_diag, off_diag, stencil).sum(), head)[0]
+    torch.testing.assert_close(grad_head, expected, rtol=0, atol=0)
+
+    loc, log_diag, off_diag = split(head, C, C, C * S)
+    seen = []
+    log_diag.register_hook(seen.append)
+    off_diag.retain_grad()
+    assert ops.head_of(loc, log_diag, off_diag) is None
+    ops.nll(x, loc, log_diag, off_diag, stencil).sum().backward()
+    assert len(seen) == 1 and off_diag.grad is not None
+    torch.testing.assert_close(seen[0], split(head.grad, C, C, C * S)[1], rtol=0, atol=0)
+
+
 def test_rsample_broadcast_parameters():
     """Parameters without a batch dim (stride 0 after expand) sample like explicit copies."""
     stencil = Stencil(1)

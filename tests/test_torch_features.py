@@ -208,3 +208,34 @@ def test_half_entropy_is_float32_and_finite():
     n = 3 * 128 * 128
     expected = 0.5 * n * (1 + torch.log(torch.tensor(2 * torch.pi, dtype=torch.float64))) - 0.5 * n
     torch.testing.assert_close(entropy.double(), expected.reshape(1), rtol=1e-6, atol=0)
+
+
+def test_jit_trace_of_a_module_using_the_loss(backend):
+    """One graph on both of trace's runs (the head path is off while tracing: it chose nll_head
+    once and nll on the check run), the traced module's values and gradients those of the eager
+    one, and a TracerWarning that the value checks are not in the trace (they were dropped silently)."""
+    import warnings
+    stencil, C = Stencil(1), 1
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, C * (2 + stencil.S), 3, padding=1)
+            self.loss = structlik.StructuredGaussianNLLLoss(stencil)
+
+        def forward(self, h, x):
+            return self.loss(x, *self.conv(h).split([C, C, C * stencil.S], 1))
+
+    model = Model()
+    h, x = torch.randn(2, 3, 6, 5), torch.randn(2, C, 6, 5)
+    structlik._checks._traced["warned"] = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, (h, x))      # check_trace=True: raised "Graphs differed"
+    assert any("records no value checks" in str(w.message) and w.category is torch.jit.TracerWarning
+               for w in caught)
+    got, expected = traced(h, x), model(h, x)
+    torch.testing.assert_close(got, expected)
+    g_traced = torch.autograd.grad(got, model.conv.weight)[0]
+    g_eager = torch.autograd.grad(expected, model.conv.weight)[0]
+    torch.testing.assert_close(g_traced, g_eager)

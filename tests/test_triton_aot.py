@@ -48,8 +48,10 @@ def test_nothing_spills(compiled):
 
 
 def test_every_launch_fits_cudas_grid_limits(compiled):
-    """100,000 planes and B=256 at 512x512 radius 3 among them."""
-    assert {r["case"] for r in compiled} >= {"B100000-C1-16x16-r1", "B256-C1-512x512-r3"}
+    """100,000 planes, B=256 at 512x512 radius 3, and one 4096x4096 and six 8192x8192 planes (65,536
+    and 262,144 tiles a plane, over the 65,535 of grid axis 1) among them."""
+    assert {r["case"] for r in compiled} >= {"B100000-C1-16x16-r1", "B256-C1-512x512-r3", "B1-C1-4096x4096-r3",
+                                             "B2-C3-8192x8192-r1"}
     assert [(r["case"], r["kernel"], r["grid"]) for r in compiled if not r["grid_ok"]] == []
 
 
@@ -69,3 +71,11 @@ def test_images_over_several_programs(backend):
         torch.testing.assert_close(g, e)
     torch.testing.assert_close(ops.apply_upper(x, log_diag, off_diag, stencil),
                                reference.apply_upper(x, log_diag, off_diag, stencil))
+
+
+def test_a_grid_past_cudas_limit_is_refused_by_name():
+    """The tiled kernels' one grid axis holds 2^31 - 1 programs: past it, a clear error, not a launch failure."""
+    from structlik.kernels.common import grid
+    assert grid(6, 262144) == (6 * 262144,)
+    with pytest.raises(ValueError, match=r"B\*C = 8192 planes of 262144 tiles each .* split the batch"):
+        grid(8192, 262144)

@@ -106,6 +106,24 @@ def test_overflow_of_finite_inputs_is_returned_not_blamed():
     assert torch.isinf(out).all()
 
 
+def test_nan_from_finite_inputs_is_raised_not_returned(backend):
+    """NaN is no rounding of a true value: d r = inf beside w r' = -inf (float32) raises, naming
+    the overflow (the reference and Triton; the C++ kernels' fused multiply-adds keep the exact
+    product and give inf); the same op with every term +inf returns inf (a huge value, rounded)."""
+    shape = (1, 1, 4, 4)
+    r, log_diag = torch.full(shape, 3e38), torch.ones(shape)
+    for name, image in (("apply_upper", "r"), ("apply_upper_t", "y")):
+        op = getattr(ops, name)
+        try:
+            out = op(r, log_diag, torch.full((1, ST.S, 4, 4), -3.0), ST)
+        except ValueError as e:
+            assert str(e).startswith(f"{name}: the result has NaN values although {image}, log_diag, off_diag are "
+                                     f"finite: an intermediate value overflowed torch.float32"), e
+        else:
+            assert backend == "cpu" and not torch.isnan(out).any(), out
+        assert torch.isinf(op(r, log_diag, torch.full((1, ST.S, 4, 4), 3.0), ST)).any()
+
+
 def big_inputs_of(event):
     """Whether any input of a profiled op has at least one image plane per image."""
     plane = SHAPE[0] * SHAPE[2] * SHAPE[3]
@@ -140,4 +158,48 @@ def test_public_nll_runs_no_op_over_the_inputs_but_the_kernels():
     forward_backward()                                     # warm up: lazy imports, caches
     assert ops_over_inputs(forward_backward) == []
     with torch.no_grad():
-        assert ops_over_inputs(lambda: structured_gaussian_nll(x, *head.split([C, C, C * ST.S], dim=1), ST)) == []
+        assert ops_over_inputs(lambda: structured_gaussian_nll(x, *head.split([C, C, C * ST.S], dim=1),
+                                                               ST)) == []
+
+
+def unread_nan(args):
+    """NaN and inf in weights the image never reads: offset (0, 2) at the last two columns,
+    (2, -2) on the last two rows (ST = Stencil(1, (1, 2)))."""
+    bad = args["off_diag"].clone()
+    i, j = ST.offsets.index((0, 2)), ST.offsets.index((2, -2))
+    bad[:, i, :, -2:] = float("nan")              # channel 0
+    bad[:, ST.S + j, -1, :] = float("inf")        # channel 1
+    return bad
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_unread_weights_change_nothing(validate, backend):
+    """Weights that point outside the image are not part of U (contract §1): every op on every
+    backend gives the result of 0 there, and gradient 0 to them, whatever they hold (the
+    reference raised "off_diag: contains NaN" for four ops of six, the kernels returned finite
+    values and precision_diagonal's gradient was NaN there on every backend)."""
+    args = inputs()
+    bad = unread_nan(args)
+    clean = torch.where(torch.isfinite(bad), bad, 0)
+    torch.distributions.Distribution.set_default_validate_args(validate)
+    try:
+        for op, (call, names, *_) in CALLS.items():
+            if "off_diag" not in names:
+                continue
+            w = bad.clone().requires_grad_()
+            got = call({**args, "off_diag": w})
+            (grad,) = torch.autograd.grad(got.sum(), w)
+            w0 = clean.clone().requires_grad_()
+            expected = call({**args, "off_diag": w0})
+            (grad0,) = torch.autograd.grad(expected.sum(), w0)
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=op)
+            torch.testing.assert_close(grad, grad0, rtol=1e-12, atol=1e-12, msg=op)
+            assert (grad[~torch.isfinite(bad)] == 0).all(), op
+        dist, dist0 = (StructuredNormal(args["loc"], args["log_diag"], w, ST) for w in (bad, clean))
+        torch.testing.assert_close(dist.log_prob(args["x"]), dist0.log_prob(args["x"]), rtol=1e-12, atol=1e-12)
+        torch.manual_seed(2)
+        sample = dist.rsample()
+        torch.manual_seed(2)
+        torch.testing.assert_close(sample, dist0.rsample(), rtol=1e-12, atol=1e-12)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(True)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_for, neighbour, plane_start, plane_strides, planes_contiguous, tile
+from .common import acc_dtype, block_for, grid, neighbour, plane_start, plane_strides, planes_contiguous, tile
 
 
 @triton.jit
@@ -22,7 +22,7 @@ def param_plane(k, C, param_batch):
 def apply_upper_kernel(inp, log_diag, off_diag, out, C, H, W, param_batch, isb, isc, ssb, ssc, wsb, wsc,
                        OFFS: tl.constexpr, S: tl.constexpr, TRANSPOSED: tl.constexpr, ACC: tl.constexpr,
                        BLOCK: tl.constexpr):
-    k, p, y, x, valid = tile(H, W, BLOCK)
+    _, k, p, y, x, valid = tile(H, W, BLOCK)
     kp = param_plane(k, C, param_batch)
     ib = plane_start(k, C, isb, isc)
     wb = plane_start(kp, C, wsb, wsc * S)
@@ -45,7 +45,7 @@ def launch(image: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, 
     image, log_diag, off_diag = (planes_contiguous(t) for t in (image, log_diag, off_diag))
     out = torch.empty(image.shape, dtype=image.dtype, device=image.device)
     block = block_for(H * W)
-    apply_upper_kernel[(B * C, triton.cdiv(H * W, block))](
+    apply_upper_kernel[grid(B * C, triton.cdiv(H * W, block))](
         image, log_diag, off_diag, out, C, H, W, log_diag.shape[0], *plane_strides(image), *plane_strides(log_diag),
         *plane_strides(off_diag), OFFS=tuple(offsets), S=len(offsets) // 2, TRANSPOSED=transposed,
         ACC=acc_dtype(image), BLOCK=block)

@@ -4,9 +4,9 @@ The stencil reaches every kernel as ``OFFS``, a constexpr tuple
 ``(dy0, dx0, dy1, dx1, ...)``, so loops over offsets unroll at compile time and
 each distinct stencil gets its own specialised kernel. Pixels of one (b, c)
 plane are indexed in raster order; a program handles ``BLOCK`` consecutive
-pixels of one plane. Grid: (planes, tiles): planes on axis 0, whose limit is
-2^31 - 1 (axis 1 is capped at 65,535 by CUDA, enough for the tiles of a
-16-megapixel plane). Plane offsets are computed in int64 so that B*C*S*H*W
+pixels of one plane. Grid: planes x tiles on axis 0 (``grid``; the solves: one
+program per plane), whose limit is 2^31 - 1: 8192x8192 planes of 256-pixel
+tiles leave room for 8,191 of them. Plane offsets are computed in int64 so that B*C*S*H*W
 may exceed 2^31.
 
 Inputs are read in place: each H x W plane must be contiguous, the batch and
@@ -47,13 +47,30 @@ def neighbour(y, x, H, W, dy: tl.constexpr, dx: tl.constexpr, valid):
     return ny * W + nx, inside
 
 
+# Tiled kernels run on a 1-D grid of planes x tiles, program = k * tiles + tile: CUDA allows
+# 2^31 - 1 programs on axis 0 but 65,535 on axes 1 and 2, which one 4096x4096 plane's 65,536
+# tiles of 256 exceeded (as 100,000 planes of a many-sample solve would have on axis 1).
+GRID_LIMIT = 2 ** 31 - 1
+
+
+def grid(planes: int, tiles: int) -> tuple:
+    """The launch grid of a tiled kernel over ``planes`` planes of ``tiles`` tiles each."""
+    if planes * tiles > GRID_LIMIT:
+        raise ValueError(f"the Triton kernels take at most {GRID_LIMIT} programs: B*C = {planes} planes of "
+                         f"{tiles} tiles each is {planes * tiles}; split the batch")
+    return (planes * tiles,)
+
+
 @triton.jit
 def tile(H, W, BLOCK: tl.constexpr):
-    """This program's plane k (int64), its pixels p, their (y, x) and the in-image mask."""
-    k = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    """This program's index, its plane k (int64), its pixels p, their (y, x) and the in-image mask.
+    The division in int32 (the grid is below 2^31): in int64 it spilled the basis backward."""
+    program = tl.program_id(0)
+    tiles = tl.cdiv(H * W, BLOCK)
+    k = (program // tiles).to(tl.int64)
+    p = (program % tiles) * BLOCK + tl.arange(0, BLOCK)
     valid = p < H * W
-    return k, p, p // W, p % W, valid
+    return program, k, p, p // W, p % W, valid
 
 
 @triton.jit
@@ -91,4 +108,4 @@ def finish_nll(partial: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
     In the accumulation dtype: float16/bfloat16 inputs give a float32 NLL."""
     B, C, H, W = x.shape
-    return partial.view(B, -1).sum(1) + 0.5 * C * H * W * math.log(2 * math.pi)
+    return partial.view(B, partial.numel() // max(B, 1)).sum(1) + 0.5 * C * H * W * math.log(2 * math.pi)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (acc_dtype, acc_torch_dtype, block_for, finish_nll, neighbour, partial_buffer, plane_start,
+from .common import (acc_dtype, acc_torch_dtype, block_for, finish_nll, grid, neighbour, partial_buffer, plane_start,
                      plane_strides, planes_contiguous, tile)
 
 
@@ -95,11 +95,11 @@ def _residual_and_u(x, loc, log_diag, weights, basis, k, p, y, xx, valid, C, H, 
 def nll_kernel(x, loc, log_diag, weights, basis, partial, u_out, C, H, W, xsb, xsc, lsb, lsc, ssb, ssc, wsb, wsc,
                OFFS: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr,
                BLOCK: tl.constexpr, STORE_U: tl.constexpr, BASIS: tl.constexpr):
-    k, p, y, xx, valid = tile(H, W, BLOCK)
+    program, k, p, y, xx, valid = tile(H, W, BLOCK)
     r, s, d, u = _residual_and_u(x, loc, log_diag, weights, basis, k, p, y, xx, valid, C, H, W, xsb, xsc, lsb, lsc,
                                  ssb, ssc, wsb, wsc, OFFS, S, NB, NB_P2, ACC, BASIS)
     term = tl.where(valid, 0.5 * u * u - s, 0.0)
-    tl.store(partial + k * tl.num_programs(1) + tl.program_id(1), tl.sum(term, axis=0))
+    tl.store(partial + program, tl.sum(term, axis=0))
     if STORE_U:      # training: one more plane written here saves the backward recomputing U r
         tl.store(u_out + k * H * W + p, u, valid)
 
@@ -111,7 +111,7 @@ def nll_backward_kernel(grad, x, loc, log_diag, weights, basis, u, grad_loc, gra
                         ACC: tl.constexpr, BLOCK: tl.constexpr, BASIS: tl.constexpr):
     """All gradients in one pass, from the u the forward stored. With BASIS, grad_w is d/dcoeffs and
     each program writes its partial d/dbasis (summed on the host, deterministically)."""
-    k, p, y, xx, valid = tile(H, W, BLOCK)
+    program, k, p, y, xx, valid = tile(H, W, BLOCK)
     ub = k * H * W
     xb = plane_start(k, C, xsb, xsc)
     lb = plane_start(k, C, lsb, lsc)
@@ -129,7 +129,6 @@ def nll_backward_kernel(grad, x, loc, log_diag, weights, basis, u, grad_loc, gra
     j = tl.arange(0, NB_P2)
     c = _coeff_tile(weights, wb, wsc, p, valid, NB, NB_P2, ACC) if BASIS else 0.0
     gc = tl.zeros([NB_P2, BLOCK], ACC) if BASIS else 0.0
-    program = k * tl.num_programs(1) + tl.program_id(1)
     for i in tl.static_range(S):
         # d/dw_{p,i} = g u_p r_{p+delta_i} (residual at the neighbour, through the cache) ...
         q, ok = neighbour(y, xx, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
@@ -180,7 +179,7 @@ def forward(x, loc, log_diag, weights, offsets, basis=None, with_u=False):
     partial = partial_buffer(x, B * C, tiles)
     # without with_u the kernel never stores u (STORE_U is a constexpr); any pointer will do
     u = torch.empty(x.shape, dtype=acc_torch_dtype(x), device=x.device) if with_u else partial
-    nll_kernel[(B * C, tiles)](x, loc, log_diag, weights, partial if basis is None else basis, partial, u, C, H, W,
+    nll_kernel[grid(B * C, tiles)](x, loc, log_diag, weights, partial if basis is None else basis, partial, u, C, H, W,
                                *_strides(x, loc, log_diag, weights), STORE_U=with_u, **meta)
     nll = finish_nll(partial, x)
     return (nll, u) if with_u else nll
@@ -207,7 +206,7 @@ def backward(grad, x, loc, log_diag, weights, offsets, basis=None, u=None, out=N
     else:
         basis_partial = torch.empty(B * C * tiles, meta["S"], meta["NB_P2"], dtype=acc_torch_dtype(x),
                                     device=x.device)
-    nll_backward_kernel[(B * C, tiles)](
+    nll_backward_kernel[grid(B * C, tiles)](
         grad, x, loc, log_diag, weights, u if basis is None else basis, u, grad_loc, grad_s, grad_w, basis_partial,
         C, H, W, *_strides(x, loc, log_diag, weights, grad_loc, grad_s, grad_w), **meta)
     if basis is None:

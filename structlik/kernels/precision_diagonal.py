@@ -3,13 +3,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_for, neighbour, plane_start, plane_strides, planes_contiguous, tile
+from .common import acc_dtype, block_for, grid, neighbour, plane_start, plane_strides, planes_contiguous, tile
 
 
 @triton.jit
 def precision_diagonal_kernel(log_diag, off_diag, out, C, H, W, ssb, ssc, wsb, wsc, OFFS: tl.constexpr,
                               S: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    k, p, y, x, valid = tile(H, W, BLOCK)
+    _, k, p, y, x, valid = tile(H, W, BLOCK)
     wb = plane_start(k, C, wsb, wsc * S)
     acc = tl.exp(2.0 * tl.load(log_diag + plane_start(k, C, ssb, ssc) + p, valid, 0.0).to(ACC))
     for i in tl.static_range(S):
@@ -24,7 +24,7 @@ def launch(log_diag, off_diag, offsets):
     log_diag, off_diag = planes_contiguous(log_diag), planes_contiguous(off_diag)
     out = torch.empty(log_diag.shape, dtype=log_diag.dtype, device=log_diag.device)
     block = block_for(H * W)
-    precision_diagonal_kernel[(B * C, triton.cdiv(H * W, block))](
+    precision_diagonal_kernel[grid(B * C, triton.cdiv(H * W, block))](
         log_diag, off_diag, out, C, H, W, *plane_strides(log_diag), *plane_strides(off_diag), OFFS=tuple(offsets),
         S=len(offsets) // 2, ACC=acc_dtype(log_diag), BLOCK=block)
     return out

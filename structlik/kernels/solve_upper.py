@@ -82,8 +82,11 @@ def lanes_for(H: int, W: int, slope: int) -> int:
 
 
 def warps_for(lanes: int) -> int:
-    """One lane per thread: 1 warp up to 32 lanes (its barrier is a warp's), at most 4."""
-    return max(1, min(4, lanes // 32))
+    """One lane per thread: 1 warp up to 32 lanes (its barrier is a warp's), at most 4 up to 1024
+    lanes (8 per thread: 148-168 registers at 4096x4096 radius 3, no spill), then 8 lanes per
+    thread: at 4096 lanes (8192 wide) 4 warps sat at 255 registers and spilled 184 bytes
+    (benchmarks/triton_aot.py, sm_90)."""
+    return max(1, min(4, lanes // 32)) if lanes <= 1024 else lanes // 256
 
 
 def launch(rhs, log_diag, off_diag, offsets, transposed: bool):

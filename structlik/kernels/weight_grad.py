@@ -3,13 +3,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_for, neighbour, plane_start, plane_strides, planes_contiguous, tile
+from .common import acc_dtype, block_for, grid, neighbour, plane_start, plane_strides, planes_contiguous, tile
 
 
 @triton.jit
 def weight_grad_kernel(a, b, out, C, H, W, asb, asc, bsb, bsc, OFFS: tl.constexpr, S: tl.constexpr,
                        ACC: tl.constexpr, BLOCK: tl.constexpr):
-    k, p, y, x, valid = tile(H, W, BLOCK)
+    _, k, p, y, x, valid = tile(H, W, BLOCK)
     n = H * W
     a_p = tl.load(a + plane_start(k, C, asb, asc) + p, valid, 0.0).to(ACC)
     bb = plane_start(k, C, bsb, bsc)
@@ -25,6 +25,6 @@ def launch(a, b, offsets):
     a, b = planes_contiguous(a), planes_contiguous(b)
     out = torch.empty(B, C * S, H, W, dtype=a.dtype, device=a.device)
     block = block_for(H * W)
-    weight_grad_kernel[(B * C, triton.cdiv(H * W, block))](a, b, out, C, H, W, *plane_strides(a), *plane_strides(b),
+    weight_grad_kernel[grid(B * C, triton.cdiv(H * W, block))](a, b, out, C, H, W, *plane_strides(a), *plane_strides(b),
                                                            OFFS=tuple(offsets), S=S, ACC=acc_dtype(a), BLOCK=block)
     return out

@@ -11,6 +11,7 @@ from typing import Dict, Optional
 import torch
 
 from .. import _checks, reference
+from ..head import ILL_CONDITIONED, largest_weight_ratio
 from ..reference import sum_repeats
 from ..stencil import Stencil
 from . import _library
@@ -43,28 +44,44 @@ apply_upper_t_op = _library.define("apply_upper_t" + _SCHEMA.format(image="y"),
                                    fake=_library.fake_image, backward=_backward(True), setup_context=save_inputs)
 
 
-def image_op(op, image_name: str, image, log_diag, off_diag, stencil, *, params_repeat: bool = False,
+# The public name of each image op and its right-hand side's argument name.
+IMAGE_OPS = {"apply_upper": "r", "apply_upper_t": "y", "solve_upper": "z", "solve_upper_t": "g"}
+
+
+def image_op(op, name: str, image, log_diag, off_diag, stencil, *, params_repeat: bool = False,
              blame: Optional[Dict[str, torch.Tensor]] = None):
     """One of the four image ops (``apply_upper_op`` ... ``solve_upper_t_op``), validated.
     ``params_repeat``: log_diag and off_diag may hold fewer images than ``image`` (image b uses
     parameters b % their batch; the distribution's samples). ``blame``: the tensors to name when
-    the result is not finite (default: the op's own arguments)."""
+    the result is not finite (default: the op's own arguments). A solve's result that is not
+    finite although its inputs are raises, naming the weight ratio that made U^-1 overflow."""
     from .. import backends
+    image_name = IMAGE_OPS[name]
     _checks.check_stencil(stencil)
     _checks.check_against_image(image_name, image, stencil, _checks.param_layouts(stencil, log_diag, off_diag),
                                 params_repeat)
     backends.name_of(image.device)       # a forced backend installed, or its error raised
     image, log_diag, off_diag = _checks.promote(image, log_diag, off_diag)
     out = op(*_library.upcast(image, log_diag, off_diag), stencil.flat_offsets).to(image.dtype)
-    _checks.check_result(out, **(blame or {image_name: image, "log_diag": log_diag, "off_diag": off_diag}))
+    solve = name.startswith("solve")
+    _checks.check_result(out, blame or {image_name: image, "log_diag": log_diag, "off_diag": off_diag}, op=name,
+                         overflow=(lambda: ill_conditioned(log_diag, off_diag, stencil, name)) if solve else None,
+                         inf_ok=not solve)
     return out
+
+
+def ill_conditioned(log_diag, off_diag, stencil, name: str = "solve_upper") -> str:
+    """Why a solve overflowed: the largest sum|w|/d, and the recipe that bounds it."""
+    ratio = largest_weight_ratio(log_diag.detach(), off_diag.detach(), stencil.S)
+    inverse = "U^-T" if name.endswith("_t") else "U^-1"
+    return f"{inverse} overflowed ({ILL_CONDITIONED.format(ratio=ratio)})"
 
 
 def apply_upper(r: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
     """``U r``: ``(U r)_p = exp(log_diag_p) r_p + sum_i off_diag_{p,i} r_{p+delta_i}``; (B, C, H, W)."""
-    return image_op(apply_upper_op, "r", r, log_diag, off_diag, stencil)
+    return image_op(apply_upper_op, "apply_upper", r, log_diag, off_diag, stencil)
 
 
 def apply_upper_t(y: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
     """``U^T y``, the transposed stencil; (B, C, H, W)."""
-    return image_op(apply_upper_t_op, "y", y, log_diag, off_diag, stencil)
+    return image_op(apply_upper_t_op, "apply_upper_t", y, log_diag, off_diag, stencil)

@@ -17,6 +17,7 @@ The Triton kernels read float16/bfloat16 themselves; the others get float32 copi
 """
 from __future__ import annotations
 
+import math
 from typing import List, Tuple
 
 import torch
@@ -43,7 +44,7 @@ def _residual_u(x, loc, log_diag, off_diag, offsets):
 
 
 def _nll_of_u(u: Tensor, log_diag: Tensor) -> Tensor:
-    n = u[0].numel()
+    n = math.prod(u.shape[1:])      # (not u[0]: B may be 0)
     return 0.5 * u.square().sum((1, 2, 3)) - log_diag.to(u.dtype).sum((1, 2, 3)) + 0.5 * n * reference.LOG_2PI
 
 
@@ -279,8 +280,10 @@ _nll_head_u = _library.define(f"nll_head_u({_HEAD_ARGS}, int[] offsets) -> (Tens
 # --- what the public functions call ------------------------------------------------------------
 
 def stores_u(backend: str, *tensors) -> bool:
-    """Take the training forward: its kernels store u (Triton's), and a gradient will be taken."""
-    return backend == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    """Take the training forward: its kernels store u (Triton's), and a gradient will be taken.
+    Not while tracing: torch.jit.trace's check run is under no_grad, and must record the same op."""
+    return (backend == "triton" and torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and any(t.requires_grad for t in tensors))
 
 
 def nll_op(x, loc, log_diag, off_diag, offsets, backend: str = "cpu"):
@@ -303,13 +306,22 @@ def reads_half(backend: str) -> bool:
 
 def head_of(loc, log_diag, off_diag):
     """(head, c0) when loc, log_diag and off_diag are channels [c0, c0 + C), [c0 + C, c0 + 2C)
-    and [c0 + 2C, c0 + (2 + S)C) of one tensor that needs a gradient (what ``head.split``
-    gives), else None. The NLL then takes the head itself, and its backward writes the
+    and [c0 + 2C, c0 + (2 + S)C) of one tensor that needs a gradient, each slice taken where
+    autograd records it (what ``head.split`` gives), else None. The NLL then takes the head itself, and its backward writes the
     head's gradient in one piece instead of three gradients that autograd's backward of
     the split copies into one (a pass over all of them: 1.6 ms of 4.1 at B64 64x64 radius 3
     on a 2-core CPU, benchmarks/RESULTS.md)."""
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(loc):
-        return None         # plain views there: a transformed view's _base is not the transformed head
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._functorch.is_functorch_wrapped_tensor(loc)):
+        # plain views there: a transformed view's _base is not the transformed head, and a trace's
+        # second run (check_trace) sees views whose _base it did not record: one graph for both
+        return None
+    parts = (loc, log_diag, off_diag)
+    if any(t.grad_fn is None or t.retains_grad or t._backward_hooks for t in parts):
+        # A view made under torch.no_grad() has no grad_fn (yet says requires_grad): autograd
+        # sends it nothing, so neither may the head. A retained gradient or a hook on a slice
+        # must see that slice's own gradient, which the head path never forms.
+        return None
     head = loc._base
     if (head is None or log_diag._base is not head or off_diag._base is not head or head.dim() != 4
             or not head.requires_grad or not torch.is_grad_enabled()
@@ -360,7 +372,7 @@ def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None)
         out = nll_op(*tensors, stencil.flat_offsets, backend)
     else:
         out = nll_basis_op(*tensors, stencil.flat_offsets, backend)
-    _checks.check_result(out, **inputs)
+    _checks.check_result(out, inputs, op="nll" if basis is None else "nll_basis")
     return out
 
 

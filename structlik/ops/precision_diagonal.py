@@ -31,13 +31,18 @@ def _fake(log_diag, off_diag, offsets):
     return log_diag.new_empty(log_diag.shape)
 
 
-# Lambda_pp = d_p^2 + sum_i w_{p-delta_i,i}^2: d/ds = 2 G d^2, d/dw_{p,i} = 2 w_{p,i} G_{p+delta_i}
+# Lambda_pp = d_p^2 + sum_i w_{p-delta_i,i}^2: d/ds = 2 G d^2, d/dw_{p,i} = 2 w_{p,i} G_{p+delta_i},
+# 0 where p + delta_i is outside (that weight is not part of U: contract §1), whatever it holds.
 def _backward(ctx, G):
     log_diag, off_diag = ctx.saved_tensors
     need = ctx.needs_input_grad
-    return (2 * G * (2 * log_diag).exp() if need[0] else None,
-            2 * off_diag * weight_grad_op(torch.ones_like(G), G, ctx.offsets) if need[1] else None,
-            None)
+    grad_w = None
+    if need[1]:
+        B, CS, H, W = off_diag.shape
+        read = reference.read_mask(_library.offset_pairs(ctx.offsets), H, W, off_diag.device)
+        w = torch.where(read, off_diag.unflatten(1, (-1, read.shape[0])), 0).flatten(1, 2)
+        grad_w = 2 * w * weight_grad_op(torch.ones_like(G), G, ctx.offsets)
+    return (2 * G * (2 * log_diag).exp() if need[0] else None, grad_w, None)
 
 
 precision_diagonal_op = _library.define(
@@ -53,5 +58,5 @@ def precision_diagonal(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: 
     backends.name_of(log_diag.device)
     log_diag, off_diag = _checks.promote(log_diag, off_diag)
     out = precision_diagonal_op(*_library.upcast(log_diag, off_diag), stencil.flat_offsets).to(log_diag.dtype)
-    _checks.check_result(out, **(blame or {"log_diag": log_diag, "off_diag": off_diag}))
+    _checks.check_result(out, blame or {"log_diag": log_diag, "off_diag": off_diag}, op="precision_diagonal")
     return out

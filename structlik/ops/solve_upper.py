@@ -8,6 +8,7 @@ one distribution), so every parameter gradient is summed over the images that sh
 """
 from __future__ import annotations
 
+import math
 
 import torch
 
@@ -32,7 +33,11 @@ def _save_output(ctx, inputs, output):
 def _parameter_grads(ctx, v, sol, log_diag):
     need = ctx.needs_input_grad
     batch = log_diag.shape[0]
-    return (-sum_repeats(v * sol, batch) * log_diag.exp() if need[1] else None,
+    # d = +inf pins a pixel (contract §1): there v_p = sol_p = 0, and the derivative of the limit
+    # is 0 (v_p sol_p d_p ~ 1/d_p), where 0 * 0 * inf is NaN. d capped at the dtype's largest
+    # value gives 0 there and changes no finite d's product (past the cap, exp(s) overflows).
+    d = log_diag.clamp(max=math.log(torch.finfo(log_diag.dtype).max)).exp()
+    return (-sum_repeats(v * sol, batch) * d if need[1] else None,
             -sum_repeats(weight_grad_op(v, sol, ctx.offsets), batch) if need[2] else None)
 
 
@@ -63,9 +68,9 @@ def solve_upper(z: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor,
     With ``z ~ N(0, I)``, ``loc + solve_upper(z, ...)`` is a sample of the
     structured Gaussian. Differentiable in all three tensors.
     """
-    return image_op(solve_upper_op, "z", z, log_diag, off_diag, stencil)
+    return image_op(solve_upper_op, "solve_upper", z, log_diag, off_diag, stencil)
 
 
 def solve_upper_t(g: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
     """``U^-T g`` (forward substitution in raster order); (B, C, H, W)."""
-    return image_op(solve_upper_t_op, "g", g, log_diag, off_diag, stencil)
+    return image_op(solve_upper_t_op, "solve_upper_t", g, log_diag, off_diag, stencil)
