@@ -63,6 +63,24 @@ INTERPRETED = ("triton",)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "not_interpreted: too slow for backends run by an interpreter (Triton on CPU)")
+    config.addinivalue_line("markers", "slow: the Triton interpreter, the ahead-of-time compile and the VAE runs; "
+                                       "pytest -m 'not slow' is the inner loop, the README's command runs all")
+
+
+# Modules whose tests are slow whatever their backend: the sm_90 compile (a subprocess) and the
+# reference VAE's training runs.
+SLOW_MODULES = ("test_triton_aot.py", "test_vae.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` every test run on an interpreted backend (Triton on CPU tensors: ~16 ms per
+    program instance) and every test of SLOW_MODULES."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    for item in items:
+        params = getattr(item, "callspec", None)
+        backend = params.params.get("backend") if params is not None else None
+        if item.path.name in SLOW_MODULES or (interpreted and backend in INTERPRETED):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_generate_tests(metafunc):
