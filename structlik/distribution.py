@@ -189,8 +189,8 @@ class StructuredNormal(Distribution):
         # One solve for every sample: the kernels read sample r*N + b's parameters at b,
         # so the parameters are never copied per sample.
         with _checks.validation(False):
-            eps = ops.image_op(ops.solve_upper_op, "solve_upper", z.reshape(-1, *self.event_shape), ld, od, self.stencil,
-                               params_repeat=True)
+            eps = ops.image_op(ops.solve_upper_op, "solve_upper", z.reshape(-1, *self.event_shape), ld, od,
+                               self.stencil, params_repeat=True)
         sample = self.loc + eps.reshape(shape)
         with self._value_checks():
             self._check_sample(sample, eps, z, ld, od)

@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from . import _checks, ops
+from . import _checks, backends, ops
 from .stencil import Stencil
 
 __all__ = ["gamma_prior_log_prob", "variance_minimiser", "variance_weight"]
@@ -20,8 +20,8 @@ def gamma_prior_log_prob(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil
     diagonal of the precision. Add its negative, scaled as you like, to the loss.
     Float32 for float32, float16 and bfloat16 inputs (float64 for float64), as the NLL.
 
-    The weights' part ``sum_i w^2`` is one fused pass (``ops.precision_diagonal`` with
-    d = 0); the density is formed per pixel in float64, where ``exp(2 log_diag)`` and its
+    The weights' part ``sum_i w^2`` is one fused pass (the ``precision_diagonal`` op with
+    d = 0, an exact limit of contract §1); the density is formed per pixel in float64, where ``exp(2 log_diag)`` and its
     logarithm cannot overflow or underflow for any float32 log_diag: float16 holds d^2 only
     up to log_diag = 5.55, float32 up to 44.4 (past it the prior was NaN and the gradient at
     log_diag = -45 infinite; the exact values are -inf in float32 and 2 (concentration - 1)).
@@ -30,6 +30,7 @@ def gamma_prior_log_prob(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil
         if not (_is_real(v) and math.isfinite(v) and v > 0):
             raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
     _checks.check_params(log_diag, off_diag, stencil)
+    backends.name_of(log_diag.device)       # a forced backend installed, or its error raised
     log_diag, off_diag = _checks.promote(log_diag, off_diag)
     dtype = torch.float64 if log_diag.dtype == torch.float64 else torch.float32
     no_diagonal = torch.full_like(log_diag, -math.inf, dtype=dtype)

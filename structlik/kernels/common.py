@@ -6,8 +6,8 @@ each distinct stencil gets its own specialised kernel. Pixels of one (b, c)
 plane are indexed in raster order; a program handles ``BLOCK`` consecutive
 pixels of one plane. Grid: planes x tiles on axis 0 (``grid``; the solves: one
 program per plane), whose limit is 2^31 - 1: 8192x8192 planes of 256-pixel
-tiles leave room for 8,191 of them. Plane offsets are computed in int64 so that B*C*S*H*W
-may exceed 2^31.
+tiles leave room for 8,191 of them. Plane offsets are computed in int64 so that
+B*C*S*H*W may exceed 2^31.
 
 Inputs are read in place: each H x W plane must be contiguous, the batch and
 channel strides are free (``head.split`` views are not copied); see

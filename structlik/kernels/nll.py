@@ -179,8 +179,9 @@ def forward(x, loc, log_diag, weights, offsets, basis=None, with_u=False):
     partial = partial_buffer(x, B * C, tiles)
     # without with_u the kernel never stores u (STORE_U is a constexpr); any pointer will do
     u = torch.empty(x.shape, dtype=acc_torch_dtype(x), device=x.device) if with_u else partial
-    nll_kernel[grid(B * C, tiles)](x, loc, log_diag, weights, partial if basis is None else basis, partial, u, C, H, W,
-                               *_strides(x, loc, log_diag, weights), STORE_U=with_u, **meta)
+    nll_kernel[grid(B * C, tiles)](
+        x, loc, log_diag, weights, partial if basis is None else basis, partial, u, C, H, W,
+        *_strides(x, loc, log_diag, weights), STORE_U=with_u, **meta)
     nll = finish_nll(partial, x)
     return (nll, u) if with_u else nll
 

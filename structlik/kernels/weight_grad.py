@@ -25,6 +25,7 @@ def launch(a, b, offsets):
     a, b = planes_contiguous(a), planes_contiguous(b)
     out = torch.empty(B, C * S, H, W, dtype=a.dtype, device=a.device)
     block = block_for(H * W)
-    weight_grad_kernel[grid(B * C, triton.cdiv(H * W, block))](a, b, out, C, H, W, *plane_strides(a), *plane_strides(b),
-                                                           OFFS=tuple(offsets), S=S, ACC=acc_dtype(a), BLOCK=block)
+    weight_grad_kernel[grid(B * C, triton.cdiv(H * W, block))](
+        a, b, out, C, H, W, *plane_strides(a), *plane_strides(b), OFFS=tuple(offsets), S=S, ACC=acc_dtype(a),
+        BLOCK=block)
     return out

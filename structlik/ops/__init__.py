@@ -25,7 +25,8 @@ from ._library import upcast                                             # noqa:
 
 # The C++ kernels take the CPU key of the ops defined below (their schemas come first).
 from .weight_grad import weight_grad_op                                    # noqa: E402
-from .apply_upper import apply_upper, apply_upper_t, apply_upper_op, apply_upper_t_op, ill_conditioned, image_op  # noqa: E402
+from .apply_upper import (apply_upper, apply_upper_t, apply_upper_op, apply_upper_t_op,  # noqa: E402
+                          ill_conditioned, image_op)
 from .solve_upper import solve_upper, solve_upper_t, solve_upper_op, solve_upper_t_op  # noqa: E402
 from .precision_diagonal import precision_diagonal, precision_diagonal_op  # noqa: E402
 from .nll import checked_nll, head_of, nll, nll_op                          # noqa: E402

@@ -168,8 +168,3 @@ def save_inputs_and_u(ctx, inputs, output):
 
 def offsets_count(offsets) -> int:
     return len(offsets) // 2
-
-
-def offset_pairs(offsets) -> tuple:
-    """[dy0, dx0, dy1, dx1, ...] -> ((dy0, dx0), (dy1, dx1), ...), as ``Stencil.offsets``."""
-    return tuple(zip(offsets[0::2], offsets[1::2]))

@@ -307,10 +307,10 @@ def reads_half(backend: str) -> bool:
 def head_of(loc, log_diag, off_diag):
     """(head, c0) when loc, log_diag and off_diag are channels [c0, c0 + C), [c0 + C, c0 + 2C)
     and [c0 + 2C, c0 + (2 + S)C) of one tensor that needs a gradient, each slice taken where
-    autograd records it (what ``head.split`` gives), else None. The NLL then takes the head itself, and its backward writes the
-    head's gradient in one piece instead of three gradients that autograd's backward of
-    the split copies into one (a pass over all of them: 1.6 ms of 4.1 at B64 64x64 radius 3
-    on a 2-core CPU, benchmarks/RESULTS.md)."""
+    autograd records it (what ``head.split`` gives), else None. The NLL then takes the head
+    itself, and its backward writes the head's gradient in one piece instead of three
+    gradients that autograd's backward of the split copies into one (a pass over all of
+    them: 1.6 ms of 4.1 at B64 64x64 radius 3 on a 2-core CPU, benchmarks/RESULTS.md)."""
     if (torch.compiler.is_compiling() or torch.jit.is_tracing()
             or torch._C._functorch.is_functorch_wrapped_tensor(loc)):
         # plain views there: a transformed view's _base is not the transformed head, and a trace's

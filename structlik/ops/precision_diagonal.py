@@ -39,7 +39,7 @@ def _backward(ctx, G):
     grad_w = None
     if need[1]:
         B, CS, H, W = off_diag.shape
-        read = reference.read_mask(_library.offset_pairs(ctx.offsets), H, W, off_diag.device)
+        read = reference.read_mask(Stencil.from_flat_offsets(ctx.offsets).offsets, H, W, off_diag.device)
         w = torch.where(read, off_diag.unflatten(1, (-1, read.shape[0])), 0).flatten(1, 2)
         grad_w = 2 * w * weight_grad_op(torch.ones_like(G), G, ctx.offsets)
     return (2 * G * (2 * log_diag).exp() if need[0] else None, grad_w, None)
