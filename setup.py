@@ -19,10 +19,11 @@ def extension_modules():
     # STRUCTLIK_CLONES), so one wheel runs on any x86-64 CPU at its best speed.
     # STRUCTLIK_CPU_ARCH=native (or another -march value) builds for one CPU only, without clones.
     arch = os.environ.get("STRUCTLIK_CPU_ARCH", "")
-    # -fopenmp: at::parallel_for is an OpenMP loop in torch's headers; without it, one thread.
+    # -fopenmp-simd: the kernels' `#pragma omp simd` loops (reductions GCC may then reassociate);
+    # threads come from torch::stable::parallel_for, torch's own pool, so no OpenMP runtime is linked.
     # -fno-math-errno: nothing reads errno, and with it gcc keeps libm calls (std::sqrt in
     # standard_normal.cpp) that stop loops from vectorising.
-    flags = ["-O0", "-g", "-fopenmp"] if debug else ["-O3", "-fopenmp", "-fno-math-errno"] + (
+    flags = ["-O0", "-g", "-fopenmp-simd"] if debug else ["-O3", "-fopenmp-simd", "-fno-math-errno"] + (
         [f"-march={arch}", "-DSTRUCTLIK_NO_CLONES"] if arch else [])
     # The stable ABI (csrc/torch_api.h): only torch's C shim is imported, so the library
     # loads on every torch >= 2.10; with the limited Python API, on every CPython >= 3.9 (abi3).
@@ -33,7 +34,6 @@ def extension_modules():
         # the headers: rebuilt when they change, and shipped in a source distribution
         depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
         extra_compile_args={"cxx": flags},
-        extra_link_args=["-fopenmp"],
         py_limited_api=True,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -1,8 +1,8 @@
 """NLL forward and forward+backward: the fused kernel against the public API, the reference and the peers.
 
-    python benchmarks/bench_nll.py                 # the targets' sizes for the device (see common.DEFAULT_SIZES)
-    python benchmarks/bench_nll.py --sizes B16-C1-256x256-r3
-    python benchmarks/bench_nll.py --quick         # seconds: checks the script runs
+    python -m benchmarks.bench_nll                 # the targets' sizes for the device (see common.DEFAULT_SIZES)
+    python -m benchmarks.bench_nll --sizes B16-C1-256x256-r3
+    python -m benchmarks.bench_nll --quick         # seconds: checks the script runs
 
 "fused" is the kernel alone on contiguous tensors. Every other contender gets
 what users have: loc, log_diag and off_diag as views of one decoder head
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import torch
 
-import common
-import harness
-import peers
+from benchmarks import common, harness, peers
 import structlik
 from structlik import reference
 

@@ -1,7 +1,7 @@
 """The NLL with a learned basis (paper section 4.3): fused vs materialise-then-NLL.
 
-    python benchmarks/bench_nll_basis.py            # radius 3, n_b = 6, B=64, 64x64
-    python benchmarks/bench_nll_basis.py --quick
+    python -m benchmarks.bench_nll_basis            # radius 3, n_b = 6, B=64, 64x64
+    python -m benchmarks.bench_nll_basis --quick
 
 Forward + backward, gradients for loc, log_diag, the coefficients and the basis.
 """
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-import common
-import harness
+from benchmarks import common, harness
 from structlik import Stencil, expand_basis, reference
 
 SIZES = {"B64-C1-64x64-r3-nb6": (64, 1, 64, 64, Stencil(3), 6)}

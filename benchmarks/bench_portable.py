@@ -1,8 +1,8 @@
 """The portable build (baseline x86-64 + AVX2/AVX-512 clones, the default) against a
 ``-march=native`` build of the same source, on the CPU kernels, in one run.
 
-    python benchmarks/bench_portable.py            # builds the native copy in a temporary folder first
-    python benchmarks/bench_portable.py --native DIR   # a folder holding a native structlik/_C*.so
+    python -m benchmarks.bench_portable            # builds the native copy in a temporary folder first
+    python -m benchmarks.bench_portable --native DIR   # a folder holding a native structlik/_C*.so
 
 Two builds of one extension cannot be loaded into one process (both register
 ``torch.ops.structlik``), so each build is timed in child processes, taken
@@ -102,7 +102,7 @@ def main():
                 best[label][case] = min(t, best[label].get(case, float("inf")))
     assert sos["portable"] != sos["native"], sos
     lines = ["## Portable build vs -march=native (CPU kernels)", "",
-             f"- command: python benchmarks/bench_portable.py (best median of {args.rounds} rounds, builds in turns)",
+             f"- command: python -m benchmarks.bench_portable (best median of {args.rounds} rounds, builds in turns)",
              f"- date: {datetime.date.today()}, torch {__import__('torch').__version__}, {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores", "",
              "| case (float32) | portable (ms) | native (ms) | portable / native |", "|---|---|---|---|"]

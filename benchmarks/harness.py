@@ -272,7 +272,7 @@ def markdown(rows: List[dict], columns: List[str]) -> str:
 
 
 def command() -> str:
-    """How this process was started: ``python benchmarks/x.py ...`` or ``python -m benchmarks.x ...``."""
+    """How this process was started: ``python -m benchmarks.x ...`` (or a script's path)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     script = ["-m", spec.name] if spec is not None else [sys.argv[0]]
     return " ".join([os.path.basename(sys.executable)] + script + sys.argv[1:])

@@ -1,7 +1,7 @@
 // The Python module stub of the CPU kernels (limited API: one abi3 build for every
 // CPython >= 3.9). Importing structlik._C loads this library, whose static initialisers
 // register each op's CPU kernel, in its own file, for the key CPU of torch.ops.structlik
-// (STABLE_TORCH_LIBRARY_IMPL). The schemas are defined in Python (structlik/ops/<op>.py),
+// (STABLE_TORCH_LIBRARY_IMPL). The schemas are defined in Python (structlik/ops/_<op>.py),
 // so the ops exist without this build; `offsets` is the stencil flattened as
 // [dy0, dx0, dy1, dx1, ...].
 #include <Python.h>

@@ -1,9 +1,21 @@
-// The fused NLL and its backward, one (b, c) plane per task: the sweep of nll_sweep.h
-// with the weights read from off_diag. Inputs are read in place (Planes: split-head
-// views are not copied); the gradients are written contiguous, or into the slices of one
-// head's gradient (nll_head_backward).
+// The NLL family (structlik/ops/_nll.py): the ops nll, nll_backward, nll_head and
+// nll_head_backward, one (b, c) plane per task, all through the sweep of nll_sweep.h. The
+// weights come from one of two sources: off_diag's planes (PlainWeights), or a learned basis
+// (paper section 4.3: w_{p,i} = sum_j basis[i, j] coeffs_j(p), formed one row at a time in a
+// buffer of S x W values, BasisWeights), so the (B, C*S, H, W) weights never exist.
+//
+// Inputs are read in place (Planes: split-head views are not copied); the gradients are
+// written contiguous, or into the slices of one head's gradient (nll_head_backward).
+// float16/bfloat16 inputs are read through float32 copies and their gradients cast back
+// (computed, torch_api.h). store_u: the forward also writes u = U (x - loc), which the
+// backward then reads instead of forming each row again.
+//
+// With a basis, for upstream g_b and the row of gw_{p,i} = g u_p r_{p+delta_i} the sweep hands over:
+//   d/dcoeffs_j(p) = sum_i basis[i, j] gw_{p,i},   d/dbasis[i, j] = sum_p gw_{p,i} coeffs_j(p),
+// the basis gradient reduced per plane in float64, then over planes in order (deterministic).
 #include <array>
 #include <cmath>
+#include <optional>
 
 #include "nll_sweep.h"
 
@@ -25,56 +37,172 @@ struct PlainWeights {
   }
 };
 
-Tensor nll(const Tensor& x, const Tensor& loc, const Tensor& log_diag, const Tensor& off_diag,
-               IntList flat_offsets) {
-  const auto offsets = check_params(log_diag, off_diag, flat_offsets);
-  check_image(x, "x", log_diag);
-  check_image(loc, "loc", log_diag);
-  const auto xc = planes_contiguous(x), lc = planes_contiguous(loc), s = planes_contiguous(log_diag),
-             w = planes_contiguous(off_diag);
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t S = static_cast<int64_t>(offsets.size());
-  auto out = empty({B}, x);
-  dispatch_floating(x.scalar_type(), "nll", [&](auto tag_) {
-    using scalar_t = decltype(tag_);
-    const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C);
-    const PlainWeights<scalar_t> source{Planes<const scalar_t>(w, C, S), W};
-    nll_forward_sweep(X, L, Sd, source, offsets, B, C, H, W, data<scalar_t>(out));
-  });
-  return out;
+// wbuf[i*W + x] = sum_j basis[i, j] coeffs_j(y, x) for one row.
+template <typename scalar_t>
+static void basis_rows(const scalar_t* basis, const scalar_t* ck, int64_t S, int64_t nb, int64_t y, int64_t W,
+                       int64_t c_stride, scalar_t* __restrict__ wbuf) {
+  for (int64_t i = 0; i < S; ++i) {
+    scalar_t* __restrict__ row = wbuf + i * W;
+    std::fill(row, row + W, scalar_t(0));
+    for (int64_t j = 0; j < nb; ++j) {
+      const scalar_t b = basis[i * nb + j];
+      const scalar_t* __restrict__ c = ck + j * c_stride + y * W;
+      for (int64_t x = 0; x < W; ++x) row[x] += b * c[x];
+    }
+  }
 }
 
-// The backward, writing d/dloc, d/dlog_diag and d/doff_diag through the outputs' strides:
-// contiguous tensors, or the slices of one head-shaped gradient (nll_head_backward).
-static void nll_backward_into(const Tensor& grad, const Tensor& x, const Tensor& loc,
-                              const Tensor& log_diag, const Tensor& off_diag, IntList flat_offsets,
-                              const Tensor& grad_loc, const Tensor& grad_s, const Tensor& grad_w) {
-  const auto offsets = check_params(log_diag, off_diag, flat_offsets);
-  check_image(x, "x", log_diag);
-  check_image(loc, "loc", log_diag);
-  STD_TORCH_CHECK(grad.dim() == 1 && grad.size(0) == x.size(0), "grad: expected shape (B,), got ", shape(grad));
-  const auto xc = planes_contiguous(x), lc = planes_contiguous(loc), s = planes_contiguous(log_diag),
-             w = planes_contiguous(off_diag);
-  const auto gc = torch::stable::contiguous(torch::stable::to(grad, x.scalar_type()));
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t S = static_cast<int64_t>(offsets.size());
-  dispatch_floating(x.scalar_type(), "nll_backward", [&](auto tag_) {
+// The weights of a row formed from the basis in a buffer of S x W values.
+template <typename scalar_t>
+struct BasisWeights {
+  Planes<const scalar_t> coeffs;
+  const scalar_t* basis;
+  int64_t S, nb, W;
+  const Planes<scalar_t>* grad_c = nullptr;   // backward only
+  double* basis_acc = nullptr;                // backward: S x nb sums per plane
+
+  int64_t buffer_size(int64_t S_, int64_t W_) const { return S_ * W_; }
+  const scalar_t* row(int64_t k, int64_t y, scalar_t* buf) const {
+    basis_rows(basis, coeffs(k), S, nb, y, W, coeffs.weight_stride(), buf);
+    return buf;
+  }
+  int64_t row_stride() const { return W; }
+  void take_weight_grad(int64_t k, int64_t y, const scalar_t* gw) const {
+    const scalar_t* ck = coeffs(k);
+    double* bacc = basis_acc + k * S * nb;
+    for (int64_t j = 0; j < nb; ++j) {
+      const scalar_t* __restrict__ crow = ck + j * coeffs.weight_stride() + y * W;
+      scalar_t* __restrict__ gcrow = grad_c->weight(k, j) + y * W;
+      std::fill(gcrow, gcrow + W, scalar_t(0));
+      for (int64_t i = 0; i < S; ++i) {
+        const scalar_t b = basis[i * nb + j];
+        const scalar_t* __restrict__ gwi = gw + i * W;
+        double dot = 0;
+        _Pragma("omp simd reduction(+ : dot)")
+        for (int64_t x = 0; x < W; ++x) {
+          gcrow[x] += b * gwi[x];
+          dot += double(gwi[x]) * double(crow[x]);
+        }
+        bacc[i * nb + j] += dot;
+      }
+    }
+  }
+};
+
+// The operands in the compute dtype, checked: x, loc, log_diag (B, C, H, W); off_diag
+// (B, C*S, H, W), or with a basis (S, n_b) its coefficients (B, C*n_b, H, W).
+struct NllInputs {
+  Tensor x, loc, log_diag, weights;
+  std::optional<Tensor> basis;
+  std::vector<Offset> offsets;
+  int64_t B, C, H, W, S, nb;
+
+  NllInputs(const Tensor& x_, const Tensor& loc_, const Tensor& log_diag_, const Tensor& weights_,
+            const std::optional<Tensor>& basis_, IntList flat_offsets)
+      : x(computed(x_)), loc(computed(loc_)), log_diag(computed(log_diag_)), weights(computed(weights_)) {
+    if (basis_) basis = torch::stable::contiguous(computed(*basis_));
+    offsets = basis ? parse_offsets(flat_offsets) : check_params(log_diag, weights, flat_offsets);
+    S = static_cast<int64_t>(offsets.size());
+    if (basis) check_basis();
+    check_image(x, "x", log_diag);
+    check_image(loc, "loc", log_diag);
+    B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+    nb = basis ? basis->size(1) : 1;
+    x = planes_contiguous(x), loc = planes_contiguous(loc), log_diag = planes_contiguous(log_diag);
+    weights = planes_contiguous(weights);
+  }
+
+  void check_basis() const {
+    STD_TORCH_CHECK(log_diag.dim() == 4 && log_diag.is_cpu(), "log_diag: expected a CPU tensor of shape (B, C, H, W)");
+    STD_TORCH_CHECK(basis->dim() == 2 && basis->size(0) == S, "basis: expected shape (S, n_b) with S=", S, ", got ",
+                    shape(*basis));
+    STD_TORCH_CHECK(basis->scalar_type() == log_diag.scalar_type() && basis->is_cpu(),
+                    "basis: expected a CPU tensor of log_diag's dtype");
+    const int64_t n_b = basis->size(1);
+    STD_TORCH_CHECK(weights.dim() == 4 && weights.size(0) == log_diag.size(0) &&
+                        weights.size(1) == log_diag.size(1) * n_b && weights.size(2) == log_diag.size(2) &&
+                        weights.size(3) == log_diag.size(3),
+                    "coeffs: expected shape (B, C*n_b, H, W) with n_b=", n_b, ", got ", shape(weights));
+    STD_TORCH_CHECK(weights.scalar_type() == log_diag.scalar_type() && weights.is_cpu(),
+                    "coeffs: expected a CPU tensor of log_diag's dtype");
+  }
+
+  // u from the forward (store_u), or nullptr when it was not stored (an empty tensor).
+  template <typename scalar_t>
+  const scalar_t* stored_u(const Tensor& u) const {
+    if (u.numel() == 0) return nullptr;
+    STD_TORCH_CHECK(u.dim() == 4 && u.size(0) == B && u.size(1) == C && u.size(2) == H && u.size(3) == W &&
+                        u.scalar_type() == x.scalar_type() && u.is_contiguous(),
+                    "u: expected the forward's contiguous (B, C, H, W) = ", shape(x), " of dtype ", x.scalar_type(),
+                    ", got ", shape(u));
+    return data<scalar_t>(u);
+  }
+};
+
+std::tuple<Tensor, Tensor> nll(const Tensor& x, const Tensor& loc, const Tensor& log_diag, const Tensor& off_diag,
+                               std::optional<Tensor> basis, IntList flat_offsets, bool store_u) {
+  const NllInputs in(x, loc, log_diag, off_diag, basis, flat_offsets);
+  auto out = empty({in.B}, in.x);
+  auto u = store_u ? empty(shape(in.x).dims, in.x) : empty({0}, in.x);
+  dispatch_floating(in.x.scalar_type(), "nll", [&](auto tag_) {
     using scalar_t = decltype(tag_);
-    const Planes<const scalar_t> X(xc, C), L(lc, C), Sd(s, C);
-    const Planes<scalar_t> GL(grad_loc, C), GS(grad_s, C), GW(grad_w, C, S);
-    PlainWeights<scalar_t> source{Planes<const scalar_t>(w, C, S), W, &GW, S};
-    nll_backward_sweep(data<scalar_t>(gc), X, L, Sd, source, offsets, GL, GS, B, C, H, W);
+    const Planes<const scalar_t> X(in.x, in.C), L(in.loc, in.C), Sd(in.log_diag, in.C);
+    scalar_t* u_out = store_u ? data<scalar_t>(u) : nullptr;
+    if (in.basis) {
+      const BasisWeights<scalar_t> source{Planes<const scalar_t>(in.weights, in.C, in.nb), data<scalar_t>(*in.basis),
+                                          in.S, in.nb, in.W};
+      nll_forward_sweep(X, L, Sd, source, in.offsets, in.B, in.C, in.H, in.W, data<scalar_t>(out), u_out);
+    } else {
+      const PlainWeights<scalar_t> source{Planes<const scalar_t>(in.weights, in.C, in.S), in.W};
+      nll_forward_sweep(X, L, Sd, source, in.offsets, in.B, in.C, in.H, in.W, data<scalar_t>(out), u_out);
+    }
+  });
+  return std::make_tuple(out, u);
+}
+
+// The backward, writing d/dloc, d/dlog_diag and d/doff_diag (or d/dcoeffs, and d/dbasis into
+// grad_b) through the outputs' strides: contiguous tensors, or the slices of one head-shaped
+// gradient (nll_head_backward). The outputs are in the compute dtype.
+static void nll_backward_into(const Tensor& grad, const NllInputs& in, const Tensor& u, const Tensor& grad_loc,
+                              const Tensor& grad_s, const Tensor& grad_w, const Tensor* grad_b) {
+  STD_TORCH_CHECK(grad.dim() == 1 && grad.size(0) == in.B, "grad: expected shape (B,), got ", shape(grad));
+  const auto gc = torch::stable::contiguous(torch::stable::to(grad, in.x.scalar_type()));
+  dispatch_floating(in.x.scalar_type(), "nll_backward", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const Planes<const scalar_t> X(in.x, in.C), L(in.loc, in.C), Sd(in.log_diag, in.C);
+    const Planes<scalar_t> GL(grad_loc, in.C), GS(grad_s, in.C), GW(grad_w, in.C, in.basis ? in.nb : in.S);
+    const scalar_t* u_in = in.stored_u<scalar_t>(u);
+    if (in.basis) {
+      const int64_t S = in.S, nb = in.nb;
+      std::vector<double> basis_acc(in.B * in.C * S * nb, 0.0);   // per plane, reduced in order below
+      BasisWeights<scalar_t> source{Planes<const scalar_t>(in.weights, in.C, nb), data<scalar_t>(*in.basis), S, nb,
+                                    in.W, &GW, basis_acc.data()};
+      nll_backward_sweep(data<scalar_t>(gc), X, L, Sd, source, in.offsets, u_in, GL, GS, in.B, in.C, in.H, in.W);
+      scalar_t* gb_p = data<scalar_t>(*grad_b);
+      for (int64_t e = 0; e < S * nb; ++e) {
+        double total = 0;
+        for (int64_t k = 0; k < in.B * in.C; ++k) total += basis_acc[k * S * nb + e];
+        gb_p[e] = static_cast<scalar_t>(total);
+      }
+    } else {
+      PlainWeights<scalar_t> source{Planes<const scalar_t>(in.weights, in.C, in.S), in.W, &GW, in.S};
+      nll_backward_sweep(data<scalar_t>(gc), X, L, Sd, source, in.offsets, u_in, GL, GS, in.B, in.C, in.H, in.W);
+    }
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor> nll_backward(const Tensor& grad, const Tensor& x,
-                                                            const Tensor& loc, const Tensor& log_diag,
-                                                            const Tensor& off_diag, IntList flat_offsets) {
-  // The gradients are contiguous whatever the inputs' strides.
-  auto grad_loc = empty(shape(x).dims, x), grad_s = empty(shape(log_diag).dims, x),
-       grad_w = empty(shape(off_diag).dims, x);
-  nll_backward_into(grad, x, loc, log_diag, off_diag, flat_offsets, grad_loc, grad_s, grad_w);
-  return std::make_tuple(grad_loc, grad_s, grad_w);
+std::tuple<Tensor, Tensor, Tensor, Tensor> nll_backward(const Tensor& grad, const Tensor& x, const Tensor& loc,
+                                                        const Tensor& log_diag, const Tensor& off_diag,
+                                                        std::optional<Tensor> basis, const Tensor& u,
+                                                        IntList flat_offsets) {
+  const NllInputs in(x, loc, log_diag, off_diag, basis, flat_offsets);
+  // The gradients are contiguous whatever the inputs' strides, in their inputs' dtypes.
+  auto grad_loc = empty(shape(in.x).dims, in.x), grad_s = empty(shape(in.x).dims, in.x),
+       grad_w = empty(shape(in.weights).dims, in.x);
+  auto grad_b = in.basis ? new_empty_like(*in.basis) : empty({0}, off_diag);
+  nll_backward_into(grad, in, u, grad_loc, grad_s, grad_w, in.basis ? &grad_b : nullptr);
+  return std::make_tuple(cast_like(grad_loc, loc), cast_like(grad_s, log_diag), cast_like(grad_w, off_diag),
+                         basis ? cast_like(grad_b, *basis) : grad_b);
 }
 
 // loc, log_diag and off_diag as channels [c0, c0 + C), [c0 + C, c0 + 2C) and
@@ -85,26 +213,28 @@ static std::array<Tensor, 3> head_slices(const Tensor& head, int64_t c0, int64_t
   return {narrow(head, 1, c0, C), narrow(head, 1, c0 + C, C), narrow(head, 1, c0 + 2 * C, S * C)};
 }
 
-Tensor nll_head(const Tensor& x, const Tensor& head, int64_t c0, IntList flat_offsets) {
+std::tuple<Tensor, Tensor> nll_head(const Tensor& x, const Tensor& head, int64_t c0, IntList flat_offsets,
+                                    bool store_u) {
   const auto [loc, log_diag, off_diag] = head_slices(head, c0, x.size(1), flat_offsets.size() / 2);
-  return nll(x, loc, log_diag, off_diag, flat_offsets);
+  return nll(x, loc, log_diag, off_diag, std::nullopt, flat_offsets, store_u);
 }
 
 // The head's whole gradient in one tensor: the kernel writes the three slices in
 // place, the head's other channels are zero. Autograd's backward of head.split
 // (a cat of three gradients, one more pass over all of them) never runs.
-Tensor nll_head_backward(const Tensor& grad, const Tensor& x, const Tensor& head, int64_t c0,
-                             IntList flat_offsets) {
+Tensor nll_head_backward(const Tensor& grad, const Tensor& x, const Tensor& head, int64_t c0, const Tensor& u,
+                         IntList flat_offsets) {
   const int64_t C = x.size(1), S = static_cast<int64_t>(flat_offsets.size() / 2), used = (2 + S) * C;
-  const auto [loc, log_diag, off_diag] = head_slices(head, c0, C, S);
-  auto grad_head = empty(shape(head).dims, head);
-  auto before = narrow(grad_head, 1, 0, c0), after = narrow(grad_head, 1, c0 + used,
-                                                                                         head.size(1) - c0 - used);
+  const auto head_c = computed(head);
+  const auto [loc, log_diag, off_diag] = head_slices(head_c, c0, C, S);
+  const NllInputs in(x, loc, log_diag, off_diag, std::nullopt, flat_offsets);
+  auto grad_head = empty(shape(head_c).dims, head_c);
+  auto before = narrow(grad_head, 1, 0, c0), after = narrow(grad_head, 1, c0 + used, head.size(1) - c0 - used);
   torch::stable::zero_(before);
   torch::stable::zero_(after);
   const auto [gl, gs, gw] = head_slices(grad_head, c0, C, S);
-  nll_backward_into(grad, x, loc, log_diag, off_diag, flat_offsets, gl, gs, gw);
-  return grad_head;
+  nll_backward_into(grad, in, u, gl, gs, gw, nullptr);
+  return cast_like(grad_head, head);
 }
 
 STABLE_TORCH_LIBRARY_IMPL(structlik, CPU, m) {

@@ -1,14 +1,16 @@
-// The NLL's sweep, shared by the fused NLL (nll.cpp) and its learned-basis form
-// (nll_basis.cpp), which differ only in where a row's S weights come from: the
-// weight source, a template parameter (PlainWeights in nll.cpp, BasisWeights in
-// nll_basis.cpp) with
+// The NLL's sweep (nll.cpp), for every weight source: where a row's S weights come from,
+// a template parameter (PlainWeights: off_diag's planes; BasisWeights: a learned basis
+// times coefficients) with
 //   int64_t buffer_size(S, W)      scratch values a task needs for one row of weights
 //   const scalar_t* row(k, y, buf) row y of plane k's weights, offset i at + i * row_stride()
 //   int64_t row_stride()
-//   void take_weight_grad(k, y, gw, wrow)  the row's d/dw (S rows of W at gw) and its weights
+//   void take_weight_grad(k, y, gw)  the row's d/dw (S rows of W at gw)
+// Coupled channels and 3-D volumes (docs/kernels.md §3) are further sources and offsets of
+// this sweep, not copies of it.
 //
-// Forward:  nll_b = sum_c [ 0.5 ||U r||^2 - sum_p s_p ] + (C H W / 2) log 2 pi,  r = x - loc.
-// Backward, for upstream g_b, with u = U r recomputed (never stored between passes):
+// Forward:  nll_b = sum_c [ 0.5 ||U r||^2 - sum_p s_p ] + (C H W / 2) log 2 pi,  r = x - loc;
+// with u_out, each row of u = U r is also written there (the training forward, store_u).
+// Backward, for upstream g_b, with u read from the forward's u_in, or recomputed row by row:
 //   d/dloc = -g U^T u      (d/dx is its negative, formed by the caller only when x needs a
 //                           gradient, which data never does: no extra pass on the common path)
 //   d/ds_p = g (u_p r_p d_p - 1)
@@ -78,7 +80,7 @@ inline void finish_nll(const std::vector<acc_t>& per_plane, int64_t B, int64_t C
 template <typename scalar_t, typename Source>
 void nll_forward_sweep(const Planes<const scalar_t>& X, const Planes<const scalar_t>& L,
                        const Planes<const scalar_t>& Sd, const Source& source, const std::vector<Offset>& offsets,
-                       int64_t B, int64_t C, int64_t H, int64_t W, scalar_t* out) {
+                       int64_t B, int64_t C, int64_t H, int64_t W, scalar_t* out, scalar_t* u_out) {
   using acc_t = double;   // double for float and double
   const int64_t n = H * W, S = static_cast<int64_t>(offsets.size());
   std::vector<acc_t> per_plane(B * C);
@@ -93,6 +95,7 @@ void nll_forward_sweep(const Planes<const scalar_t>& X, const Planes<const scala
         u_row(r.data(), sk, source.row(k, y, wbuf.data()), source.row_stride(), y, H, W, offsets, d.data(),
               u.data());
         reduce_row(u.data(), sk + y * W, W, quad, logdet);
+        if (u_out) std::copy(u.begin(), u.end(), u_out + k * n + y * W);
       }
       per_plane[k] = 0.5 * quad - logdet;
     }
@@ -101,12 +104,13 @@ void nll_forward_sweep(const Planes<const scalar_t>& X, const Planes<const scala
 }
 
 // d/dloc and d/ds written through GL and GS (contiguous tensors, or slices of one head's
-// gradient); d/dw handed to the source row by row.
+// gradient); d/dw handed to the source row by row. u_in: the forward's u (B*C planes,
+// contiguous), or nullptr to compute each row here (S multiply-adds per pixel more).
 template <typename scalar_t, typename Source>
 void nll_backward_sweep(const scalar_t* g_p, const Planes<const scalar_t>& X, const Planes<const scalar_t>& L,
                         const Planes<const scalar_t>& Sd, Source& source, const std::vector<Offset>& offsets,
-                        const Planes<scalar_t>& GL, const Planes<scalar_t>& GS, int64_t B, int64_t C, int64_t H,
-                        int64_t W) {
+                        const scalar_t* u_in, const Planes<scalar_t>& GL, const Planes<scalar_t>& GS, int64_t B,
+                        int64_t C, int64_t H, int64_t W) {
   const int64_t n = H * W, S = static_cast<int64_t>(offsets.size());
   parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
     // One sweep over the rows: row y of u gives row y of d/ds and d/dw, and scatters
@@ -122,13 +126,19 @@ void nll_backward_sweep(const scalar_t* g_p, const Planes<const scalar_t>& X, co
       for (int64_t y = 0; y < H; ++y) {
         const scalar_t* wk = source.row(k, y, wbuf.data());
         const int64_t ws = source.row_stride();
-        u_row(r.data(), sk, wk, ws, y, H, W, offsets, d.data(), u.data());
+        const scalar_t* __restrict__ uy = u.data();
+        if (u_in) {
+          exp_row(sk + y * W, d.data(), W);
+          uy = u_in + k * n + y * W;
+        } else {
+          u_row(r.data(), sk, wk, ws, y, H, W, offsets, d.data(), u.data());
+        }
         const scalar_t* __restrict__ rrow = r.data() + y * W;
         scalar_t* __restrict__ gsrow = gs + y * W;
         scalar_t* __restrict__ gxrow = gx + y * W;
         for (int64_t x = 0; x < W; ++x) {
-          gsrow[x] = g * (u[x] * rrow[x] * d[x] - scalar_t(1));
-          gxrow[x] += d[x] * u[x];
+          gsrow[x] = g * (uy[x] * rrow[x] * d[x] - scalar_t(1));
+          gxrow[x] += d[x] * uy[x];
         }
         for (int64_t i = 0; i < S; ++i) {
           const auto [dy, dx] = offsets[i];
@@ -140,8 +150,8 @@ void nll_backward_sweep(const scalar_t* g_p, const Planes<const scalar_t>& X, co
             const scalar_t* __restrict__ rn = r.data() + (y + dy) * W + dx;
             scalar_t* __restrict__ gxn = gx + (y + dy) * W + dx;
             for (int64_t x = lo; x < hi; ++x) {
-              gwrow[x] = g * u[x] * rn[x];
-              gxn[x] += wrow[x] * u[x];   // (U^T u)_{p+delta_i} += w_{p,i} u_p
+              gwrow[x] = g * uy[x] * rn[x];
+              gxn[x] += wrow[x] * uy[x];   // (U^T u)_{p+delta_i} += w_{p,i} u_p
             }
           }
         }

@@ -10,7 +10,10 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <optional>
 #include <ostream>
 #include <vector>
@@ -41,7 +44,19 @@ inline std::ostream& operator<<(std::ostream& os, const Shape& s) {
 
 inline bool is_float_or_double(ScalarType t) { return t == ScalarType::Float || t == ScalarType::Double; }
 
-// f(float{}) or f(double{}) by dtype: the kernels' float32 and float64 instantiations.
+// The compute dtype (structlik/_dtypes.py, the one rule): float32 and float64 compute in their
+// own dtype, float16 and bfloat16 in float32. computed(t): t itself, or its float32 copy.
+inline Tensor computed(const Tensor& t) {
+  const auto type = t.scalar_type();
+  return type == ScalarType::Half || type == ScalarType::BFloat16 ? torch::stable::to(t, ScalarType::Float) : t;
+}
+
+// A result computed in the compute dtype, in like's dtype (a half input's gradient).
+inline Tensor cast_like(const Tensor& t, const Tensor& like) {
+  return t.scalar_type() == like.scalar_type() ? t : torch::stable::to(t, like.scalar_type());
+}
+
+// f(float{}) or f(double{}) by the compute dtype: the kernels' float32 and float64 instantiations.
 template <typename F>
 inline void dispatch_floating(ScalarType t, const char* name, const F& f) {
   if (t == ScalarType::Float) {
@@ -53,9 +68,21 @@ inline void dispatch_floating(ScalarType t, const char* name, const F& f) {
   }
 }
 
-// A new contiguous tensor of these sizes with like's dtype and device.
+// STRUCTLIK_POISON_EMPTY=1 (the tests set it): every output the kernels allocate starts as NaN,
+// so an element a kernel forgets to write shows in a result. Read once, when the library loads.
+inline bool poison_empty() {
+  static const bool poison = [] {
+    const char* v = std::getenv("STRUCTLIK_POISON_EMPTY");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return poison;
+}
+
+// A new contiguous tensor of these sizes with like's dtype and device (NaN under poison_empty).
 inline Tensor empty(const IntList& sizes, const Tensor& like) {
-  return torch::stable::empty(sizes, like.scalar_type(), std::nullopt, like.device());
+  auto out = torch::stable::empty(sizes, like.scalar_type(), std::nullopt, like.device());
+  if (poison_empty()) torch::stable::fill_(out, std::nan(""));
+  return out;
 }
 
 // A new contiguous tensor of like's shape, dtype and device.

@@ -3,139 +3,32 @@
 PyTorch's dispatcher chooses the kernel of every ``torch.ops.structlik`` op by the
 tensors' device (structlik/ops/_library.py): the C++ kernels for CPU tensors when
 the extension loaded, the Triton kernels for CUDA tensors when Triton is installed,
-the reference (plain PyTorch) everywhere else. This module only reports that choice
-and, for tests and debugging, overrides it:
-
-``STRUCTLIK_BACKEND=reference|cpu|triton`` (read at every public call, so tests can
-switch it) installs an override of the CPU and CUDA keys: ``reference`` puts the
-reference kernels there, ``triton`` puts the Triton kernels on the CPU key too when
-``TRITON_INTERPRET=1`` (how CI runs them without a GPU), and a backend forced on
-tensors it does not run on raises a RuntimeError naming both.
+the reference (plain PyTorch) everywhere else. This module reports that choice
+(``name_of``, ``available``) and installs overrides of it (``using``, or
+``STRUCTLIK_BACKEND=reference|cpu|triton``, read at every public call: the override
+itself is structlik/ops/_forced.py). Nothing here picks a kernel.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import threading
-import warnings
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import torch
 
-from . import reference
-from .ops import _library
-
-NAMES = ("reference", "cpu", "triton")
-ENV_VAR = "STRUCTLIK_BACKEND"
-
-_why_unavailable: Dict[str, Optional[str]] = {"reference": None}
-_warned: set = set()
-_installed: Dict[str, Any] = {"name": None, "library": None}
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def devices(name: str) -> tuple:
-    """The device types backend ``name`` runs on."""
-    return {"reference": ("cpu", "cuda", "meta", "mps", "xpu"), "cpu": ("cpu",),
-            # Triton's interpreter (TRITON_INTERPRET=1, how CI tests the kernels) runs them on CPU tensors.
-            "triton": ("cuda", "cpu") if _interpreted() else ("cuda",)}[name]
-
-
-def why_unavailable(name: str) -> Optional[str]:
-    """Why backend ``name`` cannot run here (None when it can)."""
-    if name not in _why_unavailable:
-        if name == "cpu":
-            _why_unavailable[name] = _library.CPU_UNAVAILABLE
-        elif name == "triton":
-            try:
-                importlib.import_module("structlik.kernels.common")
-                _why_unavailable[name] = None
-            except (ImportError, RuntimeError, OSError) as err:
-                _why_unavailable[name] = f"{type(err).__name__}: {err}"
-        else:
-            _why_unavailable[name] = "not built into this version of structlik"
-    return _why_unavailable[name]
+from . import ops, reference
+from .ops import _forced
+from .ops._forced import ENV_VAR, NAMES, devices, forced, sync, why_unavailable      # noqa: F401
 
 
 def available(name: str) -> bool:
     return why_unavailable(name) is None
 
 
-def forced() -> Optional[str]:
-    name = os.environ.get(ENV_VAR, "").strip().lower()
-    if not name:
-        return None
-    if name not in NAMES:
-        raise ValueError(f"{ENV_VAR}: expected one of {NAMES}, got {name!r}")
-    return name
-
-
-def _refuse(name: str, device: str):
-    def kernel(*args, **kwargs):
-        raise RuntimeError(f"{ENV_VAR}={name} does not run on {device} tensors")
-    return kernel
-
-
-def _override(name: Optional[str]) -> Optional[torch.library.Library]:
-    """A library of kernels that make ``name`` serve every device it runs on (None: the defaults)."""
-    if name is None or (name == "cpu" and not torch.cuda.is_available()):
-        return None
-    library = torch.library.Library(_library.NAMESPACE, "IMPL")
-
-    def impl(op, kernel, key):        # overriding is the point (torch 2.10 refuses it by default)
-        library.impl(op, kernel, key, allow_override=True)
-    with warnings.catch_warnings():   # "Overriding a previously registered kernel"
-        warnings.simplefilter("ignore")
-        for op, kernel in _library.REFERENCE_KERNELS.items():
-            if name == "reference":
-                impl(op, kernel, "CPU")
-                impl(op, kernel, "CUDA")
-            elif name == "cpu":
-                impl(op, _refuse(name, "cuda"), "CUDA")
-            else:
-                impl(op, _library.TRITON_KERNELS[op] if _interpreted() else _refuse(name, "cpu"), "CPU")
-                impl(op, _library.TRITON_KERNELS[op], "CUDA")
-    return library
-
-
-def sync() -> Optional[str]:
-    """Install the override ``STRUCTLIK_BACKEND`` asks for, if it is not the one installed; return
-    the forced backend's name (None: the defaults)."""
-    name = forced()
-    if name == _installed["name"]:
-        return name
-    if name is not None and not available(name):
-        raise RuntimeError(f"{ENV_VAR}={name} but that backend is unavailable ({why_unavailable(name)})")
-    if _installed["library"] is not None:
-        _installed["library"]._destroy()
-        _installed.update(name=None, library=None)        # the defaults, until the new override is in
-    _installed.update(library=_override(name), name=name)
-    return name
-
-
 def name_of(device: torch.device) -> str:
-    """The backend whose kernels serve tensors on ``device`` now (installing the forced one first)."""
-    device = torch.device(device)
-    name = forced() if torch.compiler.is_compiling() else sync()
-    if name is not None:
-        if device.type not in devices(name):
-            raise RuntimeError(f"{ENV_VAR}={name} does not run on {device.type} tensors")
-        return name
-    default = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
-    if default is None:
-        return "reference"
-    if (default == "cpu" and _library.CPU_UNAVAILABLE is None) or (default == "triton" and _library.TRITON_INSTALLED):
-        return default
-    if default not in _warned:
-        _warned.add(default)
-        why = _library.CPU_UNAVAILABLE if default == "cpu" else "triton is not installed"
-        warnings.warn(f"structlik: the {default} kernels are unavailable ({why}); {device.type} tensors use the "
-                      f"slower reference backend", RuntimeWarning, stacklevel=3)
-    return "reference"
+    """The backend whose kernels serve tensors on ``device`` now (the forced one installed first)."""
+    return _forced.prepare(torch.device(device))
 
 
 _using_lock = threading.Lock()
@@ -178,50 +71,59 @@ def using(name: Optional[str]):
 
 
 class Kernels:
-    """The differentiable ops served by backend ``name``, without validation, with the interface
-    of ``structlik.reference`` (a stencil, not flat offsets): for benchmarks that time the kernel
-    alone. Each call checks that ``name`` serves its tensors' device."""
+    """One backend's kernels without validation, with the interface of ``structlik.reference`` (a
+    stencil, not flat offsets), differentiable: for benchmarks and tests that time or compare
+    one backend alone. ``reference`` calls structlik.reference itself (any device); the others
+    call the dispatcher's ops, after checking that ``name`` serves the tensors' device."""
 
     def __init__(self, name: str):
         self.name = name
 
     def _ops(self, device):
-        if name_of(device) != self.name:
+        serving = name_of(device)
+        if serving != self.name:
             raise RuntimeError(f"structlik: the {self.name} backend does not serve {device} tensors now "
-                               f"(the {name_of(device)} backend does)")
-        from . import ops
+                               f"(the {serving} backend does)")
         return ops
 
+    def _call(self, op: str, image, *args, stencil):
+        if self.name == "reference":
+            return getattr(reference, op)(image, *args, stencil)
+        return getattr(self._ops(image.device), f"{op}_op")(image, *args, stencil.flat_offsets)
+
     def apply_upper(self, r, log_diag, off_diag, stencil):
-        return self._ops(r.device).apply_upper_op(r, log_diag, off_diag, stencil.flat_offsets)
+        return self._call("apply_upper", r, log_diag, off_diag, stencil=stencil)
 
     def apply_upper_t(self, y, log_diag, off_diag, stencil):
-        return self._ops(y.device).apply_upper_t_op(y, log_diag, off_diag, stencil.flat_offsets)
+        return self._call("apply_upper_t", y, log_diag, off_diag, stencil=stencil)
 
     def solve_upper(self, z, log_diag, off_diag, stencil):
-        return self._ops(z.device).solve_upper_op(z, log_diag, off_diag, stencil.flat_offsets)
+        return self._call("solve_upper", z, log_diag, off_diag, stencil=stencil)
 
     def solve_upper_t(self, g, log_diag, off_diag, stencil):
-        return self._ops(g.device).solve_upper_t_op(g, log_diag, off_diag, stencil.flat_offsets)
-
-    def nll(self, x, loc, log_diag, off_diag, stencil):
-        return self._ops(x.device).nll_op(x, loc, log_diag, off_diag, stencil.flat_offsets, self.name)
-
-    def nll_basis(self, x, loc, log_diag, coeffs, basis, stencil):
-        return self._ops(x.device).nll_basis_op(x, loc, log_diag, coeffs, basis, stencil.flat_offsets, self.name)
+        return self._call("solve_upper_t", g, log_diag, off_diag, stencil=stencil)
 
     def precision_diagonal(self, log_diag, off_diag, stencil):
-        return self._ops(log_diag.device).precision_diagonal_op(log_diag, off_diag, stencil.flat_offsets)
+        return self._call("precision_diagonal", log_diag, off_diag, stencil=stencil)
+
+    def nll(self, x, loc, log_diag, off_diag, stencil):
+        if self.name == "reference":
+            return reference.nll(x, loc, log_diag, off_diag, stencil)
+        return self._ops(x.device).nll_op(x, loc, log_diag, off_diag, None, stencil.flat_offsets)
+
+    def nll_basis(self, x, loc, log_diag, coeffs, basis, stencil):
+        if self.name == "reference":
+            return reference.nll_basis(x, loc, log_diag, coeffs, basis, stencil)
+        return self._ops(x.device).nll_op(x, loc, log_diag, coeffs, basis, stencil.flat_offsets)
 
     def __repr__(self):
         return f"Kernels({self.name!r})"
 
 
-def get(name: str) -> Any:
-    """Backend ``name``: the reference module, or the unvalidated ops it serves (``Kernels``); a
-    RuntimeError saying why when it is unavailable. For benchmarks and tests that call one backend."""
+def get(name: str) -> Kernels:
+    """Backend ``name``'s kernels (``Kernels``); a RuntimeError saying why when it is unavailable."""
     if name not in NAMES:
         raise ValueError(f"backend: expected one of {NAMES}, got {name!r}")
     if not available(name):
         raise RuntimeError(f"structlik: the {name} backend is unavailable ({why_unavailable(name)})")
-    return reference if name == "reference" else Kernels(name)
+    return Kernels(name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _checks
+from . import _checks, reference
 from .stencil import Stencil
 
 __all__ = ["LearnedBasis", "expand_basis"]
@@ -44,10 +44,7 @@ def expand_basis(coeffs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
                          f"got {tuple(coeffs.shape)}")
     if coeffs.device != basis.device:
         raise ValueError(f"basis: device {basis.device} does not match coeffs' device {coeffs.device}")
-    coeffs, basis = _checks.promote(coeffs, basis)
-    C = CNB // n_b
-    w = torch.einsum("ij,bcjhw->bcihw", basis, coeffs.reshape(B, C, n_b, H, W))
-    return w.reshape(B, C * S, H, W)
+    return reference.expand_basis(*_checks.promote(coeffs, basis))
 
 
 class LearnedBasis(nn.Module):

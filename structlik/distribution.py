@@ -7,7 +7,7 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.distributions import Distribution, constraints
 
-from . import _checks, backends, ops
+from . import _checks, ops
 from .basis import check_basis, expand_basis
 from .head import DEFAULT_WEIGHT_BOUND, ILL_CONDITIONED, split_head, largest_weight_ratio, warn_ill_conditioned
 from .stencil import Stencil
@@ -22,10 +22,10 @@ def standard_normal(shape, dtype, device) -> torch.Tensor:
     """z ~ N(0, I) for ``rsample``. On CPU tensors the extension's vectorised generator
     (csrc/standard_normal.cpp: ATen's float64 ``normal_`` is scalar code, and cost more than
     the solve that uses z), seeded by one draw from torch's generator so ``torch.manual_seed``
-    reproduces it; ``torch.randn`` elsewhere, while compiling, under fake tensors and inside torch.func
-    transforms."""
+    reproduces it; ``torch.randn`` elsewhere (another backend serving CPU tensors: the reference
+    forced, or no extension), while compiling, under fake tensors and inside torch.func transforms."""
     device = torch.device(device)
-    if (device.type == "cpu" and dtype in (torch.float32, torch.float64) and backends.available("cpu")
+    if (device.type == "cpu" and dtype in (torch.float32, torch.float64) and ops.prepare(device) == "cpu"
             and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
             and detect_fake_mode() is None):        # the seed is read from a tensor: not under fake tensors
         seed = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64))

@@ -6,7 +6,8 @@ import numbers
 
 import torch
 
-from . import _checks, backends, ops
+from . import _checks, ops
+from ._dtypes import compute_dtype
 from .stencil import Stencil
 
 __all__ = ["gamma_prior_log_prob", "variance_minimiser", "variance_weight"]
@@ -30,9 +31,9 @@ def gamma_prior_log_prob(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil
         if not (_is_real(v) and math.isfinite(v) and v > 0):
             raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
     _checks.check_params(log_diag, off_diag, stencil)
-    backends.name_of(log_diag.device)       # a forced backend installed, or its error raised
+    ops.prepare(log_diag.device)       # a forced backend installed, or its error raised
     log_diag, off_diag = _checks.promote(log_diag, off_diag)
-    dtype = torch.float64 if log_diag.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(log_diag)
     no_diagonal = torch.full_like(log_diag, -math.inf, dtype=dtype)
     weights = ops.precision_diagonal_op(no_diagonal, off_diag.to(dtype), stencil.flat_offsets)
     two_s = 2 * log_diag.to(torch.float64)

@@ -26,7 +26,7 @@ from .stencil import Stencil
 
 __all__ = [
     "apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t",
-    "nll", "nll_head", "nll_basis", "precision_diagonal", "weight_grad", "to_dense_upper",
+    "nll", "nll_and_u", "nll_basis", "expand_basis", "precision_diagonal", "weight_grad", "to_dense_upper",
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -91,24 +91,28 @@ def weight_grad(a, b, stencil):
     return torch.stack(terms, dim=2).reshape(B, C * stencil.S, H, W)
 
 
+def nll_and_u(x, loc, log_diag, off_diag, stencil):
+    """Per-image ``-log N(x; loc, (U^T U)^-1)``, (B,), and u = U (x - loc), (B, C, H, W)."""
+    u = apply_upper(x - loc, log_diag, off_diag, stencil)
+    n = math.prod(x.shape[1:])      # (not x[0]: B may be 0)
+    return 0.5 * u.square().sum((1, 2, 3)) - log_diag.sum((1, 2, 3)) + 0.5 * n * LOG_2PI, u
+
+
 def nll(x, loc, log_diag, off_diag, stencil):
     """Per-image ``-log N(x; loc, (U^T U)^-1)``: (B,)."""
-    u = apply_upper(x - loc, log_diag, off_diag, stencil)
-    n = math.prod(x.shape[1:])
-    return 0.5 * u.square().sum((1, 2, 3)) - log_diag.sum((1, 2, 3)) + 0.5 * n * LOG_2PI
+    return nll_and_u(x, loc, log_diag, off_diag, stencil)[0]
 
 
-def nll_head(x, head, c0, stencil):
-    """The NLL of loc, log_diag and off_diag sliced from channel c0 of one head (as head.split)."""
-    C = x.shape[1]
-    loc, log_diag, off_diag = head.narrow(1, c0, C), head.narrow(1, c0 + C, C), head.narrow(1, c0 + 2 * C,
-                                                                                            stencil.S * C)
-    return nll(x, loc, log_diag, off_diag, stencil)
+def expand_basis(coeffs, basis):
+    """off_diag[:, c*S + i] = sum_j basis[i, j] coeffs[:, c*n_b + j]: (B, C*S, H, W) from (B, C*n_b, H, W)."""
+    B, _, H, W = coeffs.shape
+    S, n_b = basis.shape
+    w = torch.einsum("ij,bcjhw->bcihw", basis, coeffs.reshape(B, -1, n_b, H, W))
+    return w.reshape(B, -1, H, W)
 
 
 def nll_basis(x, loc, log_diag, coeffs, basis, stencil):
     """The NLL with off_diag = expand_basis(coeffs, basis), materialised: (B,)."""
-    from .basis import expand_basis
     return nll(x, loc, log_diag, expand_basis(coeffs, basis), stencil)
 
 

@@ -7,6 +7,9 @@ import torch
 # is defined. With one, the same tests run on CUDA tensors, unchanged: tensors
 # are created on the default device. STRUCTLIK_TEST_DEVICE overrides the choice.
 TEST_DEVICE = os.environ.get("STRUCTLIK_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+# Every output and buffer the C++ and Triton kernels allocate starts as NaN (csrc/torch_api.h,
+# structlik/kernels/common.py): an element a kernel forgets to write fails a comparison.
+os.environ.setdefault("STRUCTLIK_POISON_EMPTY", "1")
 if TEST_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 else:
@@ -63,6 +66,7 @@ INTERPRETED = ("triton",)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "not_interpreted: too slow for backends run by an interpreter (Triton on CPU)")
+    config.addinivalue_line("markers", "backends(*names): run the test on these of the available backends only")
     config.addinivalue_line("markers", "slow: the Triton interpreter, the ahead-of-time compile and the VAE runs; "
                                        "pytest -m 'not slow' is the inner loop, the README's command runs all")
 
@@ -95,6 +99,9 @@ def pytest_generate_tests(metafunc):
     if "backend" in chosen:
         return          # the test chose its backends itself
     names = available_backends(TEST_DEVICE)
+    only = metafunc.definition.get_closest_marker("backends")
+    if only is not None:
+        names = [n for n in names if n in only.args]
     if metafunc.definition.get_closest_marker("not_interpreted") and os.environ.get("TRITON_INTERPRET") == "1":
         names = [n for n in names if n not in INTERPRETED]
     if not {"shape", "stencil"} <= set(metafunc.fixturenames) or {"shape", "stencil"} & chosen:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 import structlik
 from structlik import backends
@@ -63,3 +64,20 @@ def assert_half_nll_matches_float32(fused_nll, reference_nll, values, dtype):
     for g, e in zip(torch.autograd.grad(got.sum(), half[1:]), torch.autograd.grad(expected.sum(), full[1:])):
         assert g.dtype == dtype
         torch.testing.assert_close(g.float(), e.to(dtype).float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-4)
+
+
+@st.composite
+def gradcheck_problems(draw):
+    """A random stencil (radius 1-2, dilations) and a small (B, C, H, W) for a float64 gradcheck."""
+    radius = draw(st.integers(1, 2))
+    dilations = draw(st.sampled_from([(1,), (1, 2), (2,), (1, 3)]))
+    stencil = structlik.Stencil(radius, dilations)
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    return stencil, shape
+
+
+def gradcheck(fn, *inputs, backend="reference"):
+    """float64 gradcheck of ``fn``. Under Triton's interpreter every call costs tens of milliseconds:
+    a random projection of the Jacobian (fast_mode) there instead of every column of it."""
+    fast = backend == "triton"
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast)

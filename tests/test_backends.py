@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from structlik import Stencil, backends, ops, reference
-from structlik.ops import _library
+from structlik.ops import _forced, _library
 
 OPS = ("apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t", "weight_grad", "precision_diagonal",
-       "nll", "nll_backward", "nll_head", "nll_head_backward", "nll_basis", "nll_basis_backward")
+       "nll", "nll_backward", "nll_head", "nll_head_backward")
 
 
 def test_one_namespace_with_a_kernel_per_device():
@@ -17,8 +17,10 @@ def test_one_namespace_with_a_kernel_per_device():
     (CompositeExplicitAutograd), C++ the CPU key, Triton the CUDA key; a fake kernel and an
     autograd formula each."""
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    for name in OPS + ("nll_u", "nll_u_backward", "nll_head_u", "nll_head_u_backward", "nll_basis_u",
-                       "nll_basis_u_backward"):
+    defined = {op.split("::")[1].split(".")[0] for op in torch._C._dispatch_get_all_op_names()
+               if op.startswith("structlik::")}
+    assert defined == set(OPS) | {"standard_normal"}       # the NLL family: four ops, variants as arguments
+    for name in OPS:
         qualname = f"structlik::{name}"
         assert has(qualname, "CompositeExplicitAutograd") and has(qualname, "Meta"), name
         assert name in _library.REFERENCE_KERNELS and name in _library.TRITON_KERNELS
@@ -27,8 +29,7 @@ def test_one_namespace_with_a_kernel_per_device():
         if not name.endswith("_backward"):
             assert has(qualname, "Autograd"), name
     if backends.available("cpu") and backends.forced() is None:
-        assert all(has(f"structlik::{name}", "CPU") for name in OPS)
-        assert not has("structlik::nll_u", "CPU")          # only Triton's kernels store u
+        assert all(has(f"structlik::{name}", "CPU") for name in OPS)     # every backend has every op
 
 
 def test_unknown_backend_name(monkeypatch):
@@ -72,8 +73,8 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     """A CPU without the extension: the reference serves, with one warning that says why."""
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     monkeypatch.setattr(_library, "CPU_UNAVAILABLE", "ImportError: pretend it failed to build")
-    monkeypatch.setitem(backends._why_unavailable, "cpu", "ImportError: pretend it failed to build")
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setitem(_forced._why_unavailable, "cpu", "ImportError: pretend it failed to build")
+    monkeypatch.setattr(_forced, "_warned", set())
     with pytest.warns(RuntimeWarning, match="pretend it failed to build"):
         assert backends.name_of(torch.device("cpu")) == "reference"
     with warnings.catch_warnings():
@@ -85,8 +86,13 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
 
 
 def test_get_and_why_unavailable(monkeypatch):
-    assert backends.get("reference") is reference and backends.why_unavailable("reference") is None
-    monkeypatch.setitem(backends._why_unavailable, "cpu", "ImportError: pretend it failed to build")
+    kernels = backends.get("reference")       # structlik.reference itself, on any device, without validation
+    stencil = Stencil(1)
+    x, s, w = torch.randn(1, 1, 3, 3), torch.zeros(1, 1, 3, 3), 0.1 * torch.randn(1, 4, 3, 3)
+    torch.testing.assert_close(kernels.nll(x, 0 * x, s, w, stencil), reference.nll(x, 0 * x, s, w, stencil))
+    torch.testing.assert_close(kernels.apply_upper(x, s, w, stencil), reference.apply_upper(x, s, w, stencil))
+    assert backends.why_unavailable("reference") is None
+    monkeypatch.setitem(_forced._why_unavailable, "cpu", "ImportError: pretend it failed to build")
     assert backends.why_unavailable("cpu") == "ImportError: pretend it failed to build"
     with pytest.raises(RuntimeError, match="cpu backend is unavailable .ImportError: pretend"):
         backends.get("cpu")

@@ -18,9 +18,7 @@ def test_benchmark_script_runs(script, tmp_path):
     pytest.importorskip("scipy")
     env = dict(os.environ, STRUCTLIK_BENCH_RESULTS=str(tmp_path), STRUCTLIK_BACKEND="")
     env.pop("TRITON_INTERPRET", None)
-    # bench_vae_step imports examples/: run as a module from the repository's root, as documented
-    how = ["-m", "benchmarks." + script[:-3]] if script == "bench_vae_step.py" else [
-        os.path.join(ROOT, "benchmarks", script)]
+    how = ["-m", "benchmarks." + script[:-3]]      # from the repository's root, as documented
     proc = subprocess.run([sys.executable, *how, "--quick", "--device", "cpu", "--min-run-time", "0.01"], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -28,8 +26,7 @@ def test_benchmark_script_runs(script, tmp_path):
     assert (tmp_path / f"{family}-cpu.csv").exists() and (tmp_path / f"{family}-cpu.md").exists()
     text = (tmp_path / f"{family}-cpu.md").read_text()
     assert ("| diagonal |" if family == "vae_step" else "| fused |") in text
-    assert f"- command: python {' '.join(how if how[0] == '-m' else ['benchmarks/' + script])}" in text.replace(
-        ROOT + "/", "")
+    assert f"- command: python {' '.join(how)}" in text
 
 
 def _write_csv(path, rows):
@@ -41,10 +38,10 @@ def _write_csv(path, rows):
 
 def test_targets_are_read_off_the_results(tmp_path, monkeypatch):
     """Met, missed and missing targets are told apart; a missing row is never reported as met."""
-    import harness
-    import targets
+    from benchmarks import harness
+    from tools import targets
     monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
-    meta = {"command": "python benchmarks/bench_nll.py", "device": "H100", "date": "d", "torch": "t"}
+    meta = {"command": "python -m benchmarks.bench_nll", "device": "H100", "date": "d", "torch": "t"}
     nll = [{"case": "B64-C1-64x64-r1", "mode": "fwd+bwd", "contender": "fused", "ratio": 1, "mem_of_io": 1.05, **meta},
            {"case": "B64-C1-64x64-r1", "mode": "fwd+bwd", "contender": "one-hot conv", "ratio": 12.5, **meta},
            {"case": "B64-C1-64x64-r1", "mode": "fwd+bwd", "contender": "compiled reference", "ratio": 1.5, **meta}]
@@ -57,4 +54,4 @@ def test_targets_are_read_off_the_results(tmp_path, monkeypatch):
     assert by_text[("NLL fwd+bwd peak memory <= 1.1x inputs + gradients", case)] == ("1.05", "yes")
     missing = [r for r in rows if r["case"] != case]
     assert missing and all(r["measured"] == "not measured" and r["met"] == "—" for r in missing)
-    assert sources == ["python benchmarks/bench_nll.py (H100, d, torch t)"]
+    assert sources == ["python -m benchmarks.bench_nll (H100, d, torch t)"]

@@ -1,4 +1,4 @@
-"""Bad input raises ValueError/TypeError naming the argument and the expected shape (docs/contract.md §4)."""
+"""Bad input raises ValueError/TypeError naming the argument and the expected shape (docs/contract.md §6)."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
 """A decoder head to a distribution: bound_weights, split_head, from_head, and the sampling
-warning where U is far from diagonally dominant (docs/contract.md §8)."""
+warning where U is far from diagonally dominant (docs/contract.md §6)."""
 import warnings
 
 import pytest

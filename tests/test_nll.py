@@ -1,12 +1,18 @@
-"""The NLL / log_prob: every backend against the reference, the reference against a dense MVN."""
+"""The NLL family (structlik/ops/_nll.py): nll and nll_basis, plain weights, a learned basis
+(paper section 4.3) and the head input, every backend against the reference, the reference against
+a dense MVN, the training forward's stored u."""
 import math
-import os
 
 import pytest
 import torch
+from hypothesis import given
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import STENCILS, assert_half_nll_matches_float32, make_params
-from structlik import StructuredNormal, ops, reference
+from conftest import TEST_DEVICE
+from helpers import (STENCILS, assert_half_nll_matches_float32, available_backends, gradcheck, gradcheck_problems,
+                     make_params)
+from structlik import (LearnedBasis, Stencil, StructuredNormal, backends, expand_basis, ops, reference,
+                       structured_gaussian_nll)
 
 
 def dense_log_prob(x, loc, log_diag, off_diag, stencil):
@@ -26,8 +32,11 @@ def test_log_prob_equals_dense_mvn(shape, stencil, backend):
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=0)
 
 
+@pytest.mark.backends("cpu", "triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_nll_matches_reference(shape, stencil, dtype, backend):
+    """The compiled kernels against structlik.reference. Not the reference backend: it runs that
+    formula itself (structlik.reference.nll_and_u), checked against the dense MVN above."""
     loc, log_diag, off_diag = make_params(shape, stencil, dtype=dtype)
     x = loc + torch.randn(shape, dtype=dtype)
     got = ops.nll(x, loc, log_diag, off_diag, stencil)
@@ -83,47 +92,269 @@ def test_half_inputs_give_float32_nll_and_half_gradients(dtype, backend):
                                     [loc + torch.randn_like(loc), loc, log_diag, off_diag], dtype)
 
 
-@pytest.mark.parametrize("path", ["views", "separate", "compiled", "func"])
-def test_triton_training_forward_stores_u_for_a_one_pass_backward(path, monkeypatch):
-    """When a gradient will be taken, the Triton NLL stores u = U r in the forward and the
-    fused backward reads it (docs/kernels.md §1: 82 planes per step instead of 109); without one,
-    the forward writes no u. Gradients equal the reference's."""
-    from structlik import Stencil, backends
-    from structlik.kernels import nll as kernels
+class OpLog(TorchDispatchMode):
+    """The structlik ops called inside the block, each with the arguments that pick its variant."""
 
-    if not backends.available("triton") or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
-    monkeypatch.setenv(backends.ENV_VAR, "triton")
-    backends.sync()
-    calls = []
-    forward, backward = kernels.forward, kernels.backward
-    monkeypatch.setattr(kernels, "forward", lambda *a, with_u=False: calls.append(("forward", with_u))
-                        or forward(*a, with_u=with_u))
-    monkeypatch.setattr(kernels, "backward", lambda *a, u=None, out=None: calls.append(("backward", u is not None))
-                        or backward(*a, u=u, out=out))
-    stencil = Stencil(1)
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in ("nll", "nll_head"):
+            self.calls.append((name, "store_u", args[-1]))
+        elif name in ("nll_backward", "nll_head_backward"):
+            self.calls.append((name, "u stored", args[-2].numel() > 0))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("basis", [False, True], ids=["weights", "basis"])
+@pytest.mark.parametrize("path", ["views", "separate", "func"])
+def test_training_forward_stores_u_for_a_one_pass_backward(path, basis, backend):
+    """On every backend: when a gradient will be taken, the forward stores u = U r and the fused
+    backward reads it (docs/kernels.md §1: 82 planes per step on a GPU instead of 109; on a CPU,
+    S multiply-adds per pixel fewer); without one, the forward stores no u. Gradients equal the
+    reference's. The dispatcher alone picks the kernel: the flag is the same on every backend."""
+    stencil, n_b = Stencil(1), 3
     loc, log_diag, off_diag = make_params((2, 1, 5, 6), stencil)
     x = torch.randn_like(loc)
-    head = torch.cat([loc, log_diag, off_diag], 1).requires_grad_()
+    b = torch.randn(stencil.S, n_b, dtype=torch.float64, requires_grad=True) if basis else None
+    per = n_b if basis else stencil.S
+    head = torch.cat([loc, log_diag, off_diag[:, :per]], 1).requires_grad_()
+
+    def nll(parts):
+        return ops.nll(x, *parts, stencil) if b is None else ops.nll_basis(x, *parts, b, stencil)
 
     def loss(h):
-        parts = h.split([1, 1, stencil.S], 1)
+        parts = h.split([1, 1, per], 1)
         if path == "separate":       # not views of one head: the plain op, not the head op
             parts = [t.clone() for t in parts]
-        return ops.nll(x, *parts, stencil).sum()
-    if path == "compiled":
-        grad = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(head), head)[0]
-    elif path == "func":
-        grad = torch.func.grad(loss)(head)
-    else:
-        grad = torch.autograd.grad(loss(head), head)[0]
-    assert ("forward", True) in calls and ("backward", False) not in calls
+        return nll(parts).sum()
+    with OpLog() as log:
+        if path == "func":
+            grad = torch.func.grad(loss)(head)
+        else:
+            grad = torch.autograd.grad(loss(head), head)[0]
+    forward = "nll_head" if path == "views" and b is None else "nll"
+    assert log.calls[0] == (forward, "store_u", True)
     # torch.func builds its gradients with grad mode on, so they come from the composed
     # (twice-differentiable) formula, not the fused kernel: the same numbers
-    assert (("backward", True) in calls) == (path != "func")
-    expected = torch.autograd.grad(reference.nll(x, *head.split([1, 1, stencil.S], 1), stencil).sum(), head)[0]
+    assert ((f"{forward}_backward", "u stored", True) in log.calls) == (path != "func")
+    assert (f"{forward}_backward", "u stored", False) not in log.calls
+    parts = head.split([1, 1, per], 1)
+    expected = torch.autograd.grad((reference.nll(x, *parts, stencil) if b is None else
+                                    reference.nll_basis(x, *parts, b, stencil)).sum(), head)[0]
     torch.testing.assert_close(grad, expected)
-    calls.clear()
-    with torch.no_grad():
-        ops.nll(x, *head.split([1, 1, stencil.S], 1), stencil)
-    assert calls == [("forward", False)]
+    with torch.no_grad(), OpLog() as log:
+        nll(head.split([1, 1, per], 1))
+    assert log.calls == [("nll", "store_u", False)]
+
+
+@pytest.mark.parametrize("backend", [n for n in ("cpu", "triton") if n in available_backends()], indirect=True)
+def test_compiled_training_forward_stores_u(backend):
+    """Under torch.compile the graph records the training forward (store_u) too."""
+    stencil = Stencil(1)
+    loc, log_diag, off_diag = make_params((2, 1, 5, 6), stencil, requires_grad=True)
+    x = torch.randn_like(loc)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    loss = torch.compile(lambda *p: ops.nll(x, *p, stencil).sum(), backend=capture, fullgraph=True)
+    grads = torch.autograd.grad(loss(loc, log_diag, off_diag), (loc, log_diag, off_diag))
+    calls = [n for g in graphs for n in g.graph.nodes if "structlik.nll" in str(n.target)]
+    assert calls and all(n.args[-1] is True for n in calls), [n.format_node() for n in calls]
+    expected = torch.autograd.grad(reference.nll(x, loc, log_diag, off_diag, stencil).sum(), (loc, log_diag, off_diag))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.not_interpreted
+@given(problem=gradcheck_problems())
+def test_gradcheck_nll(problem, backend):
+    stencil, shape = problem
+    loc, log_diag, off_diag = make_params(shape, stencil, requires_grad=True)
+    x = (loc.detach() + torch.randn(shape, dtype=torch.float64)).requires_grad_()
+    gradcheck(lambda *a: ops.nll(*a, stencil), x, loc, log_diag, off_diag, backend=backend)
+    gradcheck(lambda *a: structured_gaussian_nll(*a, stencil, reduction="sum"), x, loc, log_diag, off_diag,
+              backend=backend)
+
+
+# --- the ops as torch.library ops: opcheck of every variant on every backend --------------------
+
+OPCHECK_STENCIL = Stencil(1, (1, 2))
+
+
+def sample_inputs(grad):
+    loc, log_diag, off_diag = make_params((2, 2, 5, 4), OPCHECK_STENCIL, requires_grad=grad)
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=grad)
+    return x, loc, log_diag, off_diag
+
+
+def head_inputs(grad):
+    x, loc, log_diag, off_diag = sample_inputs(False)
+    spare = torch.randn(2, 1, 5, 4, dtype=torch.float64)
+    head = torch.cat([spare, loc, log_diag, off_diag, spare], dim=1).requires_grad_(grad)
+    return x, head, 1
+
+
+def basis_inputs(grad):
+    coeffs = (0.2 * torch.randn(2, 2 * 3, 5, 4, dtype=torch.float64)).requires_grad_(grad)
+    basis = torch.randn(OPCHECK_STENCIL.S, 3, dtype=torch.float64).requires_grad_(grad)
+    return coeffs, basis
+
+
+def stored_u(x, loc, log_diag, off_diag, basis=None):
+    """What the training forward returns as u, for the backward that reads it."""
+    return torch.ops.structlik.nll(x, loc, log_diag, off_diag, basis, OPCHECK_STENCIL.flat_offsets, True)[1].detach()
+
+
+def nll_op_cases():
+    """Each NLL op with every variant its arguments select (weights or a basis, u stored or not)."""
+    offsets = OPCHECK_STENCIL.flat_offsets
+    empty = torch.empty(0, dtype=torch.float64)
+    for store_u in (False, True):
+        yield f"nll-store_u={store_u}", lambda g, s=store_u: (*sample_inputs(g), None, offsets, s), True
+        yield (f"nll-basis-store_u={store_u}",
+               lambda g, s=store_u: (*sample_inputs(g)[:3], *basis_inputs(g), offsets, s), True)
+        yield f"nll_head-store_u={store_u}", lambda g, s=store_u: (*head_inputs(g), offsets, s), True
+
+    def backward_inputs(basis, stored):
+        x, loc, log_diag, off_diag = sample_inputs(False)
+        coeffs, b = basis_inputs(False) if basis else (off_diag, None)
+        u = stored_u(x, loc, log_diag, coeffs, b) if stored else empty
+        return torch.rand(2, dtype=torch.float64), x, loc, log_diag, coeffs, b, u, offsets
+
+    def head_backward_inputs(stored):
+        x, head, c0 = head_inputs(False)
+        S = OPCHECK_STENCIL.S
+        u = stored_u(x, *head.narrow(1, c0, 4 + 2 * S).split([2, 2, 2 * S], 1)) if stored else empty
+        return torch.rand(2, dtype=torch.float64), x, head, c0, u, offsets
+
+    for stored in (False, True):
+        yield f"nll_backward-u={stored}", lambda g, u=stored: backward_inputs(False, u), False
+        yield f"nll_backward-basis-u={stored}", lambda g, u=stored: backward_inputs(True, u), False
+        yield f"nll_head_backward-u={stored}", lambda g, u=stored: head_backward_inputs(u), False
+
+
+@pytest.mark.parametrize("backend_name", available_backends(TEST_DEVICE))
+@pytest.mark.parametrize("case,make,differentiable", [pytest.param(*c, id=c[0]) for c in nll_op_cases()])
+def test_opcheck_nll(backend_name, case, make, differentiable):
+    """torch.ops.structlik.nll / nll_backward / nll_head / nll_head_backward with each backend's kernel."""
+    op = getattr(torch.ops.structlik, case.split("-")[0])
+    with backends.using(backend_name):
+        for grad in ((False, True) if differentiable else (False,)):
+            torch.library.opcheck(op, make(grad))
+
+
+@pytest.mark.parametrize("backend_name", available_backends(TEST_DEVICE))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_opcheck_nll_half(backend_name, dtype):
+    """Every backend's NLL reads half inputs (the kernels upcast, structlik/_dtypes.py): its fake kernel
+    gives the real float32 NLL and u, and the backward the inputs' dtypes."""
+    x, loc, log_diag, off_diag = [t.detach().to(dtype).requires_grad_(i > 0)
+                                  for i, t in enumerate(sample_inputs(False))]
+    with backends.using(backend_name):
+        for store_u in (False, True):
+            torch.library.opcheck(torch.ops.structlik.nll,
+                                  (x, loc, log_diag, off_diag, None, OPCHECK_STENCIL.flat_offsets, store_u))
+        u = torch.ops.structlik.nll(x, loc, log_diag, off_diag, None, OPCHECK_STENCIL.flat_offsets, True)[1]
+        assert u.dtype == torch.float32
+        grads = torch.ops.structlik.nll_backward(torch.ones(2), x.detach(), loc.detach(), log_diag.detach(),
+                                                 off_diag.detach(), None, u, OPCHECK_STENCIL.flat_offsets)
+        assert [g.dtype for g in grads[:3]] == [dtype] * 3
+
+
+# --- the learned basis: the fused op against the materialised form -------------------------------
+
+BASIS_CASES = [
+    pytest.param(Stencil(1), (2, 1, 5, 7), 2, id="r1-nb2-B2-C1-5x7"),
+    pytest.param(Stencil(2, (1, 2)), (1, 3, 6, 4), 5, id="r2-d12-nb5-B1-C3-6x4"),
+    pytest.param(Stencil(3), (2, 2, 3, 9), 6, id="r3-nb6-B2-C2-3x9"),
+]
+
+
+def make_basis_inputs(stencil, shape, n_b, dtype=torch.float64):
+    loc, log_diag, _ = make_params(shape, stencil, dtype=dtype)
+    B, C, H, W = shape
+    x = loc + torch.randn(shape, dtype=dtype)
+    coeffs = 0.2 * torch.randn(B, C * n_b, H, W, dtype=dtype)
+    basis = torch.randn(stencil.S, n_b, dtype=dtype) / n_b ** 0.5
+    return x, loc, log_diag, coeffs, basis
+
+
+def test_expand_basis_matches_a_loop():
+    stencil, n_b = Stencil(1), 3
+    coeffs = torch.randn(2, 2 * n_b, 3, 4, dtype=torch.float64)
+    basis = torch.randn(stencil.S, n_b, dtype=torch.float64)
+    off = expand_basis(coeffs, basis)
+    for c in range(2):
+        for i in range(stencil.S):
+            expected = sum(basis[i, j] * coeffs[:, c * n_b + j] for j in range(n_b))
+            torch.testing.assert_close(off[:, c * stencil.S + i], expected)
+
+
+@pytest.mark.parametrize("stencil,shape,n_b", BASIS_CASES)
+def test_nll_basis_matches_materialised(stencil, shape, n_b, backend):
+    x, loc, log_diag, coeffs, basis = make_basis_inputs(stencil, shape, n_b)
+    params = [t.requires_grad_() for t in (loc, log_diag, coeffs, basis)]
+    got = ops.nll_basis(x, loc, log_diag, coeffs, basis, stencil)
+    expected = reference.nll(x, loc, log_diag, expand_basis(coeffs, basis), stencil)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-10)
+    for g, e in zip(torch.autograd.grad(got.sum(), params), torch.autograd.grad(expected.sum(), params)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nll_basis_half_inputs(dtype, backend):
+    stencil, shape, n_b = Stencil(2), (2, 1, 6, 5), 3
+    assert_half_nll_matches_float32(lambda *a: ops.nll_basis(*a, stencil),
+                                    lambda *a: reference.nll_basis(*a, stencil),
+                                    make_basis_inputs(stencil, shape, n_b, dtype=torch.float32), dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"], indirect=True)
+def test_gradcheck_nll_basis(backend):
+    stencil, shape, n_b = Stencil(1, (1, 2)), (1, 2, 4, 3), 3
+    x, loc, log_diag, coeffs, basis = make_basis_inputs(stencil, shape, n_b)
+    inputs = [t.requires_grad_() for t in (x, loc, log_diag, coeffs, basis)]
+    assert torch.autograd.gradcheck(lambda *a: ops.nll_basis(*a, stencil), inputs, eps=1e-6, atol=1e-7)
+
+
+def test_loss_and_distribution_accept_the_basis():
+    stencil, shape, n_b = Stencil(2), (3, 1, 6, 6), 4
+    module = LearnedBasis(stencil, n_b).double()
+    x, loc, log_diag, coeffs, _ = make_basis_inputs(stencil, shape, n_b)
+    fused = structured_gaussian_nll(x, loc, log_diag, coeffs, stencil, reduction="none", basis=module.basis)
+    materialised = structured_gaussian_nll(x, loc, log_diag, module(coeffs), stencil, reduction="none")
+    torch.testing.assert_close(fused, materialised)
+    fused.sum().backward()
+    assert module.basis.grad is not None and module.basis.grad.abs().sum() > 0
+
+    dist = StructuredNormal(loc, log_diag, coeffs, stencil, basis=module.basis.detach())
+    torch.testing.assert_close(dist.log_prob(x), -materialised.detach())
+    plain = StructuredNormal(loc, log_diag, module(coeffs).detach(), stencil)
+    torch.manual_seed(3)
+    a = dist.sample((2,))
+    torch.manual_seed(3)
+    torch.testing.assert_close(a, plain.sample((2,)))
+    assert dist.expand((3,)).basis is dist.basis
+
+
+def test_bad_basis_arguments():
+    stencil, shape, n_b = Stencil(1), (2, 1, 4, 4), 3
+    x, loc, log_diag, coeffs, basis = make_basis_inputs(stencil, shape, n_b)
+    with pytest.raises(ValueError, match=r"basis: expected shape \(S, n_b\) with S=4"):
+        ops.nll_basis(x, loc, log_diag, coeffs, basis[:3], stencil)
+    with pytest.raises(ValueError, match=r"coeffs: expected shape \(B, C\*n_b, H, W\)"):
+        ops.nll_basis(x, loc, log_diag, coeffs[:, :2], basis, stencil)
+    with pytest.raises(TypeError, match="basis: expected a floating-point"):
+        ops.nll_basis(x, loc, log_diag, coeffs, basis.long(), stencil)
+    # a float32 basis beside float64 images promotes (torch.result_type), as every other argument
+    torch.testing.assert_close(ops.nll_basis(x, loc, log_diag, coeffs, basis.float(), stencil),
+                               ops.nll_basis(x, loc, log_diag, coeffs, basis.float().double(), stencil))
+    with pytest.raises(ValueError, match="n_basis"):
+        LearnedBasis(stencil, 0)
+    with pytest.raises(ValueError, match=r"off_diag: expected shape \(\*batch, C\*n_b, H, W\)"):
+        StructuredNormal(loc, log_diag, coeffs[:, :2], stencil, basis=basis)

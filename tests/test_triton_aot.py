@@ -19,11 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """Every kernel at the benchmark sizes, float32/float16/bfloat16, compiled for sm_90
-    (benchmarks/triton_aot.py, in a process of its own: this one defined the kernels for the
+    (tools/triton_aot.py, in a process of its own: this one defined the kernels for the
     interpreter)."""
     out = tmp_path_factory.mktemp("aot") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "triton_aot.py"), "--no-results",
+    proc = subprocess.run([sys.executable, "-m", "tools.triton_aot", "--no-results",
                            "--json", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_for, grid, neighbour, plane_start, plane_strides, planes_contiguous, tile
+from .common import acc_dtype, block_for, empty, grid, neighbour, plane_start, plane_strides, planes_contiguous, tile
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def apply_upper_kernel(inp, log_diag, off_diag, out, C, H, W, param_batch, isb, 
 def launch(image: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, offsets, transposed: bool):
     B, C, H, W = image.shape
     image, log_diag, off_diag = (planes_contiguous(t) for t in (image, log_diag, off_diag))
-    out = torch.empty(image.shape, dtype=image.dtype, device=image.device)
+    out = empty(image.shape, image.dtype, image.device)
     block = block_for(H * W)
     apply_upper_kernel[grid(B * C, triton.cdiv(H * W, block))](
         image, log_diag, off_diag, out, C, H, W, log_diag.shape[0], *plane_strides(image), *plane_strides(log_diag),

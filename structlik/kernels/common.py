@@ -14,16 +14,19 @@ channel strides are free (``head.split`` views are not copied); see
 ``plane_strides``. Outputs are written contiguous.
 """
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .._dtypes import compute_dtype
+
 # Elementwise stencil kernels: pixels per program, at most 256 (2 per thread at
 # 4 warps). Each pixel keeps its S unrolled neighbours' values in registers: at
 # 1024 pixels per program the backward's first pass sat at 255 registers and
 # spilled (2.4 KB per thread at radius 3, 12.5% occupancy on an H100), and at 256
-# nothing spills in any dtype (benchmarks/triton_aot.py, results in
+# nothing spills in any dtype (tools/triton_aot.py, results in
 # benchmarks/RESULTS.md). The interpreter's cost per program does not matter:
 # the tests' images are smaller than one block.
 MAX_BLOCK = 256
@@ -34,8 +37,19 @@ def block_for(n: int) -> int:
 
 
 def acc_dtype(t: torch.Tensor):
-    """Accumulate in float64 for float64 inputs, float32 otherwise."""
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
+    """The registers' dtype: ``t``'s compute dtype (structlik/_dtypes.py) as a Triton type."""
+    return tl.float64 if compute_dtype(t) == torch.float64 else tl.float32
+
+
+# STRUCTLIK_POISON_EMPTY=1 (the tests set it): every buffer and output the kernels allocate starts
+# as NaN instead of whatever memory held, so an element a kernel forgets to write shows in a result.
+POISON = os.environ.get("STRUCTLIK_POISON_EMPTY") == "1"
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty for the kernels' outputs and buffers, NaN-filled under STRUCTLIK_POISON_EMPTY=1."""
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    return out.fill_(float("nan")) if POISON else out
 
 
 @triton.jit
@@ -91,16 +105,6 @@ def planes_contiguous(t: torch.Tensor) -> torch.Tensor:
 def plane_strides(t: torch.Tensor):
     """(batch stride, channel stride) of a planes-contiguous (B, C', H, W) operand."""
     return t.stride(0), t.stride(1)
-
-
-def acc_torch_dtype(x: torch.Tensor) -> torch.dtype:
-    """acc_dtype as a torch dtype: for buffers the kernels accumulate into (partials, u)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def partial_buffer(x: torch.Tensor, planes: int, tiles: int) -> torch.Tensor:
-    """One partial sum per program, in the accumulation dtype."""
-    return torch.empty(planes, tiles, dtype=acc_torch_dtype(x), device=x.device)
 
 
 def finish_nll(partial: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The fused NLL (forward) and its backward, for both weight sources: off_diag's planes, or
-(``BASIS``, a constexpr: the learned basis of paper section 4.3, structlik/kernels/nll_basis.py)
+(``BASIS``, a constexpr: the learned basis of paper section 4.3)
 w_{p,i} = sum_j basis[i, j] coeffs_j(p), formed in registers from a (NB, BLOCK) tile of
 coefficients and never stored.
 
@@ -10,7 +10,7 @@ atomics) and the normaliser.
 
 Backward, one pass: d/ds = g (u r d - 1) and d/dw_{p,i} = g u_p r_{p+delta_i} need
 u at the pixel, d/dloc = -g (d u + sum_i w_{p-delta_i,i} u_{p-delta_i}) needs u at the
-neighbours, which other programs compute. So the training forward (``nll_u``) also
+neighbours, which other programs compute. So the training forward (``store_u``) also
 stores u = U r, one plane, and the backward reads it; d/dx is the negative of d/dloc,
 formed by the caller only when x needs a gradient (data never does).
 
@@ -34,12 +34,12 @@ Inputs are read through their batch and channel strides (``xs``, ``ls``, ``ss``,
 ``ws``: (batch, channel) pairs; common.plane_start), so split-head views are
 never copied; u and the gradients are contiguous.
 """
-import torch
 import triton
 import triton.language as tl
 
-from .common import (acc_dtype, acc_torch_dtype, block_for, finish_nll, grid, neighbour, partial_buffer, plane_start,
-                     plane_strides, planes_contiguous, tile)
+from .._dtypes import compute_dtype
+from .common import (acc_dtype, block_for, empty, finish_nll, grid, neighbour, plane_start, plane_strides,
+                     planes_contiguous, tile)
 
 
 # --- the weight source: off_diag's planes, or a learned basis times coefficients (BASIS) ---------
@@ -158,7 +158,7 @@ def _meta(offsets, H, W, x, basis=None):
     # The coefficient tile and its gradient are NB_P2 x BLOCK each. 128 pixels for 4 warps puts one
     # pixel's NB coefficients in one thread (the sums over the basis stay in registers); at 256 pixels
     # the backward spilled at NB=6, and below 128 the basis axis is split across warps (sums through
-    # shared memory) and spilled more (benchmarks/triton_aot.py).
+    # shared memory) and spilled more (tools/triton_aot.py).
     nb = basis.shape[1]
     return dict(OFFS=tuple(offsets), S=len(offsets) // 2, NB=nb, NB_P2=max(2, triton.next_power_of_2(nb)),
                 ACC=acc_dtype(x), BLOCK=min(block_for(H * W), 128), BASIS=True)
@@ -168,52 +168,52 @@ def _strides(*tensors):
     return [v for t in tensors for v in plane_strides(t)]
 
 
-def forward(x, loc, log_diag, weights, offsets, basis=None, with_u=False):
-    """The per-image NLL, and with ``with_u`` also u = U (x - loc) (contiguous, in the
-    accumulation dtype) for ``backward``. ``weights``: off_diag, or with ``basis`` the coefficients."""
+def nll(x, loc, log_diag, weights, basis, offsets, store_u):
+    """The op ``structlik::nll``: the per-image NLL, and u = U (x - loc) (contiguous, in the
+    compute dtype) for the backward when ``store_u``, else an empty (0,) tensor. ``weights``:
+    off_diag, or with ``basis`` the coefficients."""
     B, C, H, W = x.shape
     x, loc, log_diag, weights = (planes_contiguous(t) for t in (x, loc, log_diag, weights))
     basis = basis.contiguous() if basis is not None else None
     meta = _meta(offsets, H, W, x, basis)
     tiles = triton.cdiv(H * W, meta["BLOCK"])
-    partial = partial_buffer(x, B * C, tiles)
-    # without with_u the kernel never stores u (STORE_U is a constexpr); any pointer will do
-    u = torch.empty(x.shape, dtype=acc_torch_dtype(x), device=x.device) if with_u else partial
+    partial = empty((B * C, tiles), compute_dtype(x), x.device)
+    # without store_u the kernel never stores u (STORE_U is a constexpr); any pointer will do
+    u = empty(x.shape, compute_dtype(x), x.device) if store_u else x.new_empty(0, dtype=compute_dtype(x))
     nll_kernel[grid(B * C, tiles)](
-        x, loc, log_diag, weights, partial if basis is None else basis, partial, u, C, H, W,
-        *_strides(x, loc, log_diag, weights), STORE_U=with_u, **meta)
-    nll = finish_nll(partial, x)
-    return (nll, u) if with_u else nll
+        x, loc, log_diag, weights, partial if basis is None else basis, partial, u if store_u else partial, C, H, W,
+        *_strides(x, loc, log_diag, weights), STORE_U=store_u, **meta)
+    return finish_nll(partial, x), u
 
 
-def backward(grad, x, loc, log_diag, weights, offsets, basis=None, u=None, out=None):
-    """(d/dloc, d/dlog_diag, d/doff_diag), contiguous, or written into ``out`` (three tensors
-    of those shapes, any plane-contiguous strides: the slices of one head's gradient); with
-    ``basis``, (d/dloc, d/dlog_diag, d/dcoeffs, d/dbasis). ``u``: what ``forward(...,
-    with_u=True)`` returned; computed here (one more pass) if None."""
+def _backward_into(grad, x, loc, log_diag, weights, basis, u, offsets, out):
+    """The gradients written into ``out`` (d/dloc, d/dlog_diag, d/doff_diag or d/dcoeffs: any
+    plane-contiguous strides, the slices of one head's gradient too); returns d/dbasis or None.
+    ``u``: what ``nll(..., store_u=True)`` returned; formed here first (one more pass) if empty."""
     B, C, H, W = x.shape
     x, loc, log_diag, weights = (planes_contiguous(t) for t in (x, loc, log_diag, weights))
     basis = basis.contiguous() if basis is not None else None
-    if u is None:
-        u = forward(x, loc, log_diag, weights, offsets, basis=basis, with_u=True)[1]
+    if u.numel() == 0:
+        u = nll(x, loc, log_diag, weights, basis, offsets, True)[1]
     grad = grad.contiguous()
     meta = _meta(offsets, H, W, x, basis)
     tiles = triton.cdiv(H * W, meta["BLOCK"])
-    if out is None:
-        out = tuple(torch.empty(t.shape, dtype=t.dtype, device=x.device) for t in (x, log_diag, weights))
     grad_loc, grad_s, grad_w = out
-    if basis is None:
-        basis_partial = u            # never written (BASIS is a constexpr); any pointer will do
-    else:
-        basis_partial = torch.empty(B * C * tiles, meta["S"], meta["NB_P2"], dtype=acc_torch_dtype(x),
-                                    device=x.device)
+    # never written without a basis (BASIS is a constexpr); any pointer will do
+    basis_partial = u if basis is None else empty((B * C * tiles, meta["S"], meta["NB_P2"]), compute_dtype(x),
+                                                  x.device)
     nll_backward_kernel[grid(B * C, tiles)](
         grad, x, loc, log_diag, weights, u if basis is None else basis, u, grad_loc, grad_s, grad_w, basis_partial,
         C, H, W, *_strides(x, loc, log_diag, weights, grad_loc, grad_s, grad_w), **meta)
-    if basis is None:
-        return grad_loc, grad_s, grad_w
-    grad_basis = basis_partial.sum(0)[:, :meta["NB"]].to(basis.dtype).contiguous()
-    return grad_loc, grad_s, grad_w, grad_basis
+    return None if basis is None else basis_partial.sum(0)[:, :meta["NB"]].to(basis.dtype).contiguous()
+
+
+def nll_backward(grad, x, loc, log_diag, weights, basis, u, offsets):
+    """The op ``structlik::nll_backward``: (d/dloc, d/dlog_diag, d/doff_diag or d/dcoeffs, d/dbasis),
+    contiguous; d/dbasis an empty (0,) tensor without a basis."""
+    out = tuple(empty(t.shape, t.dtype, x.device) for t in (loc, log_diag, weights))
+    grad_basis = _backward_into(grad, x, loc, log_diag, weights, basis, u, offsets, out)
+    return (*out, weights.new_empty(0) if grad_basis is None else grad_basis)
 
 
 def head_slices(head, c0, C, S):
@@ -221,12 +221,13 @@ def head_slices(head, c0, C, S):
     return head.narrow(1, c0, C), head.narrow(1, c0 + C, C), head.narrow(1, c0 + 2 * C, S * C)
 
 
-def head_backward(grad, x, head, c0, offsets, u=None):
-    """The head's whole gradient: the three slices written in place, its other channels zero
-    (autograd's backward of head.split, a cat of three gradients, never runs)."""
+def nll_head_backward(grad, x, head, c0, u, offsets):
+    """The op ``structlik::nll_head_backward``: the head's whole gradient, the three slices written
+    in place, its other channels zero (autograd's backward of head.split, a cat of three
+    gradients, never runs)."""
     C, S = x.shape[1], len(offsets) // 2
-    grad_head = torch.empty(head.shape, dtype=head.dtype, device=head.device)
+    grad_head = empty(head.shape, head.dtype, head.device)
     grad_head[:, :c0].zero_()
     grad_head[:, c0 + (2 + S) * C:].zero_()
-    backward(grad, x, *head_slices(head, c0, C, S), offsets, u=u, out=head_slices(grad_head, c0, C, S))
+    _backward_into(grad, x, *head_slices(head, c0, C, S), None, u, offsets, head_slices(grad_head, c0, C, S))
     return grad_head

@@ -1,9 +1,8 @@
 """diag(U^T U)_p = d_p^2 + sum_i w_{p-delta_i,i}^2, gathered (no atomics)."""
-import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_for, grid, neighbour, plane_start, plane_strides, planes_contiguous, tile
+from .common import acc_dtype, block_for, empty, grid, neighbour, plane_start, plane_strides, planes_contiguous, tile
 
 
 @triton.jit
@@ -22,7 +21,7 @@ def precision_diagonal_kernel(log_diag, off_diag, out, C, H, W, ssb, ssc, wsb, w
 def launch(log_diag, off_diag, offsets):
     B, C, H, W = log_diag.shape
     log_diag, off_diag = planes_contiguous(log_diag), planes_contiguous(off_diag)
-    out = torch.empty(log_diag.shape, dtype=log_diag.dtype, device=log_diag.device)
+    out = empty(log_diag.shape, log_diag.dtype, log_diag.device)
     block = block_for(H * W)
     precision_diagonal_kernel[grid(B * C, triton.cdiv(H * W, block))](
         log_diag, off_diag, out, C, H, W, *plane_strides(log_diag), *plane_strides(off_diag), OFFS=tuple(offsets),

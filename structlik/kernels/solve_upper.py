@@ -17,12 +17,11 @@ many samples of one distribution without copying its parameters).
 """
 import math
 
-import torch
 import triton
 import triton.language as tl
 
 from .apply_upper import param_plane
-from .common import acc_dtype, neighbour, plane_start, plane_strides, planes_contiguous
+from .common import acc_dtype, empty, neighbour, plane_start, plane_strides, planes_contiguous
 
 
 @triton.jit
@@ -85,14 +84,14 @@ def warps_for(lanes: int) -> int:
     """One lane per thread: 1 warp up to 32 lanes (its barrier is a warp's), at most 4 up to 1024
     lanes (8 per thread: 148-168 registers at 4096x4096 radius 3, no spill), then 8 lanes per
     thread: at 4096 lanes (8192 wide) 4 warps sat at 255 registers and spilled 184 bytes
-    (benchmarks/triton_aot.py, sm_90)."""
+    (tools/triton_aot.py, sm_90)."""
     return max(1, min(4, lanes // 32)) if lanes <= 1024 else lanes // 256
 
 
 def launch(rhs, log_diag, off_diag, offsets, transposed: bool):
     B, C, H, W = rhs.shape
     rhs, log_diag, off_diag = (planes_contiguous(t) for t in (rhs, log_diag, off_diag))
-    out = torch.empty(rhs.shape, dtype=rhs.dtype, device=rhs.device)
+    out = empty(rhs.shape, rhs.dtype, rhs.device)
     slope = wavefront_slope(offsets)
     lanes = lanes_for(H, W, slope)
     solve_upper_kernel[(B * C,)](

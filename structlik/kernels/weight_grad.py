@@ -1,9 +1,8 @@
 """weight_grad(a, b)[c*S+i, p] = a_p b_{p+delta_i}: the off_diag gradient of a^T U b."""
-import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_for, grid, neighbour, plane_start, plane_strides, planes_contiguous, tile
+from .common import acc_dtype, block_for, empty, grid, neighbour, plane_start, plane_strides, planes_contiguous, tile
 
 
 @triton.jit
@@ -23,7 +22,7 @@ def launch(a, b, offsets):
     B, C, H, W = a.shape
     S = len(offsets) // 2
     a, b = planes_contiguous(a), planes_contiguous(b)
-    out = torch.empty(B, C * S, H, W, dtype=a.dtype, device=a.device)
+    out = empty((B, C * S, H, W), a.dtype, a.device)
     block = block_for(H * W)
     weight_grad_kernel[grid(B * C, triton.cdiv(H * W, block))](
         a, b, out, C, H, W, *plane_strides(a), *plane_strides(b), OFFS=tuple(offsets), S=S, ACC=acc_dtype(a),

@@ -1,6 +1,6 @@
 """The op library ``torch.ops.structlik``: one namespace, and what each op family registers in it.
 
-PyTorch's dispatcher picks the kernel by device (docs/contract.md §5):
+PyTorch's dispatcher picks the kernel by device (docs/contract.md §7):
 
 - the schemas are defined here, in Python, so every op exists without the C++ build;
 - the reference (``structlik.reference``, plain PyTorch) is each op's
@@ -13,9 +13,10 @@ PyTorch's dispatcher picks the kernel by device (docs/contract.md §5):
 - one fake kernel (torch.compile, meta tensors), one autograd formula and one vmap rule
   per op, registered by :func:`define`.
 
-``structlik.backends`` overrides the CPU or CUDA key to force a backend
-(``STRUCTLIK_BACKEND``, tests, debugging), which is also how CI runs the Triton kernels
-on CPU tensors under ``TRITON_INTERPRET=1``.
+``structlik/ops/_forced.py`` overrides the CPU or CUDA key to force a backend
+(``STRUCTLIK_BACKEND``, ``backends.using``: tests, debugging), which is also how CI runs
+the Triton kernels on CPU tensors under ``TRITON_INTERPRET=1``. Nothing in Python picks a
+kernel: every backend has every op, with the same arguments.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from .._dtypes import upcast
+from ..stencil import Stencil
 from . import _vmap
 
 NAMESPACE = "structlik"
@@ -35,20 +38,11 @@ REFERENCE_KERNELS: Dict[str, Callable] = {}
 TRITON_KERNELS: Dict[str, Callable] = {}
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
-HALF = (torch.float16, torch.bfloat16)
 CPU_UNAVAILABLE: Optional[str] = "structlik.ops has not loaded the C++ kernels yet"   # set by structlik/ops
 
-
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype an op computes in (docs/contract.md §4): float32 and float64 their own,
-    float16 and bfloat16 in float32. The NLL returns this dtype; every other output and
-    every gradient has its input's dtype."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def upcast(*tensors):
-    """float16/bfloat16 tensors as float32 (for kernels that do not read them), others as they are."""
-    return tuple(t.float() if t.dtype in HALF else t for t in tensors)
+# op name -> what the library calls (the differentiable op): for an op whose formula uses an op
+# defined after it (weight_grad's uses apply_upper's), looked up at backward time, not imported
+OPS: Dict[str, Callable] = {}
 
 
 def triton_kernels(family: str):
@@ -78,7 +72,7 @@ def _call(function, op):
     return call
 
 
-def _function(name, op, backward, setup):
+def _function(name, op, backward, setup, per_slice_vmap):
     """``op`` as an autograd.Function with the op's formula and vmap rule: torch 2.13's
     ``register_autograd`` makes an autograd.Function without setup_context, which torch.func's
     transforms refuse; this one has it."""
@@ -88,7 +82,7 @@ def _function(name, op, backward, setup):
         return op(*args)
 
     def vmap(info, in_dims, *args):
-        return _vmap.rule(function.apply, arg_names, False)(info, in_dims, *args)
+        return _vmap.rule(function.apply, arg_names, per_slice_vmap)(info, in_dims, *args)
 
     def jvp(ctx, *tangents):
         raise NotImplementedError(f"structlik: {NAMESPACE}::{name} has no forward-mode derivative (torch.func.jvp, "
@@ -102,11 +96,12 @@ def _function(name, op, backward, setup):
 
 def define(schema: str, *, reference: Callable, fake: Callable, triton: Optional[Callable] = None,
            backward: Optional[Callable] = None, setup_context: Optional[Callable] = None,
-           per_slice_vmap: bool = False) -> Callable:
+           per_slice_vmap=False) -> Callable:
     """Define ``torch.ops.structlik.<name>`` from ``schema`` with its reference kernel (every device
     without a kernel of its own), fake kernel, optional Triton kernel (CUDA), autograd formula and
-    vmap rule (``per_slice_vmap``: call the op once per vmapped slice; for outputs that are not per
-    image). Returns what the library calls: the op differentiable by autograd, torch.func and
+    vmap rule (``per_slice_vmap``: call the op once per vmapped slice, for outputs that are not per
+    image; a function of the arguments by name when that depends on them). Returns what the
+    library calls: the op differentiable by autograd, torch.func and
     torch.compile when it has a formula, else the op itself."""
     name = schema.split("(", 1)[0]
     qualname = f"{NAMESPACE}::{name}"
@@ -123,9 +118,11 @@ def define(schema: str, *, reference: Callable, fake: Callable, triton: Optional
     torch.library.register_vmap(qualname, _vmap.rule(op, [a.name for a in op._schema.arguments], per_slice_vmap),
                                 lib=LIBRARY)
     if backward is None:
+        OPS[name] = packet
         return packet
     torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=LIBRARY)
-    return _call(_function(name, op, backward, setup_context), packet)
+    OPS[name] = _call(_function(name, op, backward, setup_context, per_slice_vmap), packet)
+    return OPS[name]
 
 
 # --- kernels and setup_context helpers shared by the op families ----------------------------
@@ -134,8 +131,6 @@ def image_kernels(family: str, reference_function: Callable, transposed: bool) -
     """The reference and Triton kernels of an op of one image and U's parameters (U r, U^T y, U^-1 z,
     U^-T g): ``reference_function(image, log_diag, off_diag, stencil)`` from structlik.reference, and
     ``structlik.kernels.<family>.launch(..., transposed)``."""
-    from ..stencil import Stencil
-
     def reference(image, log_diag, off_diag, offsets):
         args = upcast(image, log_diag, off_diag)
         return reference_function(*args, Stencil.from_flat_offsets(offsets)).to(image.dtype).contiguous()
@@ -155,15 +150,6 @@ def save_inputs(ctx, inputs, output):
     """Keep every tensor input; the last argument (the stencil's offsets) as an attribute."""
     ctx.save_for_backward(*inputs[:-1])
     ctx.offsets = inputs[-1]
-
-
-def save_inputs_and_u(ctx, inputs, output):
-    """For the training forwards (output: the NLL and u): every tensor input and u. u is auxiliary:
-    not differentiable, and its gradient never materialised."""
-    ctx.save_for_backward(*inputs[:-1], output[1])
-    ctx.offsets = inputs[-1]
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
 
 
 def offsets_count(offsets) -> int:

@@ -14,9 +14,10 @@ from .. import _checks, reference
 from ..head import ILL_CONDITIONED, largest_weight_ratio
 from ..reference import sum_repeats
 from ..stencil import Stencil
-from . import _library
+from .._dtypes import upcast
+from . import _forced, _library
 from ._library import save_inputs
-from .weight_grad import weight_grad_op
+from ._weight_grad import weight_grad_op
 
 _SCHEMA = "(Tensor {image}, Tensor log_diag, Tensor off_diag, int[] offsets) -> Tensor"
 
@@ -55,14 +56,13 @@ def image_op(op, name: str, image, log_diag, off_diag, stencil, *, params_repeat
     parameters b % their batch; the distribution's samples). ``blame``: the tensors to name when
     the result is not finite (default: the op's own arguments). A solve's result that is not
     finite although its inputs are raises, naming the weight ratio that made U^-1 overflow."""
-    from .. import backends
     image_name = IMAGE_OPS[name]
     _checks.check_stencil(stencil)
     _checks.check_against_image(image_name, image, stencil, _checks.param_layouts(stencil, log_diag, off_diag),
                                 params_repeat)
-    backends.name_of(image.device)       # a forced backend installed, or its error raised
+    _forced.prepare(image.device)
     image, log_diag, off_diag = _checks.promote(image, log_diag, off_diag)
-    out = op(*_library.upcast(image, log_diag, off_diag), stencil.flat_offsets).to(image.dtype)
+    out = op(*upcast(image, log_diag, off_diag), stencil.flat_offsets).to(image.dtype)
     solve = name.startswith("solve")
     _checks.check_result(out, blame or {image_name: image, "log_diag": log_diag, "off_diag": off_diag}, op=name,
                          overflow=(lambda: ill_conditioned(log_diag, off_diag, stencil, name)) if solve else None,

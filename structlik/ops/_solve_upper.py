@@ -16,8 +16,8 @@ from .. import reference
 from ..reference import sum_repeats
 from ..stencil import Stencil
 from . import _library
-from .apply_upper import image_op
-from .weight_grad import weight_grad_op
+from ._apply_upper import image_op
+from ._weight_grad import weight_grad_op
 
 _SCHEMA = "(Tensor {rhs}, Tensor log_diag, Tensor off_diag, int[] offsets) -> Tensor"
 

@@ -1,21 +1,21 @@
 """Gather benchmarks/results/*.md into benchmarks/RESULTS.md, under a header that says how they were made.
 
-    python benchmarks/collect_results.py
+    python -m tools.collect_results
 """
 import glob
 import os
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 HEADER = """# Benchmark results
 
 Each section below was written by the script named in its `command` line, on
 the device it names; nothing here is edited by hand but the notes. Re-run with
 
-    python benchmarks/bench_nll.py && python benchmarks/bench_solve_upper.py
-    python benchmarks/bench_nll_basis.py && python -m benchmarks.bench_vae_step
-    python benchmarks/targets.py --device cpu      # or --device cuda
-    python benchmarks/collect_results.py
+    python -m benchmarks.bench_nll && python -m benchmarks.bench_solve_upper
+    python -m benchmarks.bench_nll_basis && python -m benchmarks.bench_vae_step
+    python -m tools.targets --device cpu      # or --device cuda
+    python -m tools.collect_results
 
 (`benchmarks/gpu_session.sh` does all of it on a GPU machine.) Every contender
 is checked against the reference before it is timed (the `error` column). See

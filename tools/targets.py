@@ -1,7 +1,7 @@
 """Read the issues' performance targets off the benchmark results of one device.
 
-    python benchmarks/targets.py --device cpu     # the CPU-kernel issue's targets
-    python benchmarks/targets.py --device cuda    # the GPU issue's targets
+    python -m tools.targets --device cpu     # the CPU-kernel issue's targets
+    python -m tools.targets --device cuda    # the GPU issue's targets
 
 Reads ``results/<family>-<device>.csv`` (written by the bench_*.py scripts),
 writes ``results/targets-<device>.md`` and prints it. Nothing is timed here:
@@ -17,8 +17,7 @@ import dataclasses
 import os
 from typing import Callable, List, Optional
 
-import common
-import harness
+from benchmarks import common, harness
 
 
 @dataclasses.dataclass
@@ -137,7 +136,7 @@ def main():
     rows, sources = evaluate(args.device)
     title = {"cpu": "The CPU-kernel targets", "cuda": "The GPU targets"}[args.device]
     text = (f"## {title}, read off the tables below\n\n"
-            f"Written by `python benchmarks/targets.py --device {args.device}` from these runs:\n\n"
+            f"Written by `python -m tools.targets --device {args.device}` from these runs:\n\n"
             + ("\n".join(f"- `{s}`" for s in sources) if sources else "- none: no results for this device yet")
             + "\n\nEach figure is a ratio of timings (or memory) taken in the same run; \"ratio\" figures are "
               "how many times slower the alternative is than the fused kernel.\n\n"

@@ -12,12 +12,13 @@ from torch import Tensor
 
 from .. import reference
 from ..stencil import Stencil
+from .._dtypes import upcast
 from . import _library
 from ._library import offsets_count, save_inputs
 
 
 def _reference(a: Tensor, b: Tensor, offsets: List[int]) -> Tensor:
-    return reference.weight_grad(*_library.upcast(a, b), Stencil.from_flat_offsets(offsets)).to(a.dtype).contiguous()
+    return reference.weight_grad(*upcast(a, b), Stencil.from_flat_offsets(offsets)).to(a.dtype).contiguous()
 
 
 def _triton(a: Tensor, b: Tensor, offsets: List[int]) -> Tensor:
@@ -29,9 +30,10 @@ def _fake(a, b, offsets):
 
 
 # d/da_p = sum_i G_{p,i} b_{p+delta_i} and d/db_q = sum_i G_{q-delta_i,i} a_{q-delta_i}: U b and U^T a
-# with weights G and a zero diagonal.
+# with weights G and a zero diagonal (the ops of structlik/ops/_apply_upper.py, whose own formulas use
+# this op: looked up by name when the backward runs, so neither module imports the other).
 def _backward(ctx, G):
-    from .apply_upper import apply_upper_op, apply_upper_t_op
+    apply_upper_op, apply_upper_t_op = _library.OPS["apply_upper"], _library.OPS["apply_upper_t"]
     a, b = ctx.saved_tensors
     need = ctx.needs_input_grad
     zero_diagonal = torch.full_like(a, float("-inf"))     # exp(-inf) = 0

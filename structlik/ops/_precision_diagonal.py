@@ -13,13 +13,14 @@ from torch import Tensor
 
 from .. import _checks, reference
 from ..stencil import Stencil
-from . import _library
+from .._dtypes import upcast
+from . import _forced, _library
 from ._library import save_inputs
-from .weight_grad import weight_grad_op
+from ._weight_grad import weight_grad_op
 
 
 def _reference(log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
-    args = _library.upcast(log_diag, off_diag)
+    args = upcast(log_diag, off_diag)
     return reference.precision_diagonal(*args, Stencil.from_flat_offsets(offsets)).to(log_diag.dtype).contiguous()
 
 
@@ -53,10 +54,9 @@ precision_diagonal_op = _library.define(
 def precision_diagonal(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil, *,
                        blame: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
     """Diagonal of ``Lambda = U^T U``: ``exp(2 log_diag_p) + sum_i off_diag_{p-delta_i,i}^2``; (B, C, H, W)."""
-    from .. import backends
     _checks.check_params(log_diag, off_diag, stencil)
-    backends.name_of(log_diag.device)
+    _forced.prepare(log_diag.device)
     log_diag, off_diag = _checks.promote(log_diag, off_diag)
-    out = precision_diagonal_op(*_library.upcast(log_diag, off_diag), stencil.flat_offsets).to(log_diag.dtype)
+    out = precision_diagonal_op(*upcast(log_diag, off_diag), stencil.flat_offsets).to(log_diag.dtype)
     _checks.check_result(out, blame or {"log_diag": log_diag, "off_diag": off_diag}, op="precision_diagonal")
     return out

@@ -1,6 +1,6 @@
 """The parallel solve's step model, with figures from its sm_90 SASS (no GPU run).
 
-    python benchmarks/solve_model.py        # prints the table docs/kernels.md quotes
+    python -m tools.solve_model        # prints the table docs/kernels.md quotes
 
 For each size: the wavefront steps a(H-1)+W that follow each other in one
 program (its critical path), the lanes (threads) per program, the pixels a
@@ -17,7 +17,7 @@ import re
 import subprocess
 import tempfile
 
-import triton_aot  # noqa: E402  (sets up ahead-of-time compilation; imports triton without the interpreter)
+from tools import triton_aot  # noqa: E402  (sets up ahead-of-time compilation; imports triton without the interpreter)
 
 import triton  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402

@@ -1,6 +1,6 @@
 """Run the Triton kernels at the GPU targets' sizes a few times each, for a profiler (ncu) to read.
 
-    ncu --kernel-name regex:'nll|solve' --launch-skip 6 --launch-count 6 python benchmarks/profile_kernels.py
+    ncu --kernel-name regex:'nll|solve' --launch-skip 6 --launch-count 6 python -m tools.profile_kernels
 
 Each op runs ``--repeats`` times after one warm-up, so the profiler can skip
 the compilations and read steady-state launches (the Triton NLL backward is
@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-import common
+from benchmarks import common
 
 
 def main():

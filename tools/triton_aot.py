@@ -1,8 +1,8 @@
 """Compile every Triton kernel ahead of time for a real GPU (sm_90: H100/H200), without one.
 
-    python benchmarks/triton_aot.py              # the sizes and dtypes CI checks; results/triton_aot-sm90.{md,json}
-    python benchmarks/triton_aot.py --quick      # B16 256x256 radius 3, float32: the largest stencil only
-    python benchmarks/triton_aot.py --json F     # also the rows as JSON in F (what tests/test_triton_aot.py reads)
+    python -m tools.triton_aot              # the sizes and dtypes CI checks; results/triton_aot-sm90.{md,json}
+    python -m tools.triton_aot --quick      # B16 256x256 radius 3, float32: the largest stencil only
+    python -m tools.triton_aot --json F     # also the rows as JSON in F (what tests/test_triton_aot.py reads)
 
 structlik's own launch wrappers (structlik/kernels/*.py) are called on meta
 tensors (nothing is allocated, so any size works) with Triton's
@@ -38,7 +38,7 @@ from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime import jit as triton_jit  # noqa: E402
 
 from structlik import Stencil  # noqa: E402
-from structlik.kernels import apply_upper, nll, nll_basis, precision_diagonal, solve_upper, weight_grad  # noqa: E402
+from structlik.kernels import apply_upper, nll, precision_diagonal, solve_upper, weight_grad  # noqa: E402
 
 ARCH = 90
 TARGET = GPUTarget("cuda", ARCH, 32)
@@ -78,13 +78,14 @@ def launches(label, B, C, H, W, stencil, basis_sizes, dtypes):
             return meta(B, C, H, W, dtype=dtype)
         off_diag = meta(B, C * S, H, W, dtype=dtype)
         grad = meta(B, dtype=torch.float32)
-        nll.forward(image(), image(), image(), off_diag, offsets)
-        _, u = nll.forward(image(), image(), image(), off_diag, offsets, with_u=True)
-        nll.backward(grad, image(), image(), image(), off_diag, offsets, u=u)
+        nll.nll(image(), image(), image(), off_diag, None, offsets, False)
+        _, u = nll.nll(image(), image(), image(), off_diag, None, offsets, True)
+        nll.nll_backward(grad, image(), image(), image(), off_diag, None, u, offsets)
         for nb in basis_sizes:
             coeffs, basis = meta(B, C * nb, H, W, dtype=dtype), meta(S, nb, dtype=dtype)
-            nll_basis.forward(image(), image(), image(), coeffs, basis, offsets)
-            nll_basis.backward(grad, image(), image(), image(), coeffs, basis, offsets)
+            nll.nll(image(), image(), image(), coeffs, basis, offsets, False)
+            _, u = nll.nll(image(), image(), image(), coeffs, basis, offsets, True)
+            nll.nll_backward(grad, image(), image(), image(), coeffs, basis, u, offsets)
         if dtype in HALF:
             continue        # structlik.ops gives every other op float32 copies of half inputs
         for transposed in (False, True):
@@ -191,14 +192,14 @@ def main():
     text = report(rows)
     print(text)
     if not args.no_results:
-        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
         with open(os.path.join(here, f"triton_aot-sm{ARCH}.md"), "w") as f:
             f.write(text)
 
 
 def report(rows):
     lines = [f"## Triton kernels compiled ahead of time for sm_{ARCH} (H100/H200)", "",
-             f"- command: python benchmarks/triton_aot.py", f"- triton: {triton.__version__}, "
+             f"- command: python -m tools.triton_aot", f"- triton: {triton.__version__}, "
              f"ptxas of CUDA {knobs.nvidia.ptxas.version}, target {TARGET}", "",
              "Static figures from the compiled cubins, no GPU run: registers per thread, spill bytes per thread "
              "(ptxas), H100 occupancy (share of an SM's 64 warp slots), the largest grid recorded for that "
