@@ -81,3 +81,48 @@ def gradcheck(fn, *inputs, backend="reference"):
     a random projection of the Jacobian (fast_mode) there instead of every column of it."""
     fast = backend == "triton"
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast)
+
+
+OPCHECK_STENCIL = structlik.Stencil(1, (1, 2))
+
+
+def opcheck_inputs(grad):
+    """x, loc, log_diag, off_diag (2, 2, 5, 4) for opcheck, float64, needing gradients or not."""
+    loc, log_diag, off_diag = make_params((2, 2, 5, 4), OPCHECK_STENCIL, requires_grad=grad)
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=grad)
+    return x, loc, log_diag, off_diag
+
+
+def opcheck(backend_name, op_name, make, differentiable):
+    """torch.library.opcheck of torch.ops.structlik.<op_name> on ``make(grad)`` with backend_name's
+    kernel (the reference: what MPS, XPU and a CPU without the extension run)."""
+    op = getattr(torch.ops.structlik, op_name)
+    with backends.using(backend_name):
+        for grad in ((False, True) if differentiable else (False,)):
+            torch.library.opcheck(op, make(grad))
+
+
+# Backends run by an interpreter (Triton on a CPU, ~16 ms per program) skip the hypothesis search
+# (not_interpreted) and gradcheck these explicit cases instead.
+INTERPRETED_CASES = [
+    pytest.param(structlik.Stencil(1, (1, 2)), (1, 2, 3, 4), id="r1-d12-B1-C2-3x4"),
+    pytest.param(structlik.Stencil(2), (2, 1, 4, 3), id="r2-B2-C1-4x3"),
+]
+
+
+def triton_if_available(device):
+    """["triton"] where it runs on the tests' device, else [] (pytest reports the empty set as a skip)."""
+    return [n for n in ("triton",) if n in available_backends(device)]
+
+
+def gradcheck_image_op(name, stencil, shape, backend):
+    """gradcheck of the public image op ``name`` (apply_upper ... solve_upper_t) in all three tensors."""
+    image, log_diag, off_diag = make_params(shape, stencil, requires_grad=True)
+    op = getattr(structlik.ops, name)
+    gradcheck(lambda a, s, w: op(a, s, w, stencil), image, log_diag, off_diag, backend=backend)
+
+
+def opcheck_image_op(backend_name, name):
+    """opcheck of torch.ops.structlik.<name>, an image op (r, log_diag, off_diag, offsets)."""
+    opcheck(backend_name, name, lambda g: (opcheck_inputs(g)[0], *opcheck_inputs(g)[2:],
+                                           OPCHECK_STENCIL.flat_offsets), True)

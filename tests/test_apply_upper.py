@@ -1,8 +1,14 @@
-"""U r and U^T y against dense matrix products, every backend against the reference."""
+"""U r and U^T y (and weight_grad, their weight gradient): against dense matrix products, every
+backend against the reference, gradcheck, opcheck."""
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from helpers import STENCILS, make_params
+from conftest import TEST_DEVICE
+from helpers import (INTERPRETED_CASES, OPCHECK_STENCIL, STENCILS, available_backends, gradcheck_image_op,
+                     gradcheck_problems, make_params, opcheck, opcheck_image_op, opcheck_inputs,
+                     triton_if_available)
 from structlik import ops, reference
 
 
@@ -37,3 +43,27 @@ def test_extreme_log_diag_float32(value, backend):
     torch.testing.assert_close(got, expected, rtol=2e-6, atol=0)
     torch.testing.assert_close(ops.precision_diagonal(log_diag, off_diag, stencil),
                                reference.precision_diagonal(log_diag, off_diag, stencil), rtol=4e-6, atol=0)
+
+
+@pytest.mark.not_interpreted
+@given(problem=gradcheck_problems(), name=st.sampled_from(["apply_upper", "apply_upper_t"]))
+def test_gradcheck(problem, name, backend):
+    gradcheck_image_op(name, *problem, backend)
+
+
+@pytest.mark.parametrize("backend_name", available_backends(TEST_DEVICE))
+@pytest.mark.parametrize("name", ["apply_upper", "apply_upper_t", "weight_grad"])
+def test_opcheck(backend_name, name):
+    offsets = OPCHECK_STENCIL.flat_offsets
+    if name == "weight_grad":
+        opcheck(backend_name, name, lambda g: (*opcheck_inputs(False)[:2], offsets), False)
+    else:
+        opcheck_image_op(backend_name, name)
+
+
+@pytest.mark.parametrize("backend", triton_if_available(TEST_DEVICE), indirect=True)
+@pytest.mark.parametrize("stencil,shape", INTERPRETED_CASES)
+def test_gradcheck_interpreted_triton(stencil, shape, backend):
+    """The registered backward on the Triton kernels (interpreted without a GPU), fast_mode gradcheck."""
+    for name in ("apply_upper", "apply_upper_t"):
+        gradcheck_image_op(name, stencil, shape, backend)

@@ -9,8 +9,8 @@ from hypothesis import given
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import TEST_DEVICE
-from helpers import (STENCILS, assert_half_nll_matches_float32, available_backends, gradcheck, gradcheck_problems,
-                     make_params)
+from helpers import (INTERPRETED_CASES, STENCILS, assert_half_nll_matches_float32, available_backends, gradcheck,
+                     gradcheck_problems, make_params, triton_if_available)
 from structlik import (LearnedBasis, Stencil, StructuredNormal, backends, expand_basis, ops, reference,
                        structured_gaussian_nll)
 
@@ -264,6 +264,15 @@ def test_opcheck_nll_half(backend_name, dtype):
         grads = torch.ops.structlik.nll_backward(torch.ones(2), x.detach(), loc.detach(), log_diag.detach(),
                                                  off_diag.detach(), None, u, OPCHECK_STENCIL.flat_offsets)
         assert [g.dtype for g in grads[:3]] == [dtype] * 3
+
+
+@pytest.mark.parametrize("backend", triton_if_available(TEST_DEVICE), indirect=True)
+@pytest.mark.parametrize("stencil,shape", INTERPRETED_CASES)
+def test_gradcheck_interpreted_triton(stencil, shape, backend):
+    """The registered backward on the Triton kernels (interpreted without a GPU), fast_mode gradcheck."""
+    loc, log_diag, off_diag = make_params(shape, stencil, requires_grad=True)
+    x = (loc.detach() + torch.randn(shape, dtype=torch.float64)).requires_grad_()
+    gradcheck(lambda *a: ops.nll(*a, stencil), x, loc, log_diag, off_diag, backend=backend)
 
 
 # --- the learned basis: the fused op against the materialised form -------------------------------

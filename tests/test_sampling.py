@@ -1,8 +1,9 @@
 """Samples have the right mean and covariance (Sigma = (U^T U)^-1), within sampling error."""
 import pytest
 import torch
+from hypothesis import given
 
-from helpers import make_params
+from helpers import gradcheck, gradcheck_problems, make_params
 from structlik import Stencil, StructuredNormal, ops
 
 N_SAMPLES = 20_000
@@ -44,3 +45,22 @@ def test_samples_differ_and_sample_has_no_grad():
     assert not torch.equal(a, b)
     assert not a.requires_grad
     assert dist.rsample().requires_grad
+
+
+@pytest.mark.not_interpreted
+@given(problem=gradcheck_problems())
+def test_gradcheck_rsample(problem, backend):
+    """Reparameterised sampling: the gradient reaches loc, log_diag and off_diag."""
+    stencil, shape = problem
+    loc, log_diag, off_diag = make_params(shape, stencil, requires_grad=True)
+
+    def sample(m, s, w):
+        torch.manual_seed(1234)     # the same z in every evaluation
+        return StructuredNormal(m, s, w, stencil).rsample((2,))
+
+    gradcheck(sample, loc, log_diag, off_diag, backend=backend)
+    sample(loc, log_diag, off_diag).square().sum().backward()
+    assert loc.grad.abs().sum() > 0 and log_diag.grad.abs().sum() > 0
+    H, W = shape[2:]
+    some_weight_used = any(dy < H and abs(dx) < W for dy, dx in stencil.offsets)
+    assert (off_diag.grad.abs().sum() > 0) == some_weight_used

@@ -1,8 +1,13 @@
-"""The triangular solves: round trips through apply_upper, dense solves, every backend vs reference."""
+"""The triangular solves: round trips through apply_upper, dense solves, every backend vs reference,
+gradcheck, opcheck."""
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from helpers import make_params
+from conftest import TEST_DEVICE
+from helpers import (INTERPRETED_CASES, available_backends, gradcheck_image_op, gradcheck_problems, make_params,
+                     opcheck_image_op, triton_if_available)
 from structlik import ops, reference
 
 
@@ -61,3 +66,23 @@ def test_a_pinned_pixel_has_the_gradients_of_the_limit(name, backend):
 
     for got, limit in zip(grads(float("inf")), grads(300.0)):
         torch.testing.assert_close(got, limit, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.not_interpreted
+@given(problem=gradcheck_problems(), name=st.sampled_from(["solve_upper", "solve_upper_t"]))
+def test_gradcheck(problem, name, backend):
+    gradcheck_image_op(name, *problem, backend)
+
+
+@pytest.mark.parametrize("backend_name", available_backends(TEST_DEVICE))
+@pytest.mark.parametrize("name", ["solve_upper", "solve_upper_t"])
+def test_opcheck(backend_name, name):
+    opcheck_image_op(backend_name, name)
+
+
+@pytest.mark.parametrize("backend", triton_if_available(TEST_DEVICE), indirect=True)
+@pytest.mark.parametrize("stencil,shape", INTERPRETED_CASES)
+def test_gradcheck_interpreted_triton(stencil, shape, backend):
+    """The registered backward on the Triton kernels (interpreted without a GPU), fast_mode gradcheck."""
+    for name in ("solve_upper", "solve_upper_t"):
+        gradcheck_image_op(name, stencil, shape, backend)

@@ -8,8 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import TEST_DEVICE
-from helpers import make_params
+from helpers import OPCHECK_STENCIL, make_params, opcheck_inputs
 import structlik
 from structlik import Stencil, StructuredNormal, ops, structured_gaussian_nll
 
@@ -239,3 +238,29 @@ def test_jit_trace_of_a_module_using_the_loss(backend):
     g_traced = torch.autograd.grad(got, model.conv.weight)[0]
     g_eager = torch.autograd.grad(expected, model.conv.weight)[0]
     torch.testing.assert_close(g_traced, g_eager)
+
+
+@pytest.mark.backends("cpu", "triton")
+def test_compile_fullgraph_nll(backend):
+    x, loc, log_diag, off_diag = [t.detach().float().requires_grad_() for t in opcheck_inputs(False)]
+    compiled = torch.compile(lambda *a: structured_gaussian_nll(*a, OPCHECK_STENCIL), fullgraph=True,
+                             backend="aot_eager")
+    got = compiled(x, loc, log_diag, off_diag)
+    got.backward()
+    grads = [t.grad.clone() for t in (x, loc, log_diag, off_diag)]
+    for t in (x, loc, log_diag, off_diag):
+        t.grad = None
+    expected = structured_gaussian_nll(x, loc, log_diag, off_diag, OPCHECK_STENCIL)
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    for g, t in zip(grads, (x, loc, log_diag, off_diag)):
+        torch.testing.assert_close(g, t.grad)
+
+
+@pytest.mark.backends("cpu", "triton")
+def test_compile_inductor_nll(backend):
+    """The default inductor backend also compiles the loss (it calls our kernel as an extern op)."""
+    x, loc, log_diag, off_diag = [t.detach().float() for t in opcheck_inputs(False)]
+    compiled = torch.compile(lambda *a: structured_gaussian_nll(*a, OPCHECK_STENCIL), fullgraph=True)
+    torch.testing.assert_close(compiled(x, loc, log_diag, off_diag),
+                               structured_gaussian_nll(x, loc, log_diag, off_diag, OPCHECK_STENCIL))
