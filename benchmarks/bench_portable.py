@@ -103,8 +103,8 @@ def main():
     assert sos["portable"] != sos["native"], sos
     lines = ["## Portable build vs -march=native (CPU kernels)", "",
              f"- command: python -m benchmarks.bench_portable (best median of {args.rounds} rounds, builds in turns)",
-             f"- date: {datetime.date.today()}, torch {__import__('torch').__version__}, {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores", "",
+             f"- date: {datetime.date.today()}, torch {__import__('torch').__version__}, "
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "",
              "| case (float32) | portable (ms) | native (ms) | portable / native |", "|---|---|---|---|"]
     for case in best["portable"]:
         a, b = best["portable"][case], best["native"][case]

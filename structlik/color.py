@@ -196,5 +196,6 @@ class YCbCrStructuredNormal(Distribution):
         return self.luma.entropy() + self.chroma.entropy().sum((1, 2, 3))
 
     def __repr__(self):
-        return f"YCbCrStructuredNormal(stencil={self.stencil!r}, factor={self.factor}, batch_shape={tuple(self.batch_shape)})"
+        return (f"YCbCrStructuredNormal(stencil={self.stencil!r}, factor={self.factor}, "
+                f"batch_shape={tuple(self.batch_shape)})")
 

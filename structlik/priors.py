@@ -22,8 +22,8 @@ def gamma_prior_log_prob(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil
     Float32 for float32, float16 and bfloat16 inputs (float64 for float64), as the NLL.
 
     The weights' part ``sum_i w^2`` is one fused pass (the ``precision_diagonal`` op with
-    d = 0, an exact limit of contract §1); the density is formed per pixel in float64, where ``exp(2 log_diag)`` and its
-    logarithm cannot overflow or underflow for any float32 log_diag: float16 holds d^2 only
+    d = 0, an exact limit of contract §1); the density is formed per pixel in float64, where
+    ``exp(2 log_diag)`` and its logarithm cannot overflow or underflow for any float32 log_diag: float16 holds d^2 only
     up to log_diag = 5.55, float32 up to 44.4 (past it the prior was NaN and the gradient at
     log_diag = -45 infinite; the exact values are -inf in float32 and 2 (concentration - 1)).
     """

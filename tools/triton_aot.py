@@ -173,7 +173,8 @@ def main():
         dtypes = (torch.float32,) if args.quick or big else DTYPES
         items += launches(label, B, C, H, W, stencil, basis_sizes, dtypes)
     backend = make_backend(TARGET)
-    keys = [repr((fn.fn.__name__, specialise(fn, a, kw, backend)[1:], kw.get("num_warps"))) for _, fn, a, kw, _ in items]
+    keys = [repr((fn.fn.__name__, specialise(fn, a, kw, backend)[1:], kw.get("num_warps")))
+            for _, fn, a, kw, _ in items]
     first = {}
     for i, key in enumerate(keys):
         first.setdefault(key, i)
@@ -199,7 +200,7 @@ def main():
 
 def report(rows):
     lines = [f"## Triton kernels compiled ahead of time for sm_{ARCH} (H100/H200)", "",
-             f"- command: python -m tools.triton_aot", f"- triton: {triton.__version__}, "
+             "- command: python -m tools.triton_aot", f"- triton: {triton.__version__}, "
              f"ptxas of CUDA {knobs.nvidia.ptxas.version}, target {TARGET}", "",
              "Static figures from the compiled cubins, no GPU run: registers per thread, spill bytes per thread "
              "(ptxas), H100 occupancy (share of an SM's 64 warp slots), the largest grid recorded for that "
