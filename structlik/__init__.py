@@ -10,6 +10,7 @@ from . import backends, color, ops, reference
 from .head import IllConditionedWarning, bound_weights, split_head
 from .basis import LearnedBasis, expand_basis
 from .color import YCbCrStructuredNormal
+from .conditional import ConditionalStructuredNormal
 from .distribution import StructuredNormal
 from .loss import StructuredGaussianNLLLoss, structured_gaussian_nll
 from .priors import gamma_prior_log_prob, variance_minimiser, variance_weight
@@ -20,7 +21,8 @@ backends.sync()     # STRUCTLIK_BACKEND, if set, forces its backend from the fir
 __version__ = "0.1.0"
 
 __all__ = [
-    "Stencil", "StructuredNormal", "bound_weights", "split_head", "IllConditionedWarning", "structured_gaussian_nll", "StructuredGaussianNLLLoss",
+    "Stencil", "StructuredNormal", "ConditionalStructuredNormal", "bound_weights", "split_head",
+    "IllConditionedWarning", "structured_gaussian_nll", "StructuredGaussianNLLLoss",
     "LearnedBasis", "expand_basis", "YCbCrStructuredNormal", "gamma_prior_log_prob", "variance_minimiser",
     "variance_weight", "ops", "backends", "color", "reference", "__version__",
 ]

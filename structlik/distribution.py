@@ -9,6 +9,7 @@ from torch.distributions import Distribution, constraints
 
 from . import _checks, ops
 from .basis import check_basis, expand_basis
+from .conditional import ConditionalStructuredNormal
 from .head import DEFAULT_WEIGHT_BOUND, ILL_CONDITIONED, split_head, largest_weight_ratio, warn_ill_conditioned
 from .stencil import Stencil
 
@@ -181,6 +182,17 @@ class StructuredNormal(Distribution):
         raise NotImplementedError(
             "StructuredNormal.stddev: not implemented yet (see StructuredNormal.variance); estimate it from "
             "samples, dist.sample((1000,)).std(0)")
+
+    def _noise(self, shape, dtype) -> torch.Tensor:
+        """z ~ N(0, I) of ``shape`` on this distribution's device (the fast generator on CPU tensors)."""
+        return standard_normal(shape, dtype, self.loc.device)
+
+    def condition(self, value, mask, *, tol=None, max_iter=1000) -> ConditionalStructuredNormal:
+        """This distribution given ``value`` where ``mask`` (bool, broadcastable to (*batch, C, H, W))
+        is True: a :class:`structlik.ConditionalStructuredNormal` over whole images (inpainting,
+        posterior samples), with the conditional ``mean``, exact ``rsample``/``sample`` (observed pixels
+        equal to ``value``), ``log_prob`` of the missing pixels and ``observed_log_prob``, log p(x_O)."""
+        return ConditionalStructuredNormal(self, value, mask, tol=tol, max_iter=max_iter)
 
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)

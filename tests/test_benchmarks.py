@@ -55,3 +55,15 @@ def test_targets_are_read_off_the_results(tmp_path, monkeypatch):
     missing = [r for r in rows if r["case"] != case]
     assert missing and all(r["measured"] == "not measured" and r["met"] == "—" for r in missing)
     assert sources == ["python -m benchmarks.bench_nll (H100, d, torch t)"]
+
+
+def test_condition_benchmark_runs():
+    """benchmarks/bench_condition.py --quick: the conditional sample agrees with the dense one."""
+    env = dict(os.environ, STRUCTLIK_BACKEND="")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_condition", "--quick"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines()
+            if line.startswith("| ") and ("hole" in line or "random half" in line)]
+    assert len(rows) == 2 and all(float(r[-2]) < 1e-8 for r in rows), proc.stdout

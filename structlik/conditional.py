@@ -1,0 +1,281 @@
+"""A StructuredNormal conditioned on observed pixels: inpainting and posterior samples.
+
+For the precision Lambda = U^T U, observed pixels O and missing pixels M,
+``x_M | x_O ~ N(mu_M - Lambda_MM^-1 Lambda_MO (x_O - mu_O), Lambda_MM^-1)`` with
+``Lambda_MM = A^T A``, ``A = U[:, M]``. Samples are exact by perturb-and-MAP:
+``x_M - mu_M = Lambda_MM^-1 A^T (z - U[:, O] (x_O - mu_O))``, z ~ N(0, I) over every pixel
+(z = 0 gives the conditional mean). ``Lambda_MM`` is solved by conjugate gradients
+preconditioned with ``U_MM^T U_MM``, whose inverse is the two triangular solves with
+``log_diag = +inf`` on the observed pixels (d = inf pins a pixel to 0, docs/contract.md §1).
+That preconditioner is exact (one iteration) when nothing is observed, when everything
+observed comes after the missing pixels in raster order, and when everything is observed.
+
+Every step is one of the library's ops (U r, U^T y, the two solves), so this runs on every
+backend, batched over images and samples, and differentiates by autograd through the
+iterations (the sample is reparameterised in loc, log_diag, off_diag and the observed values).
+
+The log-determinant ``log det Lambda_MM`` (for ``log_prob`` and ``observed_log_prob``) is exact
+by the matrix determinant lemma: ``2 sum_M log d_p + log det(I + K K^T)`` with
+``K = U[R, M] U_MM^-1`` over the rows R of observed pixels whose stencil reaches a missing pixel
+(a hole's rim; every observed row near a missing one for scattered masks), R solves in one call.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.distributions import Distribution, constraints
+
+from . import _checks, ops, reference
+from ._dtypes import upcast
+
+__all__ = ["ConditionalStructuredNormal"]
+
+
+def _dot(a, b):
+    """Per-plane inner products, (K, C, 1, 1): channels are independent, and conjugate gradients run
+    on each plane with its own step sizes (so no channel's iterate depends on another's)."""
+    return (a * b).sum((2, 3), keepdim=True)
+
+
+class ConditionalStructuredNormal(Distribution):
+    r"""``prior`` (a :class:`structlik.StructuredNormal`) given ``value`` where ``mask`` is True.
+
+    A distribution over whole images: observed pixels equal ``value``, missing ones follow the
+    conditional Gaussian. Build it with ``StructuredNormal.condition(value, mask)``.
+
+    Args:
+        prior: the StructuredNormal, batch shape ``batch``.
+        value: (\*batch, C, H, W) image whose observed pixels are conditioned on (the rest is ignored).
+        mask: bool, broadcastable to (\*batch, C, H, W): True where observed.
+        tol: relative residual ``|b - Lambda_MM x| / |b|`` conjugate gradients stop at, per plane
+            (default 1e-5 in float32, 1e-10 in float64).
+        max_iter: iterations at most (default 1000); a solve that has not reached ``tol`` by
+            then raises a RuntimeError naming the residual it reached.
+
+    ``iterations`` and ``residual`` (the largest over planes) say how the last solve went.
+    """
+
+    arg_constraints = {}
+    support = constraints.independent(constraints.real, 3)
+    has_rsample = True
+
+    def __init__(self, prior, value, mask, *, tol: Optional[float] = None, max_iter: int = 1000,
+                 validate_args=None):
+        event = tuple(prior.event_shape)
+        _checks.check_float_tensor("value", value, "(*batch, C, H, W)", min_dim=3)
+        if tuple(value.shape[-3:]) != event:
+            raise ValueError(f"value: expected shape (*batch, C, H, W) with (C, H, W) = {event}, "
+                             f"got {tuple(value.shape)}")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a bool tensor broadcastable to (*batch, C, H, W), True where observed, "
+                            f"got {mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        for name, t in (("value", value), ("mask", mask)):
+            if t.device != prior.loc.device:
+                raise ValueError(f"{name}: expected a tensor on {prior.loc.device} (the distribution's device), "
+                                 f"got one on {t.device}")
+        try:
+            full = torch.broadcast_shapes(prior.loc.shape, value.shape, mask.shape)
+        except RuntimeError:
+            raise ValueError(f"value, mask: shapes {tuple(value.shape)} and {tuple(mask.shape)} do not broadcast with "
+                             f"the distribution's {tuple(prior.loc.shape)}") from None
+        if tuple(full[-3:]) != event:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} changes the event (C, H, W) = {event}")
+        if not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"max_iter: expected a positive integer, got {max_iter!r}")
+        if tol is not None and not (isinstance(tol, (int, float)) and 0 < tol < 1):
+            raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
+        batch = full[:-3]
+        self.prior = prior.expand(batch)
+        dtype = torch.promote_types(value.dtype, prior.loc.dtype)
+        self.value = value.to(dtype).expand(full)
+        self.mask = mask.expand(full)
+        self.tol = tol if tol is not None else (1e-10 if dtype == torch.float64 else 1e-5)
+        self.max_iter = max_iter
+        self.iterations, self.residual = 0, 0.0
+        self._mean = None
+        super().__init__(batch_shape=batch, event_shape=prior.event_shape, validate_args=False)
+        self._validate_args = self.prior._validate_args if validate_args is None else bool(validate_args)
+
+    # -- the operators, on (K, C, H, W) images whose parameters are image k % N's -------------------
+
+    def _flat(self):
+        """loc, log_diag, off_diag (materialised), value and the missing mask as (N, ...) in the
+        compute dtype, and the log_diag that pins the observed pixels."""
+        p = self.prior
+        loc = p.loc.reshape(-1, *self.event_shape)
+        ld, od = p._flat_params()
+        value = self.value.reshape(-1, *self.event_shape)
+        loc, ld, od, value = upcast(*_checks.promote(loc, ld, od, value))
+        missing = (~self.mask).reshape(-1, *self.event_shape)
+        pinned = torch.where(missing, ld, torch.full_like(ld, math.inf))
+        return loc, ld, od, value, missing.to(loc.dtype), pinned
+
+    def _solve(self, b, ld, od, pinned, m):
+        """x with Lambda_MM x = b (b zero on observed pixels), by preconditioned conjugate gradients."""
+        offsets = self.prior.stencil.flat_offsets
+        repeat = b.shape[0] // ld.shape[0]
+
+        def rep(t):        # the parameters of every sample (the image ops read one set per image)
+            return t if repeat == 1 else t.repeat(repeat, 1, 1, 1)
+        ld_r, od_r, m_r = rep(ld), rep(od), rep(m)
+
+        def lam(v):
+            return m_r * ops.apply_upper_t_op(ops.apply_upper_op(m_r * v, ld_r, od_r, offsets), ld_r, od_r, offsets)
+
+        def precondition(r):       # (U_MM^T U_MM)^-1 r: two solves with the observed pixels pinned
+            return ops.solve_upper_op(ops.solve_upper_t_op(r, pinned, od, offsets), pinned, od, offsets)
+        b_norm = _dot(b, b).sqrt()
+        live = b_norm > 0           # a zero right-hand side (every pixel observed) has solution 0
+        scale = torch.where(live, b_norm, torch.ones_like(b_norm))
+        x = torch.zeros_like(b)
+        r = b
+        z = precondition(r)
+        p = z
+        rz = _dot(r, z)
+        residual = 1.0
+        for it in range(1, self.max_iter + 1):
+            lp = lam(p)
+            curvature = _dot(p, lp)
+            alpha = torch.where(live & (curvature > 0), rz / torch.where(curvature > 0, curvature, 1), 0)
+            x = x + alpha * p
+            r = r - alpha * lp
+            rel = (_dot(r, r).sqrt() / scale).detach()
+            residual = float(rel.max()) if rel.numel() else 0.0
+            if residual <= self.tol or not math.isfinite(residual):
+                break
+            z = precondition(r)
+            rz_new = _dot(r, z)
+            p = z + torch.where(rz != 0, rz_new / torch.where(rz != 0, rz, 1), 0) * p
+            rz = rz_new
+        self.iterations, self.residual = it, residual
+        if not math.isfinite(residual) or residual > self.tol:
+            raise RuntimeError(f"ConditionalStructuredNormal: conjugate gradients reached a relative residual of "
+                               f"{residual:.3g} after {it} iterations, above tol={self.tol:g}; raise max_iter or tol "
+                               f"(a U far from diagonally dominant converges slowly: bound its weights, "
+                               f"structlik.bound_weights)")
+        return x
+
+    def _draw(self, z):
+        """value where observed, loc + Lambda_MM^-1 A^T (z - U[:, O] (value - loc)_O) elsewhere; z: (R*N, C, H, W)
+        noise, or None for the conditional mean."""
+        loc, ld, od, value, m, pinned = self._flat()
+        offsets = self.prior.stencil.flat_offsets
+        # U[:, O] (x_O - mu_O): value's missing pixels are never read (NaN there, the usual "unknown", is fine)
+        observed = m == 0
+        pull = ops.apply_upper_op(torch.where(observed, value - loc, 0), ld, od, offsets)
+        rhs = -pull if z is None else z.reshape(-1, *pull.shape).sub(pull).reshape(z.shape)
+        repeat = rhs.shape[0] // ld.shape[0]
+
+        def rep(t):
+            return t if repeat == 1 else t.repeat(repeat, 1, 1, 1)
+        b = rep(m) * ops.apply_upper_t_op(rhs, rep(ld), rep(od), offsets)
+        with self.prior._value_checks():      # NaN/inf named before any iteration
+            _checks.check_result(b, {"value (observed pixels)": torch.where(observed, value, 0), "loc": loc,
+                                     "log_diag": ld, "off_diag": od}, op="condition")
+        with _checks.validation(False):
+            x = self._solve(b, ld, od, pinned, m)
+        return torch.where(rep(m) > 0, rep(loc) + x, rep(value))
+
+    # -- Distribution API -----------------------------------------------------
+
+    @property
+    def mean(self):
+        """The conditional mean (``value`` where observed), (\\*batch, C, H, W); one solve, kept when
+        no parameter needs a gradient."""
+        if self._mean is not None:
+            return self._mean
+        mean = self._draw(None).reshape(self.batch_shape + self.event_shape).to(self.value.dtype)
+        if not self._needs_grad():
+            self._mean = mean
+        return mean
+
+    def _needs_grad(self):
+        p = self.prior
+        return any(t is not None and t.requires_grad for t in (p.loc, p.log_diag, p.off_diag, p.basis, self.value))
+
+    @property
+    def mode(self):
+        return self.mean
+
+    def rsample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        z = self.prior._noise(shape, torch.float64 if self.value.dtype == torch.float64 else torch.float32)
+        return self._draw(z.reshape(-1, *self.event_shape)).reshape(shape).to(self.value.dtype)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return ConditionalStructuredNormal(self.prior, self.value.expand(batch_shape + self.event_shape),
+                                           self.mask.expand(batch_shape + self.event_shape), tol=self.tol,
+                                           max_iter=self.max_iter, validate_args=self._validate_args)
+
+    def log_det_missing(self):
+        """``log det Lambda_MM`` per image, (\\*batch,): the determinant lemma over the observed rows
+        that reach a missing pixel (module docstring)."""
+        loc, ld, od, value, m, pinned = self._flat()
+        stencil = self.prior.stencil
+        N, C, H, W = ld.shape
+        n, S = H * W, stencil.S
+        missing = m > 0
+        w = reference.weights(od, stencil).reshape(N * C, S, n)          # 0 where pointing outside
+        miss = missing.reshape(N * C, n)
+        touches = []         # (N*C, S, n): observed p whose offset i lands on a missing pixel
+        for dy, dx in stencil.offsets:
+            lands = reference.shift(m, dy, dx).reshape(N * C, n) > 0
+            touches.append(lands & ~miss)
+        touch = torch.stack(touches, 1) & reference.read_mask(tuple(stencil.offsets), H, W, ld.device).reshape(1, S, n)
+        rows = touch.any(1)                                              # R per plane
+        count = rows.sum(1)
+        R = int(count.max()) if count.numel() else 0
+        logdet = (2 * ld * m).sum((1, 2, 3))
+        if R == 0:
+            return logdet.reshape(self.batch_shape)
+        plane, pos = rows.nonzero(as_tuple=True)
+        rank = torch.cumsum(rows.to(torch.int64), 1)[plane, pos] - 1
+        rhs = ld.new_zeros(R, N * C, n)
+        for i, (dy, dx) in enumerate(stencil.offsets):
+            hit = touch[plane, i, pos]
+            p_, q_, r_ = plane[hit], pos[hit] + dy * W + dx, rank[hit]
+            rhs = rhs.index_put((r_, p_, q_), w[p_, i, pos[hit]], accumulate=True)
+        K = ops.solve_upper_t_op(rhs.reshape(R * N, C, H, W), pinned, od, stencil.flat_offsets)
+        K = K.reshape(R, N * C, n)
+        gram = torch.einsum("rpn,spn->prs", K, K)
+        eye = torch.eye(R, dtype=gram.dtype, device=gram.device)
+        L = torch.linalg.cholesky(eye + gram)
+        extra = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
+        return (logdet + extra.reshape(N, C).sum(1)).reshape(self.batch_shape)
+
+    def log_prob(self, value):
+        """log p(x_M | x_O) of ``value``'s missing pixels (its observed ones are ignored), for value of
+        shape (\\*sample, \\*batch, C, H, W): (\\*sample, \\*batch)."""
+        lead = self._check_value(value)
+        loc, ld, od, _, m, _ = self._flat()
+        mean = upcast(self.mean.reshape(-1, *self.event_shape))[0]
+        x = upcast(value.reshape(-1, *mean.shape))[0].to(mean.dtype)           # (R, N, C, H, W)
+        R = x.shape[0]
+        e = (m * (x - mean)).reshape(-1, *self.event_shape)
+        params = [t.repeat(R, 1, 1, 1) if R > 1 else t for t in (ld, od)]
+        u = ops.apply_upper_op(e, *params, self.prior.stencil.flat_offsets).reshape(R, *mean.shape)
+        k = m.sum((1, 2, 3))
+        out = 0.5 * self.log_det_missing().reshape(-1) - 0.5 * k * reference.LOG_2PI - 0.5 * u.square().sum((2, 3, 4))
+        return out.reshape(lead)
+
+    def observed_log_prob(self):
+        """The marginal likelihood log p(x_O) of the observed pixels, (\\*batch,): the prior's density
+        at the conditional mean over the conditional's density there."""
+        mean = self.mean
+        k = (~self.mask).sum((-3, -2, -1)).to(mean.dtype)
+        at_mean = 0.5 * self.log_det_missing() - 0.5 * k * reference.LOG_2PI
+        return self.prior.log_prob(mean) - at_mean
+
+    def _check_value(self, value) -> torch.Size:
+        """value's leading shape, (*sample, *batch), once its trailing shape is (*batch, C, H, W)."""
+        _checks.check_float_tensor("value", value, "(*sample, *batch, C, H, W)", min_dim=3)
+        tail = tuple(self.batch_shape + self.event_shape)
+        if value.dim() < len(tail) or tuple(value.shape[value.dim() - len(tail):]) != tail:
+            raise ValueError(f"value: expected shape (*sample, *batch, C, H, W) = (*sample, "
+                             f"{', '.join(map(str, tail))}), got {tuple(value.shape)}")
+        if value.device != self.value.device:
+            raise ValueError(f"value: expected a tensor on {self.value.device}, got one on {value.device}")
+        return value.shape[:value.dim() - 3]
