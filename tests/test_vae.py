@@ -19,7 +19,7 @@ from examples.vae.evaluate import iwae_nll, mutual_information  # noqa: E402
 from examples.vae.likelihoods import Likelihood, YCbCrDiagonalNormal  # noqa: E402
 from examples.vae.model import ConvVAE  # noqa: E402
 from examples.vae.train import train  # noqa: E402
-from examples.vae import tail  # noqa: E402
+from examples.vae import inpaint, tail  # noqa: E402
 from examples.vae.calibration import whitened  # noqa: E402
 from structlik.color import downsample_chroma, rgb_to_ycbcr  # noqa: E402
 
@@ -375,6 +375,15 @@ def test_main_writes_table_json_and_figures(tmp_path):
     tail.main([str(tmp_path), "--data", "photos", "--worst", "3", "--pixels"])
     with pytest.raises(ValueError, match="data: 'folder' is not in"):
         tail.main([str(tmp_path), "--data", "folder"])
+    # inpainting with both models: the conditional mean keeps the observed pixels, and the figure is written
+    for name in ("photos", "mnist"):
+        inpaint.main([str(tmp_path), "--data", name, "--hole", "8", "--images", "4", "--show", "2"])
+        assert (tmp_path / f"{name}_inpainting.png").stat().st_size > 1000
+    model, x, _ = tail.structured_at_test(tmp_path, report, "photos")
+    mask = inpaint.hole_mask(*x.shape[-2:], 8, model.likelihood.factor)
+    mean, samples, nll, mse, iterations = inpaint.inpaint(model, x[:3], mask, samples=2)
+    assert torch.equal(torch.where(mask, mean, 0), torch.where(mask, x[:3], 0))
+    assert samples.shape == (2, *x[:3].shape) and torch.isfinite(nll).all() and (mse > 0).all() and iterations >= 1
 
 
 def test_tail_counts_overconfident_images_and_their_nll():

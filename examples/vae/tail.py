@@ -70,16 +70,17 @@ def report_dataset(name: str, ds: dict, worst: int) -> tuple[list[str], list[int
     return lines, order
 
 
-def structured_at_test(run: Path, report: dict, name: str):
-    """The structured model as the evaluation used it (best-validation weights from its checkpoint)
-    and the evaluation's test images (one dequantisation of the whole set, ``evaluate``'s seed + 100)."""
+def structured_at_test(run: Path, report: dict, name: str, kind: str = "structured"):
+    """The structured model (or model ``kind``) as the evaluation used it (best-validation weights from
+    its checkpoint) and the evaluation's test images (one dequantisation of the whole set,
+    ``evaluate``'s seed + 100)."""
     settings = {**report["settings"], "dilations": tuple(report["settings"]["dilations"])}
     if settings["gamma_prior"] is not None:
         settings["gamma_prior"] = tuple(settings["gamma_prior"])
     cfg, seed = Config(**settings), report["seed"]
     data = load(name, cfg, seed)
-    model = build("structured", data, cfg)
-    state = torch.load(checkpoint_path(run, data, "structured"), map_location="cpu", weights_only=False)
+    model = build(kind, data, cfg)
+    state = torch.load(checkpoint_path(run, data, kind), map_location="cpu", weights_only=False)
     model.load_state_dict(state["best"]["model"])
     model.eval()
     return model, dequantise(data.test, torch.Generator().manual_seed(seed + 100)), cfg
