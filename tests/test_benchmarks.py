@@ -66,4 +66,4 @@ def test_condition_benchmark_runs():
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [line.split("|") for line in proc.stdout.splitlines()
             if line.startswith("| ") and ("hole" in line or "random half" in line)]
-    assert len(rows) == 2 and all(float(r[-2]) < 1e-8 for r in rows), proc.stdout
+    assert len(rows) == 4 and all(float(r[-2]) < 1e-8 for r in rows), proc.stdout     # 2 masks x 2 models
