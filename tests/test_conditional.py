@@ -173,6 +173,28 @@ def test_gradcheck_mean_samples_and_likelihood(backend):
     assert torch.autograd.gradcheck(lambda *a: cond(*a).observed_log_prob(), inputs)
 
 
+@pytest.mark.backends("reference", "cpu")
+def test_second_order_torch_func_and_compile(backend):
+    """The mean twice differentiable (gradgradcheck), under torch.func.grad, and under torch.compile
+    (the convergence test is a graph break: the iteration count depends on the data)."""
+    st = Stencil(1)
+    torch.manual_seed(0)
+    loc, log_diag, off_diag = make_params((1, 1, 4, 4), st, requires_grad=True)
+    x = loc.detach() + torch.randn_like(loc)
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., 1:3, 1:3] = False
+
+    def mean(*a):
+        return StructuredNormal(*a, st).condition(x, mask, tol=1e-13).mean
+    params = (loc, log_diag, off_diag)
+    assert torch.autograd.gradgradcheck(mean, params)
+    expected = torch.autograd.grad(mean(*params).sum(), params)
+    for got, e in zip(torch.func.grad(lambda *a: mean(*a).sum(), argnums=(0, 1, 2))(*params), expected):
+        torch.testing.assert_close(got, e)
+    compiled = torch.compile(lambda *a: mean(*a).sum(), backend="aot_eager")
+    torch.testing.assert_close(compiled(*params), mean(*params).sum())
+
+
 def test_float32_and_broadcast_masks():
     loc, log_diag, off_diag, x = (t.float() for t in problem())
     mask = MASKS["hole"][0]                                      # (C, H, W): every image
