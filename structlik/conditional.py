@@ -33,6 +33,14 @@ from ._dtypes import upcast
 __all__ = ["ConditionalStructuredNormal"]
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without torch.func's wrappers (vmap's batching, grad's tracking): the convergence test
+    reads the values of every vmapped slice at once, which a wrapped tensor refuses (.item())."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def _dot(a, b):
     """Per-plane inner products, (K, C, 1, 1): channels are independent, and conjugate gradients run
     on each plane with its own step sizes (so no channel's iterate depends on another's)."""
@@ -141,7 +149,7 @@ class ConditionalStructuredNormal(Distribution):
             alpha = torch.where(live & (curvature > 0), rz / torch.where(curvature > 0, curvature, 1), 0)
             x = x + alpha * p
             r = r - alpha * lp
-            rel = (_dot(r, r).sqrt() / scale).detach()
+            rel = _plain((_dot(r, r).sqrt() / scale).detach())
             residual = float(rel.max()) if rel.numel() else 0.0
             if residual <= self.tol or not math.isfinite(residual):
                 break

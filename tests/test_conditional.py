@@ -175,8 +175,8 @@ def test_gradcheck_mean_samples_and_likelihood(backend):
 
 @pytest.mark.backends("reference", "cpu")
 def test_second_order_torch_func_and_compile(backend):
-    """The mean twice differentiable (gradgradcheck), under torch.func.grad, and under torch.compile
-    (the convergence test is a graph break: the iteration count depends on the data)."""
+    """The mean twice differentiable (gradgradcheck), under torch.func.grad and vmap, and under
+    torch.compile (the convergence test is a graph break: the iteration count depends on the data)."""
     st = Stencil(1)
     torch.manual_seed(0)
     loc, log_diag, off_diag = make_params((1, 1, 4, 4), st, requires_grad=True)
@@ -193,6 +193,11 @@ def test_second_order_torch_func_and_compile(backend):
         torch.testing.assert_close(got, e)
     compiled = torch.compile(lambda *a: mean(*a).sum(), backend="aot_eager")
     torch.testing.assert_close(compiled(*params), mean(*params).sum())
+    # vmap over three problems: the convergence test reads every slice at once
+    stacked = [torch.stack([t.detach() * (1 + 0.1 * k) for k in range(3)]) for t in params]
+    got = torch.func.vmap(mean)(*stacked)
+    for k in range(3):
+        torch.testing.assert_close(got[k], mean(*(t[k] for t in stacked)), rtol=0, atol=1e-12)
 
 
 def test_float32_and_broadcast_masks():
