@@ -41,6 +41,13 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _per_sample(t: torch.Tensor, images: int) -> torch.Tensor:
+    """Per-image tensor ``t`` (N, ...) for ``images`` = R * N images (R samples of each): U r and U^T y
+    read one set of parameters per image (only the solves read image k's at k % N)."""
+    times = images // t.shape[0] if t.shape[0] else 1
+    return t if times == 1 else t.repeat(times, 1, 1, 1)
+
+
 def _dot(a, b):
     """Per-plane inner products, (K, C, 1, 1): channels are independent, and conjugate gradients run
     on each plane with its own step sizes (so no channel's iterate depends on another's)."""
@@ -123,11 +130,7 @@ class ConditionalStructuredNormal(Distribution):
     def _solve(self, b, ld, od, pinned, m):
         """x with Lambda_MM x = b (b zero on observed pixels), by preconditioned conjugate gradients."""
         offsets = self.prior.stencil.flat_offsets
-        repeat = b.shape[0] // ld.shape[0]
-
-        def rep(t):        # the parameters of every sample (the image ops read one set per image)
-            return t if repeat == 1 else t.repeat(repeat, 1, 1, 1)
-        ld_r, od_r, m_r = rep(ld), rep(od), rep(m)
+        ld_r, od_r, m_r = (_per_sample(t, b.shape[0]) for t in (ld, od, m))
 
         def lam(v):
             return m_r * ops.apply_upper_t_op(ops.apply_upper_op(m_r * v, ld_r, od_r, offsets), ld_r, od_r, offsets)
@@ -174,17 +177,14 @@ class ConditionalStructuredNormal(Distribution):
         observed = m == 0
         pull = ops.apply_upper_op(torch.where(observed, value - loc, 0), ld, od, offsets)
         rhs = -pull if z is None else z.reshape(-1, *pull.shape).sub(pull).reshape(z.shape)
-        repeat = rhs.shape[0] // ld.shape[0]
-
-        def rep(t):
-            return t if repeat == 1 else t.repeat(repeat, 1, 1, 1)
-        b = rep(m) * ops.apply_upper_t_op(rhs, rep(ld), rep(od), offsets)
+        K = rhs.shape[0]
+        b = _per_sample(m, K) * ops.apply_upper_t_op(rhs, _per_sample(ld, K), _per_sample(od, K), offsets)
         with self.prior._value_checks():      # NaN/inf named before any iteration
             _checks.check_result(b, {"value (observed pixels)": torch.where(observed, value, 0), "loc": loc,
                                      "log_diag": ld, "off_diag": od}, op="condition")
         with _checks.validation(False):
             x = self._solve(b, ld, od, pinned, m)
-        return torch.where(rep(m) > 0, rep(loc) + x, rep(value))
+        return torch.where(_per_sample(m, K) > 0, _per_sample(loc, K) + x, _per_sample(value, K))
 
     # -- Distribution API -----------------------------------------------------
 
@@ -263,7 +263,7 @@ class ConditionalStructuredNormal(Distribution):
         x = upcast(value.reshape(-1, *mean.shape))[0].to(mean.dtype)           # (R, N, C, H, W)
         R = x.shape[0]
         e = (m * (x - mean)).reshape(-1, *self.event_shape)
-        params = [t.repeat(R, 1, 1, 1) if R > 1 else t for t in (ld, od)]
+        params = [_per_sample(t, e.shape[0]) for t in (ld, od)]
         u = ops.apply_upper_op(e, *params, self.prior.stencil.flat_offsets).reshape(R, *mean.shape)
         k = m.sum((1, 2, 3))
         out = 0.5 * self.log_det_missing().reshape(-1) - 0.5 * k * reference.LOG_2PI - 0.5 * u.square().sum((2, 3, 4))
