@@ -20,7 +20,8 @@ if "--installed" in sys.argv:
 assert backends.name_of(torch.device("cpu")) == "cpu", f"the C++ kernels did not load: {backends.why_unavailable('cpu')}"
 # the dispatcher has them for the CPU key of every op of the contract (not the reference's default kernel)
 missing = [op for op in ("apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t", "weight_grad",
-                         "precision_diagonal", "nll", "nll_backward", "nll_head", "nll_head_backward")
+                         "precision_diagonal", "nll", "nll_backward", "nll_head", "nll_head_backward",
+                         "covariance_band", "covariance_band_backward")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"structlik::{op}", "CPU")]
 assert not missing, f"no C++ kernel for the CPU key of {missing}"
 stencil = structlik.Stencil(2)

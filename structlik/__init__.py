@@ -12,6 +12,7 @@ from .basis import LearnedBasis, expand_basis
 from .color import YCbCrStructuredNormal
 from .conditional import ConditionalStructuredNormal
 from .distribution import StructuredNormal
+from . import kl  # noqa: E402,F401  (registers kl_divergence for StructuredNormal)
 from .loss import StructuredGaussianNLLLoss, structured_gaussian_nll
 from .priors import gamma_prior_log_prob, variance_minimiser, variance_weight
 from .stencil import Stencil

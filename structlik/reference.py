@@ -232,3 +232,143 @@ def solve_upper_t(g, log_diag, off_diag, stencil):
         acc = (w_from * out[..., bwd]).sum(-2)
         out[..., p] = (rhs[..., p] - acc) / d[:, p]
     return out[..., :H * W].reshape(g.shape)
+
+
+# --- the covariance band (Sigma = Lambda^-1 = U^-1 U^-T) ---------------------------------------
+
+def band_width(stencil: Stencil, W: int) -> int:
+    """b, the band's half-width in raster order: the largest flat offset dy*W + dx. The entries
+    Sigma_{p,q} with 0 <= q - p <= b are closed under the recurrence U Sigma = U^-T (docs/kernels.md
+    §5); the op returns L = b + 1 per pixel."""
+    return max(dy * W + dx for dy, dx in stencil.offsets)
+
+
+def _upper_blocks(log_diag, off_diag, stencil):
+    """U as block rows of image rows: (B, C, H, M, W, W) with block [y, m] = U_{y, y+m} (m = 0..R,
+    R the largest dy), the weights outside the image 0. Built with diag_embed, differentiable."""
+    B, C, H, W = log_diag.shape
+    w = weights(off_diag, stencil)
+    R = max(dy for dy, _ in stencil.offsets)
+    blocks = [[] for _ in range(R + 1)]
+    blocks[0].append(torch.diag_embed(log_diag.exp()))
+    for i, (dy, dx) in enumerate(stencil.offsets):
+        lo, hi = max(0, -dx), min(W, W - dx)
+        if hi <= lo:                                      # |dx| >= W: never inside the image
+            continue
+        blocks[dy].append(torch.diag_embed(w[:, :, i, :, lo:hi], offset=dx))
+    zero = log_diag.new_zeros(B, C, H, W, W)
+    return torch.stack([sum(b) if b else zero for b in blocks], dim=3)
+
+
+def covariance_band(log_diag, off_diag, stencil, diagonal_only=False):
+    """Sigma's band: (B, C*L, H, W) with channel c*L + k at pixel p the entry Sigma_{p, p+k}
+    (0 where p + k is past the image), L = band_width + 1; with ``diagonal_only`` the variances
+    Sigma_pp, (B, C, H, W).
+
+    Block-Takahashi on the image rows, for clarity and autograd: U_{yy} Sigma_{y,y+m} =
+    [m = 0] U_{yy}^-T - sum_k U_{y,y+k} Sigma_{y+k,y+m}, from the last row up, with the blocks
+    Sigma_{y,y+m} for m = 0..M (M = R + 1 because a band entry of the last columns reaches one row
+    further; more on images narrower than the stencil); each step is a batch of W x W triangular solves."""
+    B, C, H, W = log_diag.shape
+    U = _upper_blocks(log_diag, off_diag, stencil)
+    R = U.shape[3] - 1
+    L = band_width(stencil, W) + 1
+    # blocks kept per row, Sigma_{y, y+m} for m <= M: the band's entries reach (W - 1 + b) // W rows
+    # down (R + 1, or more on images narrower than the stencil); the recurrence is closed for any M >= R
+    M = R if diagonal_only else max(R, (W - 1 + L - 1) // W)
+    eye = torch.eye(W, dtype=log_diag.dtype, device=log_diag.device)
+    rows = [None] * H                                      # rows[y][m] = Sigma_{y, y+m}
+
+    def block(a, c):                                       # Sigma_{a, c}, a, c >= y+1, |a - c| <= M
+        return rows[a][c - a] if c >= a else rows[c][a - c].transpose(-1, -2)
+
+    for y in range(H - 1, -1, -1):
+        D = U[:, :, y, 0]
+        ks = [k for k in range(1, R + 1) if y + k < H]
+        row = [None] * (min(M, H - 1 - y) + 1)
+        for m in range(len(row) - 1, 0, -1):
+            rhs = sum(U[:, :, y, k] @ block(y + k, y + m) for k in ks)
+            row[m] = -torch.linalg.solve_triangular(D, rhs, upper=True) if ks else torch.zeros_like(D)
+        inv_t = torch.linalg.solve_triangular(D.transpose(-1, -2), eye.expand_as(D), upper=False)
+        rhs = inv_t - sum(U[:, :, y, k] @ row[k].transpose(-1, -2) for k in ks) if ks else inv_t
+        row[0] = torch.linalg.solve_triangular(D, rhs, upper=True)
+        rows[y] = row
+    if diagonal_only:
+        return torch.stack([r[0].diagonal(dim1=-2, dim2=-1) for r in rows], dim=2)
+    # entry (y, x, k): q = y*W + x + k lies m = (x + k) // W rows down, at column (x + k) % W
+    xs = torch.arange(W, device=log_diag.device).view(W, 1) + torch.arange(L, device=log_diag.device).view(1, L)
+    m_of, col = (xs // W), xs % W                           # (W, L)
+    out = []
+    for y, r in enumerate(rows):
+        blocks = torch.stack(r + [torch.zeros_like(r[0])] * (M + 1 - len(r)), dim=2)   # (B, C, M+1, W, W)
+        values = blocks[:, :, m_of, torch.arange(W, device=xs.device).view(W, 1), col]     # (B, C, W, L)
+        out.append(torch.where(y + m_of < H, values, 0))
+    band = torch.stack(out, dim=2)                          # (B, C, H, W, L)
+    return band.permute(0, 1, 4, 2, 3).reshape(B, C * L, H, W)
+
+
+@functools.lru_cache(maxsize=16)
+def _band_levels(stencil: Stencil, H: int, W: int, device: torch.device):
+    """The band's entries e = k*n + i (Sigma_{i, i+k}) grouped by level T = t(i) + t(i+k), highest
+    first (the adjoint's order), each with the entries that read it: for offset s, the reader
+    (i - delta_s, i+k) at band slot k + f_s and (i+k - delta_s, i) at slot f_s - k, as flat band
+    indices (L*n where absent: a zero slot) and the index of their factor -w/d (S*n where absent)."""
+    n, L, S = H * W, band_width(stencil, W) + 1, stencil.S
+    a_sl = stencil.wavefront_slope
+    ys, xs = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
+    t = a_sl * (H - 1 - ys) + (W - 1 - xs)
+    k, i = torch.meshgrid(torch.arange(L), torch.arange(n), indexing="ij")
+    keep = i + k < n
+    k, i = k[keep], i[keep]
+    c = i + k
+    level = t[i] + t[c]
+    src, fac = [], []
+    for s, (dy, dx) in enumerate(stencil.offsets):
+        f = dy * W + dx
+        r1 = i - f
+        ok1 = (ys[i] - dy >= 0) & (xs[i] - dx >= 0) & (xs[i] - dx < W) & (k + f < L)
+        r2 = c - f
+        ok2 = (k > 0) & (k <= f) & (ys[c] - dy >= 0) & (xs[c] - dx >= 0) & (xs[c] - dx < W)
+        src += [torch.where(ok1, (k + f) * n + r1, L * n), torch.where(ok2, (f - k) * n + r2, L * n)]
+        fac += [torch.where(ok1, s * n + r1, S * n), torch.where(ok2, s * n + r2, S * n)]
+    src, fac = torch.stack(src), torch.stack(fac)
+    order = torch.argsort(level, descending=True, stable=True)
+    counts = torch.unique_consecutive(level[order], return_counts=True)[1].tolist()
+    out = []
+    for part in torch.split(order, counts):
+        out.append(tuple(v.to(device) for v in (k[part] * n + i[part], src[:, part], fac[:, part])))
+    return out
+
+
+def covariance_band_backward(grad, log_diag, off_diag, band, stencil):
+    """The gradients (log_diag, off_diag) of sum(grad * band), band = covariance_band(...): the
+    adjoint of the recurrence, level by level (highest first: every entry's readers are final), each
+    entry gathering from the entries that read it, then summed over each pixel's row of the band:
+    d/ds_i = -sum_k A_{i,k} Sigma_{i,i+k} - A_{i,0}/d_i^2, d/dw_{i,s} = -(1/d_i) sum_k A_{i,k}
+    Sigma_{i+f_s, i+k}."""
+    B, C, H, W = log_diag.shape
+    n, S = H * W, stencil.S
+    L = band.shape[1] // C
+    planes = B * C
+    d = log_diag.exp().reshape(planes, n)
+    w = weights(off_diag, stencil).reshape(planes, S, n)
+    factor = F.pad((-w / d[:, None]).reshape(planes, S * n), (0, 1))
+    G = grad.reshape(planes, L * n)
+    A = grad.new_zeros(planes, L * n + 1)
+    for entries, src, fac in _band_levels(stencil, H, W, grad.device):
+        A[:, entries] = G[:, entries] + (A[:, src] * factor[:, fac]).sum(1)
+    A = A[:, :L * n].reshape(planes, L, n)
+    sigma = band.reshape(planes, L, n)
+    inv = 1 / d
+    grad_s = -(A * sigma).sum(1) - A[:, 0] * inv * inv
+    k = torch.arange(L, device=grad.device).view(L, 1)
+    i = torch.arange(n, device=grad.device).view(1, n)
+    flat_sigma = sigma.reshape(planes, L * n)
+    read = read_mask(tuple(stencil.offsets), H, W, grad.device).reshape(S, n)
+    grad_w = []
+    for s, (dy, dx) in enumerate(stencil.offsets):
+        f = dy * W + dx
+        index = ((k - f).abs() * n + torch.minimum(i + f, i + k)).clamp(max=L * n - 1)   # Sigma_{i+f, i+k}
+        term = (A * flat_sigma[:, index.flatten()].reshape(planes, L, n)).sum(1) * -inv
+        grad_w.append(torch.where(read[s], term, 0))
+    return grad_s.reshape(B, C, H, W), torch.stack(grad_w, 1).reshape(B, C * S, H, W)

@@ -9,7 +9,7 @@ from structlik import Stencil, backends, ops, reference
 from structlik.ops import _forced, _library
 
 OPS = ("apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t", "weight_grad", "precision_diagonal",
-       "nll", "nll_backward", "nll_head", "nll_head_backward")
+       "nll", "nll_backward", "nll_head", "nll_head_backward", "covariance_band", "covariance_band_backward")
 
 
 def test_one_namespace_with_a_kernel_per_device():

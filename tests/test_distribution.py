@@ -113,3 +113,54 @@ def test_empty_batches_give_empty_results(backend):
         sample = full.rsample(sample_shape)
         assert sample.shape == (*sample_shape, 2, 2, 4, 5)
         assert full.log_prob(sample).shape == (*sample_shape, 2)
+
+
+def dense_sigma(d):
+    U = ops.to_dense_upper(d.log_diag.reshape(-1, *d.event_shape), d.off_diag.reshape(-1, *d.off_diag.shape[-3:]),
+                           d.stencil)
+    return torch.linalg.inv(U.mT @ U).reshape(*d.batch_shape, d.event_shape[0], *U.shape[-2:])
+
+
+def test_variance_stddev_covariance_and_correlation_match_dense(backend):
+    """Exact marginal variances, covariance columns and correlations against a dense float64 inverse,
+    with a batch that broadcasts (two batch dims, a shared log_diag)."""
+    loc, log_diag, off_diag = make_params((6, 2, 5, 4), ST)
+    d = StructuredNormal(loc.reshape(2, 3, 2, 5, 4), log_diag[:1], off_diag.reshape(2, 3, -1, 5, 4), ST)
+    sigma = dense_sigma(d)
+    variance = torch.diagonal(sigma, dim1=-2, dim2=-1).reshape(d.batch_shape + d.event_shape)
+    torch.testing.assert_close(d.variance, variance, rtol=1e-10, atol=0)
+    torch.testing.assert_close(d.stddev, variance.sqrt(), rtol=1e-10, atol=0)
+    for y, x in ((0, 0), (2, 3), (-1, -1)):
+        p = (y % 5) * 4 + x % 4
+        column = sigma[..., p].reshape(d.batch_shape + d.event_shape)
+        torch.testing.assert_close(d.covariance((y, x)), column, rtol=1e-10, atol=1e-14)
+        corr = column / (variance.sqrt() * variance.sqrt()[..., y % 5:y % 5 + 1, x % 4:x % 4 + 1])
+        torch.testing.assert_close(d.correlation((y, x)), corr, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(d.correlation((1, 1))[..., 1, 1], torch.ones(2, 3, 2, dtype=torch.float64))
+
+
+def test_variance_is_not_the_inverse_precision_diagonal():
+    """1 / Lambda_pp is the variance of a pixel given all others: never above the marginal one."""
+    d = dist()
+    assert (1 / d.precision_diagonal() <= d.variance * (1 + 1e-12)).all()
+    assert (1 / d.precision_diagonal() < 0.99 * d.variance).any()
+
+
+def test_covariance_band_method_and_its_gradient():
+    loc, log_diag, off_diag = make_params((2, 1, 4, 4), ST, requires_grad=True)
+    d = StructuredNormal(loc, log_diag, off_diag, ST)
+    band = d.covariance_band()
+    torch.testing.assert_close(band, ops.covariance_band(log_diag, off_diag, ST))
+    band.sum().backward()
+    assert log_diag.grad.abs().sum() > 0 and off_diag.grad.abs().sum() > 0
+    torch.autograd.gradcheck(lambda s: StructuredNormal(loc, s, off_diag, ST).stddev, (log_diag,))
+
+
+def test_covariance_index_is_checked():
+    d = dist()
+    with pytest.raises(TypeError, match=r"index: expected a pixel \(y, x\)"):
+        d.covariance(3)
+    with pytest.raises(TypeError, match="index"):
+        d.correlation((1.0, 2))
+    with pytest.raises(IndexError, match=r"index: pixel \(5, 0\) is outside the \(H, W\) = \(5, 4\) image"):
+        d.covariance((5, 0))

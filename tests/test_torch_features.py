@@ -33,6 +33,7 @@ OPS = {
     "solve_upper": lambda x, m, s, w: ops.solve_upper(x, s, w, ST),
     "solve_upper_t": lambda x, m, s, w: ops.solve_upper_t(x, s, w, ST),
     "precision_diagonal": lambda x, m, s, w: ops.precision_diagonal(s, w, ST),
+    "variance": lambda x, m, s, w: ops.variance(s, w, ST),
     "nll": lambda x, m, s, w: ops.nll(x, m, s, w, ST),
 }
 

@@ -32,7 +32,8 @@ def compiled(tmp_path_factory):
 def test_every_kernel_and_dtype_is_covered(compiled):
     kernels = {r["kernel"] for r in compiled}
     assert kernels >= {"nll_kernel", "nll_backward_kernel", "apply_upper_kernel", "solve_upper_kernel",
-                       "weight_grad_kernel", "precision_diagonal_kernel"}
+                       "weight_grad_kernel", "precision_diagonal_kernel", "covariance_band_kernel",
+                       "covariance_band_adjoint_kernel", "covariance_band_grads_kernel"}
     # one NLL sweep for both weight sources: off_diag's planes and the learned basis (BASIS=1)
     for kernel in ("nll_kernel", "nll_backward_kernel"):
         assert {r["constexprs"].split("BASIS=")[1][:1] for r in compiled if r["kernel"] == kernel} == {"0", "1"}

@@ -38,7 +38,7 @@ from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime import jit as triton_jit  # noqa: E402
 
 from structlik import Stencil  # noqa: E402
-from structlik.kernels import apply_upper, nll, precision_diagonal, solve_upper, weight_grad  # noqa: E402
+from structlik.kernels import apply_upper, covariance_band, nll, precision_diagonal, solve_upper, weight_grad  # noqa: E402,E501
 
 ARCH = 90
 TARGET = GPUTarget("cuda", ARCH, 32)
@@ -93,6 +93,10 @@ def launches(label, B, C, H, W, stencil, basis_sizes, dtypes):
             solve_upper.launch(image(), image(), off_diag, offsets, transposed=transposed)
         weight_grad.launch(image(), image(), offsets)
         precision_diagonal.launch(image(), off_diag, offsets)
+        for diagonal_only in (False, True):
+            covariance_band.launch(image(), off_diag, offsets, diagonal_only)
+        band = meta(B, C * covariance_band.band_length(offsets, W), H, W, dtype=dtype)
+        covariance_band.launch_backward(band, image(), off_diag, band, offsets)
     return [(label, *launch) for launch in _recorded[start:]]
 
 

@@ -4,7 +4,7 @@ One module per op family, named after it with a leading underscore so that the m
 the public function of the same name do not shadow each other (``structlik.ops.nll`` is the
 function, ``structlik.ops._nll`` its module): ``_apply_upper`` (apply_upper, apply_upper_t),
 ``_solve_upper``, ``_nll`` (nll, nll_basis), ``_precision_diagonal``, ``_weight_grad``,
-``_standard_normal``, ``_to_dense_upper``. Each holds the op's schema, reference, Triton and
+``_standard_normal``, ``_to_dense_upper``, ``_covariance_band`` (covariance_band, variance). Each holds the op's schema, reference, Triton and
 fake kernels, autograd formula and public function; ``_library`` says how the dispatcher picks
 the kernel (C++ for CPU tensors, Triton for CUDA, the reference elsewhere) and ``_forced`` how
 ``STRUCTLIK_BACKEND`` overrides it.
@@ -35,11 +35,12 @@ from ._solve_upper import solve_upper, solve_upper_t, solve_upper_op, solve_uppe
 from ._precision_diagonal import precision_diagonal, precision_diagonal_op  # noqa: E402
 from ._nll import checked_nll, head_of, nll, nll_basis, nll_head_op, nll_op  # noqa: E402
 from ._standard_normal import standard_normal_op                            # noqa: E402
+from ._covariance_band import covariance_band, covariance_band_op, variance  # noqa: E402
 from ._to_dense_upper import to_dense_upper                                 # noqa: E402
 
 _library.CPU_UNAVAILABLE = _library.load_cpu_kernels()
 
 __all__ = [
     "apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t",
-    "nll", "nll_basis", "precision_diagonal", "to_dense_upper",
+    "nll", "nll_basis", "precision_diagonal", "to_dense_upper", "variance", "covariance_band",
 ]

@@ -1,0 +1,238 @@
+"""Sigma's band by the Takahashi recurrence on a wavefront schedule (docs/kernels.md §5).
+
+Entry (i, j = i + k), 0 <= k <= b, of Sigma = U^-1 U^-T reads the entries (i + f_d, j) (and the
+diagonal reads (i, i + f_d)). With t(p) = a*(H-1-y) + (W-1-x), the solve's wavefront step
+(a = the stencil's slope), every read entry has a smaller level T = t(i) + t(j), so the entries
+of one level are independent: one program per (b, c) plane walks the 2*t_max + 1 levels with a
+barrier between them, its lanes spread over the level's entries.
+
+A level's entries are enumerated by lane (k, wrap, row): with k = q*W + m, j lies m columns right
+of i and q rows down, or (wrap, m > 0) m - W columns and q + 1 rows down; then
+t(j) = t(i) - c with c = a*q + m (or a*(q+1) + m - W), so t(i) = (T + c) / 2 when T + c is even,
+and i is the row-th pixel of wavefront t(i), as in the solve. About a quarter of the lanes hold
+an entry (parity, and one of the two wrap cases per row).
+
+The band lives in the output (B, C*L, H, W) (its entries past the image stay 0), which is also
+the recurrence's memory: on the GPU ``diagonal_only`` keeps the band and returns its first plane.
+The backward walks the levels downwards and gathers each entry's adjoint from the entries that read
+it (all on higher levels, so final): no atomics. The parameter gradients then sum over each
+pixel's row of the band in a tiled kernel.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import acc_dtype, block_for, empty, grid, plane_start, plane_strides, planes_contiguous, tile
+from .solve_upper import wavefront_slope
+
+
+def band_length(offsets, W: int) -> int:
+    return max(dy * W + dx for dy, dx in zip(offsets[::2], offsets[1::2])) + 1
+
+
+@triton.jit
+def _entry(e, T, H, W, RW, lanes_per_level, SLOPE: tl.constexpr):
+    """Lane e's entry of level T: (ok, k, i's y and x, j's y and x)."""
+    rho = e % RW
+    kc = e // RW
+    wrap = kc % 2
+    k = kc // 2
+    q = k // W
+    m = k % W
+    c = tl.where(wrap == 0, SLOPE * q + m, SLOPE * (q + 1) + m - W)
+    twice = T + c
+    ok = (e < lanes_per_level) & (twice >= 0) & ((twice % 2) == 0)
+    ti = tl.maximum(twice, 0) // 2
+    y = tl.maximum(H - 1 - ti // SLOPE, 0) + rho
+    x = (W - 1) - (ti - SLOPE * (H - 1 - y))
+    ok = ok & (ti <= SLOPE * (H - 1) + W - 1) & (y < H) & (x >= 0) & (x < W)
+    ok = ok & tl.where(wrap == 0, x + m < W, (m > 0) & (x + m >= W))
+    yj = y + q + wrap
+    xj = tl.where(wrap == 0, x + m, x + m - W)
+    ok = ok & (yj < H)
+    return ok, k, y, x, yj, xj
+
+
+@triton.jit
+def band_length_of(W, OFFS: tl.constexpr, S: tl.constexpr):
+    """L = max(dy*W + dx) + 1 over the offsets (W is a runtime value)."""
+    b = OFFS[0] * W + OFFS[1]
+    for s in tl.static_range(1, S):
+        b = tl.maximum(b, OFFS[2 * s] * W + OFFS[2 * s + 1])
+    return b + 1
+
+
+@triton.jit
+def covariance_band_kernel(log_diag, off_diag, band, C, H, W, RW, levels, lanes_per_level, ssb, ssc, wsb, wsc,
+                           SLOPE: tl.constexpr, OFFS: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr,
+                           LANES: tl.constexpr):
+    plane = tl.program_id(0).to(tl.int64)
+    n = H.to(tl.int64) * W            # int64: L*n passes 2^31 from 2048x2048 radius 3
+    base = plane * (band_length_of(W, OFFS, S) * n)
+    sb = plane_start(plane, C, ssb, ssc)
+    wb = plane_start(plane, C, wsb, wsc * S)
+    lane = tl.arange(0, LANES)
+    T = 0
+    while T < levels:                  # a while loop: see solve_upper_kernel
+        chunk = 0
+        while chunk < lanes_per_level:
+            ok, k, y, x, yj, xj = _entry(chunk + lane, T, H, W, RW, lanes_per_level, SLOPE)
+            i = y * W + x
+            j = i + k
+            acc = tl.zeros([LANES], ACC)
+            for s in tl.static_range(S):
+                dy = OFFS[2 * s]
+                dx = OFFS[2 * s + 1]
+                inside = ok & (y + dy < H) & (x + dx >= 0) & (x + dx < W)
+                w = tl.load(off_diag + wb + s * wsc + i, inside, 0.0).to(ACC)
+                a = i + dy * W + dx                 # Sigma_{a, j}, stored at (|j - a|, min(a, j))
+                sig = tl.load(band + base + tl.abs(j - a) * n + tl.minimum(a, j), inside, 0.0)
+                acc += w * sig
+            inv = 1.0 / tl.exp(tl.load(log_diag + sb + i, ok, 0.0).to(ACC))
+            value = tl.where(k == 0, inv * (inv - acc), -acc * inv)
+            tl.store(band + base + k * n + i, value, ok)
+            chunk += LANES
+        tl.debug_barrier()
+        T += 1
+
+
+@triton.jit
+def covariance_band_adjoint_kernel(grad, log_diag, off_diag, adjoint, C, H, W, RW, levels, lanes_per_level,
+                                   ssb, ssc, wsb, wsc, SLOPE: tl.constexpr, OFFS: tl.constexpr, S: tl.constexpr,
+                                   ACC: tl.constexpr, LANES: tl.constexpr):
+    """adjoint_{a,c} = grad_{a,c} + the share of every entry (r, .) that read Sigma_{a,c}: the entry
+    (r = a - delta, c) and, for a != c, (r = c - delta, a), each with factor -w_{r,delta} / d_r."""
+    plane = tl.program_id(0).to(tl.int64)
+    n = H.to(tl.int64) * W            # int64: L*n passes 2^31 from 2048x2048 radius 3
+    L = band_length_of(W, OFFS, S)
+    base = plane * (L * n)
+    sb = plane_start(plane, C, ssb, ssc)
+    wb = plane_start(plane, C, wsb, wsc * S)
+    lane = tl.arange(0, LANES)
+    level = 0
+    while level < levels:
+        T = levels - 1 - level
+        chunk = 0
+        while chunk < lanes_per_level:
+            ok, k, y, x, yj, xj = _entry(chunk + lane, T, H, W, RW, lanes_per_level, SLOPE)
+            a = y * W + x
+            adj = tl.load(grad + base + k * n + a, ok, 0.0).to(ACC)
+            for s in tl.static_range(S):
+                dy = OFFS[2 * s]
+                dx = OFFS[2 * s + 1]
+                fl = dy * W + dx
+                # reader (a - delta, c): its entry k + f of the band, if within it
+                r1 = ok & (y - dy >= 0) & (x - dx >= 0) & (x - dx < W) & (k + fl < L)
+                p1 = a - fl
+                w1 = tl.load(off_diag + wb + s * wsc + p1, r1, 0.0).to(ACC)
+                d1 = tl.exp(tl.load(log_diag + sb + p1, r1, 0.0).to(ACC))
+                adj -= tl.load(adjoint + base + (k + fl) * n + p1, r1, 0.0) * (w1 / d1)
+                # reader (c - delta, a), when a != c and a >= c - delta: its entry f - k
+                r2 = ok & (k > 0) & (k <= fl) & (yj - dy >= 0) & (xj - dx >= 0) & (xj - dx < W)
+                p2 = a + k - fl
+                w2 = tl.load(off_diag + wb + s * wsc + p2, r2, 0.0).to(ACC)
+                d2 = tl.exp(tl.load(log_diag + sb + p2, r2, 1.0).to(ACC))
+                adj -= tl.load(adjoint + base + (fl - k) * n + p2, r2, 0.0) * (w2 / d2)
+            tl.store(adjoint + base + k * n + a, adj, ok)
+            chunk += LANES
+        tl.debug_barrier()
+        level += 1
+
+
+@triton.jit
+def covariance_band_grads_kernel(adjoint, band, log_diag, grad_s, grad_w, C, H, W, L, ssb, ssc,
+                                 OFFS: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """d/ds_i = -sum_k A_{i,k} Sigma_{i,i+k} - A_{i,0}/d_i^2;
+    d/dw_{i,delta} = -(1/d_i) sum_k A_{i,k} Sigma_{i+f, i+k} (0 where i + delta is outside)."""
+    _, plane, i, y, x, valid = tile(H, W, BLOCK)
+    n = H.to(tl.int64) * W            # int64: L*n passes 2^31 from 2048x2048 radius 3
+    base = plane * (L * n)
+    inv = 1.0 / tl.exp(tl.load(log_diag + plane_start(plane, C, ssb, ssc) + i, valid, 0.0).to(ACC))
+    a0 = tl.load(adjoint + base + i, valid, 0.0)
+    ds = -a0 * inv * inv
+    k = 0
+    while k < L:
+        live = valid & (i + k < n)
+        ds -= tl.load(adjoint + base + k * n + i, live, 0.0) * tl.load(band + base + k * n + i, live, 0.0)
+        k += 1
+    tl.store(grad_s + plane * n + i, ds.to(grad_s.dtype.element_ty), valid)
+    for s in tl.static_range(S):
+        dy = OFFS[2 * s]
+        dx = OFFS[2 * s + 1]
+        inside = valid & (y + dy < H) & (x + dx >= 0) & (x + dx < W)
+        fl = dy * W + dx
+        acc = tl.zeros([BLOCK], ACC)
+        k = 0
+        while k < L:
+            live = inside & (i + k < n)
+            j = i + k
+            p = i + fl
+            sig = tl.load(band + base + tl.abs(j - p) * n + tl.minimum(p, j), live, 0.0)
+            acc += tl.load(adjoint + base + k * n + i, live, 0.0) * sig
+            k += 1
+        tl.store(grad_w + (plane * S + s) * n + i, (-acc * inv).to(grad_w.dtype.element_ty), valid)
+
+
+def _schedule(H: int, W: int, offsets, max_lanes: int = 1024):
+    """(slope, L, rows of a wavefront, lanes a level enumerates, lanes per chunk, levels)."""
+    slope = wavefront_slope(offsets)
+    L = band_length(offsets, W)
+    rows = min(H, -(-W // slope))
+    lanes_per_level = 2 * L * rows
+    lanes = max(16, min(max_lanes, triton.next_power_of_2(lanes_per_level)))
+    levels = 2 * (slope * (H - 1) + W - 1) + 1
+    return slope, L, rows, lanes_per_level, lanes, levels
+
+
+# Lanes per thread: the forward holds 4 (1024 lanes on 8 warps: 113 registers at radius 3, S = 24,
+# no spill); the adjoint reads two readers per offset, and at 4 lanes per thread spilled 16 bytes at
+# S = 20 and 10 KB at S = 24, so it takes 2 (tools/triton_aot.py, sm_90).
+FORWARD_LANES, ADJOINT_LANES = 1024, 512
+
+
+def _warps(lanes: int, per_thread: int) -> int:
+    return max(1, min(8, lanes // (32 * per_thread)))
+
+
+def _band(log_diag, off_diag, offsets):
+    B, C, H, W = log_diag.shape
+    slope, L, rows, lanes_per_level, lanes, levels = _schedule(H, W, offsets, FORWARD_LANES)
+    band = torch.zeros(B, C * L, H, W, dtype=torch.float64 if log_diag.dtype == torch.float64 else torch.float32,
+                       device=log_diag.device)
+    if B * C:
+        covariance_band_kernel[(B * C,)](
+            log_diag, off_diag, band, C, H, W, rows, levels, lanes_per_level, *plane_strides(log_diag),
+            *plane_strides(off_diag), SLOPE=slope, OFFS=tuple(offsets), S=len(offsets) // 2,
+            ACC=acc_dtype(log_diag), LANES=lanes, num_warps=_warps(lanes, 4))
+    return band
+
+
+def launch(log_diag, off_diag, offsets, diagonal_only: bool):
+    log_diag, off_diag = planes_contiguous(log_diag), planes_contiguous(off_diag)
+    B, C, H, W = log_diag.shape
+    band = _band(log_diag, off_diag, offsets)
+    if diagonal_only:
+        band = band.view(B, C, band_length(offsets, W), H, W)[:, :, 0]
+    return band.to(log_diag.dtype).contiguous()
+
+
+def launch_backward(grad, log_diag, off_diag, band, offsets):
+    log_diag, off_diag = planes_contiguous(log_diag), planes_contiguous(off_diag)
+    B, C, H, W = log_diag.shape
+    S = len(offsets) // 2
+    slope, L, rows, lanes_per_level, lanes, levels = _schedule(H, W, offsets, ADJOINT_LANES)
+    work = torch.float64 if log_diag.dtype == torch.float64 else torch.float32
+    grad, band = grad.to(work).contiguous(), band.to(work).contiguous()
+    adjoint = torch.zeros_like(band)
+    grad_s = empty((B, C, H, W), log_diag.dtype, log_diag.device)
+    grad_w = empty((B, C * S, H, W), off_diag.dtype, off_diag.device)
+    if B * C:
+        covariance_band_adjoint_kernel[(B * C,)](
+            grad, log_diag, off_diag, adjoint, C, H, W, rows, levels, lanes_per_level, *plane_strides(log_diag),
+            *plane_strides(off_diag), SLOPE=slope, OFFS=tuple(offsets), S=S, ACC=acc_dtype(log_diag),
+            LANES=lanes, num_warps=_warps(lanes, 2))
+        block = block_for(H * W)
+        covariance_band_grads_kernel[grid(B * C, triton.cdiv(H * W, block))](
+            adjoint, band, log_diag, grad_s, grad_w, C, H, W, L, *plane_strides(log_diag), OFFS=tuple(offsets),
+            S=S, ACC=acc_dtype(log_diag), BLOCK=block)
+    return grad_s, grad_w

@@ -1,0 +1,130 @@
+"""``torch.distributions.kl_divergence`` for StructuredNormal against StructuredNormal and against a
+diagonal Gaussian (``Independent(Normal(loc, scale), 3)``), both ways; exact.
+
+For Gaussians p, q over n pixels,
+    KL(p || q) = 1/2 [tr(Lambda_q Sigma_p) + ||U_q (mu_p - mu_q)||^2 - n] + log|U_p| - log|U_q|,
+with log|U| = sum(log_diag). tr(Lambda_q Sigma_p) = sum_k (U_q Sigma_p U_q^T)_kk needs Sigma_p only at
+pairs (k + f_a, k + f_b) of U_q's row k, all within Sigma_p's band (structlik.ops.covariance_band)
+of a stencil holding both distributions' offsets; against a diagonal q it needs Sigma_p's diagonal
+(ops.variance), and a diagonal p against a structured q needs Lambda_q's (ops.precision_diagonal).
+"""
+from __future__ import annotations
+
+import torch
+from torch.distributions import Independent, Normal, register_kl
+
+from . import _checks, ops, reference
+from .distribution import StructuredNormal
+from .stencil import Stencil
+
+__all__ = ["trace_precision_covariance"]
+
+
+def _union(p: Stencil, q: Stencil) -> Stencil:
+    """p's offsets, then q's that p lacks: a stencil whose band holds every entry q's rows need."""
+    if p == q:
+        return p
+    extra = [o for o in q.offsets if o not in set(p.offsets)]
+    return Stencil.from_flat_offsets([v for o in (*p.offsets, *extra) for v in o]) if extra else p
+
+
+def _widen(off_diag, C: int, stencil: Stencil, wide: Stencil):
+    """off_diag of ``stencil`` as the weights of ``wide`` (its offsets first): zeros for the rest."""
+    if wide is stencil:
+        return off_diag
+    w = off_diag.unflatten(-3, (C, stencil.S))
+    pad = w.new_zeros(*w.shape[:-3], wide.S - stencil.S, *w.shape[-2:])
+    return torch.cat([w, pad], dim=-3).flatten(-4, -3)
+
+
+def trace_precision_covariance(band, log_diag, off_diag, stencil: Stencil, band_stencil: Stencil):
+    """tr(U Sigma U^T) per image, (B,): Sigma from its band (B, C*L, H, W) of ``band_stencil``
+    (ops.covariance_band), U from log_diag (B, C, H, W) and off_diag (B, C*S, H, W) of ``stencil``,
+    whose offsets ``band_stencil``'s band must cover."""
+    B, C, H, W = log_diag.shape
+    L = band.shape[1] // C
+    if max(dy * W + dx for dy, dx in stencil.offsets) >= L:
+        raise ValueError("band: narrower than the stencil's largest offset")
+    band = band.unflatten(1, (C, L))
+    w = reference.weights(off_diag, stencil)                     # (B, C, S, H, W), 0 outside
+    rows = [((0, 0), log_diag.exp())] + [(o, w[:, :, i]) for i, o in enumerate(stencil.offsets)]
+    rows.sort(key=lambda r: r[0][0] * W + r[0][1])               # ascending flat offset
+    total = 0
+    for a, (da, ua) in enumerate(rows):
+        fa = da[0] * W + da[1]
+        for db, ub in rows[a:]:
+            fb = db[0] * W + db[1]
+            # Sigma[k + f_a, k + f_b] = band[f_b - f_a] at pixel k + delta_a (inside wherever u_a(k) != 0)
+            term = ua * ub * reference.shift(band[:, :, fb - fa], *da)
+            total = total + (term if fb == fa else 2 * term)
+    return total.sum((1, 2, 3))
+
+
+def _flat(dist: StructuredNormal, batch):
+    d = dist.expand(batch)
+    ld, od = d._flat_params()
+    return d, ld, od
+
+
+def _mahalanobis(dist: StructuredNormal, ld, od, diff):
+    """||U (mu_p - mu_q)||^2 per image, with U of ``dist``."""
+    u = ops.apply_upper(diff.reshape(ld.shape), ld, od, dist.stencil)
+    return u.square().sum((1, 2, 3))
+
+
+def _diagonal_normal(dist: Independent, other: StructuredNormal, side: str):
+    """The Normal inside ``dist`` when it is a diagonal Gaussian over ``other``'s event (C, H, W)."""
+    if not isinstance(dist.base_dist, Normal) or dist.reinterpreted_batch_ndims != 3 \
+            or dist.event_shape != other.event_shape:
+        raise NotImplementedError(
+            f"kl_divergence: the {side} distribution must be Independent(Normal(loc, scale), 3) with event "
+            f"shape (C, H, W) = {tuple(other.event_shape)}, got {dist}")
+    return dist.base_dist
+
+
+@register_kl(StructuredNormal, StructuredNormal)
+def _kl_structured_structured(p: StructuredNormal, q: StructuredNormal):
+    if p.event_shape != q.event_shape:
+        raise ValueError(f"kl_divergence: event shapes {tuple(p.event_shape)} and {tuple(q.event_shape)} differ")
+    batch = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+    p, ld_p, od_p = _flat(p, batch)
+    q, ld_q, od_q = _flat(q, batch)
+    ld_p, od_p, ld_q, od_q = _checks.promote(ld_p, od_p, ld_q, od_q)
+    C = ld_p.shape[1]
+    wide = _union(p.stencil, q.stencil)
+    with p._value_checks():
+        band = ops.covariance_band(ld_p, _widen(od_p, C, p.stencil, wide), wide)
+    trace = trace_precision_covariance(band, ld_q, od_q, q.stencil, wide)
+    with q._value_checks():
+        maha = _mahalanobis(q, ld_q, od_q, p.loc - q.loc)
+    n = p.event_shape.numel()
+    kl = 0.5 * (trace + maha - n) + ld_p.sum((1, 2, 3)) - ld_q.sum((1, 2, 3))
+    return kl.reshape(batch)
+
+
+@register_kl(StructuredNormal, Independent)
+def _kl_structured_diagonal(p: StructuredNormal, q: Independent):
+    normal = _diagonal_normal(q, p, "second")
+    batch = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+    p = p.expand(batch)
+    precision = normal.scale.expand(batch + p.event_shape).pow(-2)
+    diff = (p.loc - normal.loc).expand(batch + p.event_shape)
+    n = p.event_shape.numel()
+    dims = (-3, -2, -1)
+    inner = (p.variance * precision).sum(dims) + (diff.square() * precision).sum(dims) - n
+    return 0.5 * inner + normal.scale.log().expand(batch + p.event_shape).sum(dims) + p.log_diag.sum(dims)
+
+
+@register_kl(Independent, StructuredNormal)
+def _kl_diagonal_structured(p: Independent, q: StructuredNormal):
+    normal = _diagonal_normal(p, q, "first")
+    batch = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+    q, ld_q, od_q = _flat(q, batch)
+    event = q.event_shape
+    dims = (-3, -2, -1)
+    variance = normal.scale.expand(batch + event).square()
+    with q._value_checks():
+        trace = (q.precision_diagonal() * variance).sum(dims)
+        maha = _mahalanobis(q, ld_q, od_q, (normal.loc - q.loc).expand(batch + event)).reshape(batch)
+    n = event.numel()
+    return 0.5 * (trace + maha - n) - q.log_diag.sum(dims) - normal.scale.log().expand(batch + event).sum(dims)

@@ -1,0 +1,123 @@
+"""The band of the covariance Sigma = Lambda^-1 (docs/contract.md §1, docs/kernels.md §5): the op
+``structlik::covariance_band`` and its fused gradient ``covariance_band_backward``, and the public,
+validated ``covariance_band`` and ``variance``.
+
+``covariance_band(log_diag, off_diag, offsets, diagonal_only)`` returns the entries Sigma_{p,p+k},
+k = 0..b (b = band_width, the largest flat offset dy*W + dx), as (B, C*L, H, W) with L = b + 1,
+channel c*L + k, 0 where p + k is past the image; with ``diagonal_only`` just the variances
+Sigma_pp, (B, C, H, W), computed in the same sweep without storing the band. The backward
+(the adjoint of the sweep) reads the band: saved when it was the output, recomputed otherwise.
+
+Kernels: the reference (block-Takahashi, ``structlik.reference.covariance_band``), C++
+``csrc/covariance_band.cpp`` (CPU), Triton ``structlik/kernels/covariance_band.py`` (CUDA).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import Tensor
+
+from .. import _checks, reference
+from .._dtypes import upcast
+from ..stencil import Stencil
+from . import _forced, _library
+
+
+def band_length(offsets: List[int], W: int) -> int:
+    """L = b + 1, the band entries per pixel: b is the largest flat offset dy*W + dx."""
+    return max(dy * W + dx for dy, dx in zip(offsets[::2], offsets[1::2])) + 1
+
+
+def _reference(log_diag: Tensor, off_diag: Tensor, offsets: List[int], diagonal_only: bool) -> Tensor:
+    args = upcast(log_diag, off_diag)
+    out = reference.covariance_band(*args, Stencil.from_flat_offsets(offsets), diagonal_only)
+    return out.to(log_diag.dtype).contiguous()
+
+
+def _reference_backward(grad: Tensor, log_diag: Tensor, off_diag: Tensor, band: Tensor, offsets: List[int]):
+    args = upcast(grad, log_diag, off_diag, band)
+    gs, gw = reference.covariance_band_backward(*args, Stencil.from_flat_offsets(offsets))
+    return gs.to(log_diag.dtype).contiguous(), gw.to(off_diag.dtype).contiguous()
+
+
+def _triton(log_diag, off_diag, offsets, diagonal_only):
+    return _library.triton_kernels("covariance_band").launch(log_diag, off_diag, offsets, diagonal_only)
+
+
+def _triton_backward(grad, log_diag, off_diag, band, offsets):
+    return _library.triton_kernels("covariance_band").launch_backward(grad, log_diag, off_diag, band, offsets)
+
+
+def _fake(log_diag, off_diag, offsets, diagonal_only):
+    B, C, H, W = log_diag.shape
+    return log_diag.new_empty(B, C * (1 if diagonal_only else band_length(offsets, W)), H, W)
+
+
+def _fake_backward(grad, log_diag, off_diag, band, offsets):
+    return log_diag.new_empty(log_diag.shape), off_diag.new_empty(off_diag.shape)
+
+
+_covariance_band_backward = _library.define(
+    "covariance_band_backward(Tensor grad, Tensor log_diag, Tensor off_diag, Tensor band, int[] offsets) "
+    "-> (Tensor, Tensor)", reference=_reference_backward, fake=_fake_backward, triton=_triton_backward)
+
+
+def _save(ctx, inputs, output):
+    log_diag, off_diag, offsets, diagonal_only = inputs
+    ctx.save_for_backward(log_diag, off_diag, None if diagonal_only else output)
+    ctx.offsets, ctx.diagonal_only = offsets, diagonal_only
+
+
+def _composed(ctx, G, log_diag, off_diag):
+    """The gradient as a graph (create_graph: second order): autograd through the reference."""
+    need = ctx.needs_input_grad[:2]
+    wrt = [t for t, n in zip((log_diag, off_diag), need) if n]
+    out = reference.covariance_band(*upcast(log_diag, off_diag), Stencil.from_flat_offsets(ctx.offsets),
+                                    ctx.diagonal_only)
+    grads = iter(torch.autograd.grad(out, wrt, G.to(out.dtype), create_graph=True))
+    return tuple(next(grads).to(t.dtype) if n else None for t, n in zip((log_diag, off_diag), need))
+
+
+def _formula(ctx, G):
+    log_diag, off_diag, band = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if not (need[0] or need[1]):
+        return None, None, None, None
+    if torch.is_grad_enabled():
+        gs, gw = _composed(ctx, G, log_diag, off_diag)
+    else:
+        if ctx.diagonal_only:
+            band = covariance_band_op(log_diag, off_diag, ctx.offsets, False)
+            B, C, H, W = log_diag.shape
+            full = G.new_zeros(B, C, band.shape[1] // C, H, W)
+            full[:, :, 0] = G
+            G = full.flatten(1, 2)
+        gs, gw = _covariance_band_backward(G.contiguous(), log_diag, off_diag, band, ctx.offsets)
+    return gs if need[0] else None, gw if need[1] else None, None, None
+
+
+covariance_band_op = _library.define(
+    "covariance_band(Tensor log_diag, Tensor off_diag, int[] offsets, bool diagonal_only) -> Tensor",
+    reference=_reference, fake=_fake, triton=_triton, backward=_formula, setup_context=_save)
+
+
+def _checked(log_diag, off_diag, stencil, diagonal_only, op):
+    _checks.check_params(log_diag, off_diag, stencil)
+    _forced.prepare(log_diag.device)
+    log_diag, off_diag = _checks.promote(log_diag, off_diag)
+    out = covariance_band_op(*upcast(log_diag, off_diag), stencil.flat_offsets, diagonal_only).to(log_diag.dtype)
+    _checks.check_result(out, {"log_diag": log_diag, "off_diag": off_diag}, op=op)
+    return out
+
+
+def variance(log_diag: Tensor, off_diag: Tensor, stencil: Stencil) -> Tensor:
+    """The exact marginal variances Sigma_pp of Sigma = (U^T U)^-1: (B, C, H, W). One sweep of
+    n*b*S multiply-adds per plane (b = stencil's largest flat offset), a window of (b+1)^2 values."""
+    return _checked(log_diag, off_diag, stencil, True, "variance")
+
+
+def covariance_band(log_diag: Tensor, off_diag: Tensor, stencil: Stencil) -> Tensor:
+    """Sigma's band: (B, C*L, H, W), channel c*L + k holding Sigma_{p, p+k} (p in raster order;
+    0 past the image), L = b + 1 with b = max(dy*W + dx) over the stencil's offsets."""
+    return _checked(log_diag, off_diag, stencil, False, "covariance_band")
