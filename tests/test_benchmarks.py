@@ -67,3 +67,16 @@ def test_condition_benchmark_runs():
     rows = [line.split("|") for line in proc.stdout.splitlines()
             if line.startswith("| ") and ("hole" in line or "random half" in line)]
     assert len(rows) == 4 and all(float(r[-2]) < 1e-8 for r in rows), proc.stdout     # 2 masks x 2 models
+
+
+def test_variance_benchmark_runs():
+    """benchmarks/bench_variance.py --quick: every exact way agrees with the dense inverse."""
+    pytest.importorskip("scipy")
+    env = dict(os.environ, STRUCTLIK_BACKEND="")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_variance", "--quick"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| 16x16")]
+    exact = [r for r in rows if "Monte Carlo" not in r[3]]
+    assert len(exact) >= 6 and all(float(r[-2]) < 1e-10 for r in exact), proc.stdout

@@ -263,16 +263,19 @@ def test_calibration_of_noise_drawn_from_the_model_itself():
         assert 0.9 < s["median_noise_ratio"] < 1.1 and s["share_ratio_in_0.5_2"] == 1.0
         assert 0.9 < s["whitened_ms"] < 1.1 and s["overconfident"] == 0.0
         assert abs(s["corr_e"] - s["corr_r"]) < 0.1
+        assert 0.93 < s["coverage"] < 0.97      # exact marginal sigma_p: 95% of the pixels within 1.96 sigma_p
     assert s["corr_e"] > 0.5                     # the structured one
     x = diagonal.sample()
     noisy = Independent(Normal(mu, torch.full_like(mu, 0.1)), 3)    # twice too wide for x
     s = summarise(calibration(noisy, x, color=False, seed=1))
     assert 1.8 < s["median_noise_ratio"] < 2.2 and 0.2 < s["whitened_ms"] < 0.3 and s["overconfident"] == 0.0
+    assert s["coverage"] > 0.99                  # P(|z| <= 3.92)
     # overconfident on a quarter of the images: their residual three times the model's scale (mean u^2 9)
     wide = x.clone()
     wide[:16] = mu[:16] + 3 * (x[:16] - mu[:16])
     s = summarise(calibration(diagonal, wide, color=False, seed=1))
     assert s["overconfident"] == 0.25 and 0.9 < s["whitened_ms"] < 1.1          # the median does not see it
+    assert 0.80 < s["coverage"] < 0.87           # 3/4 * 0.95 + 1/4 * P(|z| <= 0.65) = 0.83
     assert "median_noise_ratio_z" not in s
     # at a posterior sample: here a decoder output whose mean is off by as much as its noise
     shifted = Independent(Normal(mu + 0.05 * torch.randn_like(mu), torch.full_like(mu, 0.05)), 3)
@@ -356,7 +359,7 @@ def test_main_writes_table_json_and_figures(tmp_path):
                 assert sum(v["n"] for v in by_source.values()) == report["datasets"][name]["n_test"]
             else:
                 assert by_source is None and sources is None
-        for fig in ("reconstructions", "samples", "nll_hist", "residual_correlations"):
+        for fig in ("reconstructions", "samples", "nll_hist", "residual_correlations", "uncertainty"):
             assert (tmp_path / f"{name}_{fig}.png").stat().st_size > 1000
     table = (tmp_path / "results.md").read_text()
     # NLL and calibration tables of both datasets, and the photos' calibration by source

@@ -146,6 +146,7 @@ def main(argv=None):
         seed = args.seed + 200
         figures.reconstructions(models, data.test, cfg.n_figure, out / f"{data.name}_reconstructions.png", seed, device)
         figures.prior_samples(models, cfg.n_figure, out / f"{data.name}_samples.png", seed, device)
+        figures.uncertainty(models, data.test, cfg.n_figure, out / f"{data.name}_uncertainty.png", seed, device)
         figures.nll_histogram(per_image, out / f"{data.name}_nll_hist.png", f"{data.name}: per-image test NLL")
         figures.residual_correlations(models, data.test, out / f"{data.name}_residual_correlations.png", seed,
                                       device)

@@ -18,6 +18,11 @@ compared with the true residual r = x - mu:
   at least 1.5 nats per pixel for it. A median of 1 can hide a tail of such images (small
   sharp detail that mu misses, where a structured precision expects a smooth residual);
   the per-image NLL shows them as outliers, the noise ratio does not.
+- ``coverage``: the share of residual pixels with |r_p| <= 1.96 sigma_p, sigma_p the model's exact
+  marginal standard deviation (``StructuredNormal.stddev``: the band recurrence; sigma for a
+  diagonal model). 0.95 when each pixel's spread is right; below, the model is overconfident
+  pixel by pixel. Unlike mean u^2 it reads no correlation: a structured model can whiten its
+  residual well and still put the wrong spread on single pixels, or the reverse.
 - ``noise_ratio_z``: std(e) / std(r) again, at the decoder's output for one posterior
   sample z ~ q(z|x) instead of its mean: the residuals the likelihood is trained on.
   A model calibrated there is too noisy at mu wherever the posterior's spread, not the
@@ -30,7 +35,8 @@ from torch.distributions import Independent
 
 import structlik
 
-MEASURES = ("noise_ratio", "clipped", "corr_e", "corr_r", "whitened_ms", "noise_ratio_z")
+MEASURES = ("noise_ratio", "clipped", "corr_e", "corr_r", "whitened_ms", "coverage", "noise_ratio_z")
+Z_95 = 1.959963984540054        # the two-sided 95% point of N(0, 1)
 # calibrated: mean u^2 = 1 +- 0.05 over 1,024 pixels; 4 is the residual at twice the model's scale
 OVERCONFIDENT_MS = 4.0
 
@@ -78,6 +84,7 @@ def calibration(dist, x: torch.Tensor, color: bool, seed: int, dist_z=None) -> d
         "corr_e": _neighbour_corr(e),
         "corr_r": _neighbour_corr(r),
         "whitened_ms": whitened(luma, r).square().flatten(1).mean(1),
+        "coverage": (r.abs() <= Z_95 * luma.stddev).flatten(1).float().mean(1),
     }
     if dist_z is not None:
         out["noise_ratio_z"] = _ratio(*_noise_and_residual(dist_z, x, color, seed + 1)[1:])
@@ -102,6 +109,7 @@ def summarise(per_image: dict) -> dict:
         "corr_r": float(per_image["corr_r"].double().mean()),
         "whitened_ms": float(per_image["whitened_ms"].double().median()),
         "overconfident": float((per_image["whitened_ms"].double() > OVERCONFIDENT_MS).double().mean()),
+        "coverage": float(per_image["coverage"].double().mean()),
         **at_z,
     }
 
@@ -134,12 +142,13 @@ def table(rows: dict) -> str:
     lines = ["| model | median std(e)/std(r) | share with that in [0.5, 2] | share of mu+e outside [0, 1] | "
              "neighbour corr. of e / of r | median mean u^2 (1 = calibrated) | "
              f"share with mean u^2 > {OVERCONFIDENT_MS:g} (overconfident) | "
+             "share of pixels with \\|r\\| <= 1.96 σ_p (0.95 = calibrated) | "
              "at z ~ q(z|x): median std(e)/std(r), share in [0.5, 2] |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, s in rows.items():
         at_z = (f"{s['median_noise_ratio_z']:.2f}, {s['share_ratio_z_in_0.5_2']:.2f}"
                 if "median_noise_ratio_z" in s else "-")
         lines.append(f"| {name} | {s['median_noise_ratio']:.2f} | {s['share_ratio_in_0.5_2']:.2f} | "
                      f"{s['clipped']:.3f} | {s['corr_e']:.2f} / {s['corr_r']:.2f} | {s['whitened_ms']:.2f} | "
-                     f"{s['overconfident']:.3f} | {at_z} |")
+                     f"{s['overconfident']:.3f} | {s['coverage']:.3f} | {at_z} |")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """The paper's figures: reconstructions (Fig. 1, 7), prior samples (Fig. 8), NLL distribution (Fig. 6),
-residual correlations (Fig. 3)."""
+residual correlations (Fig. 3); and what the covariance says: exact per-pixel standard deviations and a
+pixel's correlation map beside the samples."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,6 +53,63 @@ def reconstructions(models: dict, test_uint8: torch.Tensor, n: int, path: Path, 
         p = model.decode(model.encode(x).mean)
         rows += [(f"{name} μ", p.mean), (f"{name} μ+ε", p.sample())]
     _grid(rows, path, "Reconstructions: mean and mean + a noise sample")
+
+
+def _luma(p):
+    """The luminance distribution of a decoder output (the image itself for grayscale models)."""
+    return p.luma if hasattr(p, "luma") else p
+
+
+def _correlation_map(luma, y: int, x: int) -> torch.Tensor:
+    """Corr(x_q, x_(y, x)) of every pixel q: the structured model's column of Sigma, scaled
+    (StructuredNormal.correlation); a diagonal model's is 1 at (y, x) and 0 elsewhere."""
+    if isinstance(luma, structlik.StructuredNormal):
+        return luma.correlation((y, x))
+    out = torch.zeros_like(luma.mean)
+    out[..., y, x] = 1
+    return out
+
+
+@torch.no_grad()
+def uncertainty(models: dict, test_uint8: torch.Tensor, n: int, path: Path, seed: int, device):
+    """Per model, for n test images: a sample mu + e (the means are in the reconstructions), the exact
+    per-pixel standard deviation sigma_p of the (luminance) noise (one colour scale per model: dark =
+    certain), and the correlation of every pixel with the image's centre pixel (marked), -1 to 1."""
+    spread = torch.linspace(0, len(test_uint8) - 1, n).long()
+    x = dequantise(test_uint8[spread], torch.Generator().manual_seed(seed)).to(device)
+    torch.manual_seed(seed)
+    H, W = x.shape[-2:]
+    cy, cx = H // 2, W // 2
+    rows = [("input", "image", x)]
+    for name, model in models.items():
+        p = model.decode(model.encode(x).mean)
+        luma = _luma(p)
+        rows += [(f"{name} μ+ε", "image", p.sample()), (f"{name} σ_p", "std", luma.stddev), (f"{name} corr.", "corr", _correlation_map(luma, cy, cx))]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n + 2.6, 1.1 * len(rows) + 0.5), squeeze=False,
+                             layout="constrained")
+    for r, (label, kind, images) in enumerate(rows):
+        vmax = float(images.max()) if kind == "std" else None
+        for c in range(n):
+            ax = axes[r, c]
+            if kind == "image":
+                _show(ax, images[c], label if c == 0 else None)
+                continue
+            m = images[c, 0].detach().cpu().numpy()
+            im = ax.imshow(m, cmap="magma" if kind == "std" else "coolwarm", vmin=0 if kind == "std" else -1,
+                           vmax=vmax if kind == "std" else 1)
+            if kind == "corr":
+                ax.plot([cx], [cy], marker="+", color="k", markersize=4)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        if kind != "image":
+            cbar = fig.colorbar(im, ax=axes[r, :].tolist(), fraction=0.03, pad=0.01, aspect=8)
+            cbar.ax.tick_params(labelsize=6)
+    fig.suptitle("What the covariance says: exact per-pixel σ (luminance) and the centre pixel's correlations",
+                 fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 @torch.no_grad()
