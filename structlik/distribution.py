@@ -172,7 +172,7 @@ class StructuredNormal(Distribution):
     @property
     def variance(self):
         """The exact marginal variances diag(Lambda^-1), batch_shape + (C, H, W), differentiable: one
-        sweep of the band recurrence (docs/kernels.md §5), not 1 / precision_diagonal() (the variance
+        sweep of the band recurrence (docs/kernels.md §4), not 1 / precision_diagonal() (the variance
         of a pixel given all the others: smaller)."""
         ld, od = self._flat_params()
         with self._value_checks():

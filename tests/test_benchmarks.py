@@ -70,11 +70,11 @@ def test_condition_benchmark_runs():
 
 
 def test_variance_benchmark_runs():
-    """benchmarks/bench_variance.py --quick: every exact way agrees with the dense inverse."""
+    """benchmarks/bench_covariance_band.py --quick: every exact way agrees with the dense inverse."""
     pytest.importorskip("scipy")
     env = dict(os.environ, STRUCTLIK_BACKEND="")
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_variance", "--quick"], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_covariance_band", "--quick"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| 16x16")]

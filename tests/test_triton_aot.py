@@ -80,3 +80,15 @@ def test_a_grid_past_cudas_limit_is_refused_by_name():
     assert grid(6, 262144) == (6 * 262144,)
     with pytest.raises(ValueError, match=r"B\*C = 8192 planes of 262144 tiles each .* split the batch"):
         grid(8192, 262144)
+
+
+def test_band_model_reads_the_covariance_kernels_sass():
+    """tools/band_model.py (docs/kernels.md §4) compiles the band's forward and adjoint for sm_90 and finds
+    their chunk loops: no barrier inside (the level loop has the one barrier)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "tools.band_model"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and " r" in line[:14]]
+    assert len(rows) == 4
+    assert all(r[-3].strip().startswith("0, ") and r[-2].strip().startswith("0, ") for r in rows), proc.stdout

@@ -13,15 +13,9 @@ row, next_power_of_2(H) lanes, 4 warps), computed from the same formulas.
 """
 from __future__ import annotations
 
-import re
-import subprocess
-import tempfile
-
 from tools import triton_aot  # noqa: E402  (sets up ahead-of-time compilation; imports triton without the interpreter)
 
 import triton  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.compiler.compiler import make_backend  # noqa: E402
 
 from structlik import Stencil  # noqa: E402
 from structlik.kernels import solve_upper  # noqa: E402
@@ -31,34 +25,13 @@ CASES = [("64x64 r1", 64, 64, Stencil(1)), ("64x64 r3", 64, 64, Stencil(3)),
          ("256x256 r3", 256, 256, Stencil(3)), ("512x512 r3", 512, 512, Stencil(3))]
 
 
-def sass_loop(cubin: bytes) -> tuple[int, int]:
-    """(barriers, instructions) in the body of the kernel's one loop: from the target of the
-    backward branch to that branch."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([triton_aot._tool("cuobjdump"), "-sass", f.name], capture_output=True,
-                              text=True).stdout
-    lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    for addr, text in reversed(lines):
-        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < addr:
-            body = [t for a, t in lines if int(m.group(1), 16) <= a <= addr]
-            return sum("BAR.SYNC" in t for t in body), len(body)
-    raise RuntimeError("no loop found in the solve's SASS")
-
-
 def compile_solve(H, W, stencil):
     triton_aot._recorded.clear()
     triton.runtime.jit.JITFunction.run = triton_aot._record
     z = triton_aot.meta(16, 1, H, W, dtype=triton_aot.torch.float32)
     solve_upper.launch(z, z, triton_aot.meta(16, stencil.S, H, W, dtype=z.dtype), stencil.flat_offsets, False)
     fn, args, kwargs, _ = triton_aot._recorded[-1]
-    backend = make_backend(triton_aot.TARGET)
-    options, signature, constexprs, attrs = triton_aot.specialise(fn, args, kwargs, backend)
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                            target=triton_aot.TARGET, options=options.__dict__)
-    return kernel, kwargs
+    return triton_aot.compile_launch(fn, args, kwargs), kwargs
 
 
 def main():
@@ -76,7 +49,7 @@ def main():
         before = max(16, triton.next_power_of_2(H))
         threads_before = max(before, 128)
         peak, mean = min(H, -(-W // a)), H * W / steps
-        barriers, instructions = sass_loop(kernel.asm["cubin"])
+        barriers, instructions = triton_aot.sass_loops(kernel.asm["cubin"])[-1]   # its one loop
         regs = triton_aot._resources(kernel.asm["cubin"])["reg"]
         rows.append(f"| {label} | {steps} | {before} -> {lanes} | {peak} / {mean:.1f} | "
                     f"{mean / threads_before:.0%} -> {mean / threads_now:.0%} | 4 -> {warps} | "

@@ -38,7 +38,8 @@ from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime import jit as triton_jit  # noqa: E402
 
 from structlik import Stencil  # noqa: E402
-from structlik.kernels import apply_upper, covariance_band, nll, precision_diagonal, solve_upper, weight_grad  # noqa: E402,E501
+from structlik.kernels import (apply_upper, covariance_band, nll, precision_diagonal, solve_upper,  # noqa: E402
+                               weight_grad)
 
 ARCH = 90
 TARGET = GPUTarget("cuda", ARCH, 32)
@@ -139,15 +140,37 @@ def occupancy(regs, warps, shared):
     return ctas * warps / 64
 
 
+def sass_loops(cubin: bytes) -> list:
+    """(barriers, instructions) of every loop body (a backward branch to its target), innermost first."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True,
+                              text=True).stdout
+    lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, text in lines:
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in lines if int(m.group(1), 16) <= a <= addr]
+            loops.append((sum("BAR.SYNC" in t for t in body), len(body)))
+    return sorted(loops, key=lambda loop: loop[1])
+
+
+def compile_launch(fn, args, kwargs):
+    """The cubin-bearing kernel the JIT would build for one recorded launch, compiled for TARGET."""
+    backend = make_backend(TARGET)
+    options, signature, constexprs, attrs = specialise(fn, args, kwargs, backend)
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=TARGET, options=options.__dict__)
+
+
 ITEMS = []      # the recorded launches; forked workers compile ITEMS[i]
 
 
 def compile_one(i):
     label, fn, args, kwargs, grid = ITEMS[i]
-    backend = make_backend(TARGET)
-    options, signature, constexprs, attrs = specialise(fn, args, kwargs, backend)
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                            target=TARGET, options=options.__dict__)
+    kernel = compile_launch(fn, args, kwargs)
     spill_stores, spill_loads = _ptxas_spills(kernel.asm["ptx"])
     res = _resources(kernel.asm["cubin"])
     return dict(regs=res["reg"], local=res["local"] or 0, shared=kernel.metadata.shared,

@@ -1,4 +1,4 @@
-"""Sigma's band by the Takahashi recurrence on a wavefront schedule (docs/kernels.md §5).
+"""Sigma's band by the Takahashi recurrence on a wavefront schedule (docs/kernels.md §4).
 
 Entry (i, j = i + k), 0 <= k <= b, of Sigma = U^-1 U^-T reads the entries (i + f_d, j) (and the
 diagonal reads (i, i + f_d)). With t(p) = a*(H-1-y) + (W-1-x), the solve's wavefront step

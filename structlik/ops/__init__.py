@@ -4,8 +4,9 @@ One module per op family, named after it with a leading underscore so that the m
 the public function of the same name do not shadow each other (``structlik.ops.nll`` is the
 function, ``structlik.ops._nll`` its module): ``_apply_upper`` (apply_upper, apply_upper_t),
 ``_solve_upper``, ``_nll`` (nll, nll_basis), ``_precision_diagonal``, ``_weight_grad``,
-``_standard_normal``, ``_to_dense_upper``, ``_covariance_band`` (covariance_band, variance). Each holds the op's schema, reference, Triton and
-fake kernels, autograd formula and public function; ``_library`` says how the dispatcher picks
+``_standard_normal``, ``_to_dense_upper``, ``_covariance_band`` (covariance_band, variance).
+Each holds the op's schema, reference, Triton and fake kernels, autograd formula and public
+function; ``_library`` says how the dispatcher picks
 the kernel (C++ for CPU tensors, Triton for CUDA, the reference elsewhere) and ``_forced`` how
 ``STRUCTLIK_BACKEND`` overrides it.
 

@@ -1,4 +1,4 @@
-"""The band of the covariance Sigma = Lambda^-1 (docs/contract.md §1, docs/kernels.md §5): the op
+"""The band of the covariance Sigma = Lambda^-1 (docs/contract.md §1, docs/kernels.md §4): the op
 ``structlik::covariance_band`` and its fused gradient ``covariance_band_backward``, and the public,
 validated ``covariance_band`` and ``variance``.
 

@@ -1,8 +1,8 @@
 """Exact per-pixel variances diag(Lambda^-1): StructuredNormal.variance against the ways a user has.
 
-    python -m benchmarks.bench_variance                 # 64x64 (B4) and 128x128 (B1), radius 2, one thread
-    python -m benchmarks.bench_variance --full          # also the dense inverse at 128x128 (148 s, 6.4 GB)
-    python -m benchmarks.bench_variance --quick         # 16x16: checks the script runs
+    python -m benchmarks.bench_covariance_band           # 64x64 (B4) and 128x128 (B1), radius 2, one thread
+    python -m benchmarks.bench_covariance_band --full    # also the dense inverse at 128x128 (148 s, 6.4 GB)
+    python -m benchmarks.bench_covariance_band --quick   # 16x16: checks the script runs
 
 float64, one CPU thread (torch, OpenMP and OpenBLAS: set before numpy loads), Lambda = U^T U of
 ``StructuredNormal.from_head`` of a random head (weights bound at 0.9 of the diagonal, as a
@@ -176,12 +176,13 @@ def main():
               f"{torch.__version__}, {platform.machine()}\n- command: {harness.command()}\n\n"
               "Lambda = U^T U of StructuredNormal.from_head(random head) (weights bound at 0.9); seconds per image "
               "(median of the repeats; the batch's time over B); 'over structlik': that time over .variance's; "
-              "error: largest |variance - exact| / exact on the first image (exact: a dense float64 inverse, or SelInv's "
+              "error: largest |variance - exact| / exact on the first image (exact: a dense float64 inverse, "
+              "or SelInv's "
               "where the dense one was not run). Monte Carlo's error is its sampling error.\n\n")
     text = header + harness.markdown(rows, list(rows[0])) + "\n\n" + "\n".join(f"- {w}" for w in windows) + "\n"
     print(text)
     if not args.quick:
-        with open(os.path.join(harness.RESULTS_DIR, "variance-cpu.md"), "w") as f:
+        with open(os.path.join(harness.RESULTS_DIR, "covariance_band-cpu.md"), "w") as f:
             f.write(text)
 
 
