@@ -9,8 +9,9 @@ barrier between them, its lanes spread over the level's entries.
 A level's entries are enumerated by lane (k, wrap, row): with k = q*W + m, j lies m columns right
 of i and q rows down, or (wrap, m > 0) m - W columns and q + 1 rows down; then
 t(j) = t(i) - c with c = a*q + m (or a*(q+1) + m - W), so t(i) = (T + c) / 2 when T + c is even,
-and i is the row-th pixel of wavefront t(i), as in the solve. About a quarter of the lanes hold
-an entry (parity, and one of the two wrap cases per row).
+and i is the row-th pixel of wavefront t(i), as in the solve. A level enumerates only the
+(k, wrap) whose c has T's parity (``parity_pairs``, a table the lanes read); of those, about half
+hold an entry (one of the two wrap cases per row of a wavefront).
 
 The band lives in the output (B, C*L, H, W) (its entries past the image stay 0), which is also
 the recurrence's memory: on the GPU ``diagonal_only`` keeps the band and returns its first plane.
@@ -18,6 +19,8 @@ The backward walks the levels downwards and gathers each entry's adjoint from th
 it (all on higher levels, so final): no atomics. The parameter gradients then sum over each
 pixel's row of the band in a tiled kernel.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -31,17 +34,20 @@ def band_length(offsets, W: int) -> int:
 
 
 @triton.jit
-def _entry(e, T, H, W, RW, lanes_per_level, SLOPE: tl.constexpr):
-    """Lane e's entry of level T: (ok, k, i's y and x, j's y and x)."""
+def _entry(e, T, H, W, RW, lanes_per_level, pairs, SLOPE: tl.constexpr):
+    """Lane e's entry of level T: (ok, k, i's y and x, j's y and x). ``pairs`` (2, P): for each parity
+    of T, the codes 2k + wrap whose c has that parity (-1 pads), so no lane is spent on the half of
+    (k, wrap) that has no entry on this level."""
     rho = e % RW
-    kc = e // RW
-    wrap = kc % 2
-    k = kc // 2
+    P = lanes_per_level // RW
+    code = tl.load(pairs + (T % 2) * P + e // RW, e < lanes_per_level, -1)
+    wrap = tl.maximum(code, 0) % 2
+    k = tl.maximum(code, 0) // 2
     q = k // W
     m = k % W
     c = tl.where(wrap == 0, SLOPE * q + m, SLOPE * (q + 1) + m - W)
     twice = T + c
-    ok = (e < lanes_per_level) & (twice >= 0) & ((twice % 2) == 0)
+    ok = (code >= 0) & (twice >= 0) & ((twice % 2) == 0)
     ti = tl.maximum(twice, 0) // 2
     y = tl.maximum(H - 1 - ti // SLOPE, 0) + rho
     x = (W - 1) - (ti - SLOPE * (H - 1 - y))
@@ -63,7 +69,7 @@ def band_length_of(W, OFFS: tl.constexpr, S: tl.constexpr):
 
 
 @triton.jit
-def covariance_band_kernel(log_diag, off_diag, band, C, H, W, RW, levels, lanes_per_level, ssb, ssc, wsb, wsc,
+def covariance_band_kernel(log_diag, off_diag, band, pairs, C, H, W, RW, levels, lanes_per_level, ssb, ssc, wsb, wsc,
                            SLOPE: tl.constexpr, OFFS: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr,
                            LANES: tl.constexpr):
     plane = tl.program_id(0).to(tl.int64)
@@ -76,7 +82,7 @@ def covariance_band_kernel(log_diag, off_diag, band, C, H, W, RW, levels, lanes_
     while T < levels:                  # a while loop: see solve_upper_kernel
         chunk = 0
         while chunk < lanes_per_level:
-            ok, k, y, x, yj, xj = _entry(chunk + lane, T, H, W, RW, lanes_per_level, SLOPE)
+            ok, k, y, x, yj, xj = _entry(chunk + lane, T, H, W, RW, lanes_per_level, pairs, SLOPE)
             i = y * W + x
             j = i + k
             acc = tl.zeros([LANES], ACC)
@@ -97,7 +103,7 @@ def covariance_band_kernel(log_diag, off_diag, band, C, H, W, RW, levels, lanes_
 
 
 @triton.jit
-def covariance_band_adjoint_kernel(grad, log_diag, off_diag, adjoint, C, H, W, RW, levels, lanes_per_level,
+def covariance_band_adjoint_kernel(grad, log_diag, off_diag, adjoint, pairs, C, H, W, RW, levels, lanes_per_level,
                                    ssb, ssc, wsb, wsc, SLOPE: tl.constexpr, OFFS: tl.constexpr, S: tl.constexpr,
                                    ACC: tl.constexpr, LANES: tl.constexpr):
     """adjoint_{a,c} = grad_{a,c} + the share of every entry (r, .) that read Sigma_{a,c}: the entry
@@ -114,7 +120,7 @@ def covariance_band_adjoint_kernel(grad, log_diag, off_diag, adjoint, C, H, W, R
         T = levels - 1 - level
         chunk = 0
         while chunk < lanes_per_level:
-            ok, k, y, x, yj, xj = _entry(chunk + lane, T, H, W, RW, lanes_per_level, SLOPE)
+            ok, k, y, x, yj, xj = _entry(chunk + lane, T, H, W, RW, lanes_per_level, pairs, SLOPE)
             a = y * W + x
             adj = tl.load(grad + base + k * n + a, ok, 0.0).to(ACC)
             for s in tl.static_range(S):
@@ -173,12 +179,32 @@ def covariance_band_grads_kernel(adjoint, band, log_diag, grad_s, grad_w, C, H, 
         tl.store(grad_w + (plane * S + s) * n + i, (-acc * inv).to(grad_w.dtype.element_ty), valid)
 
 
+def parity_pairs(offsets, W: int):
+    """[codes 2k + wrap with c even, codes with c odd], c = a*q + m (wrap 0) or a*(q+1) + m - W (wrap 1,
+    m > 0) for k = q*W + m: an entry of level T has T + c even."""
+    slope, out = wavefront_slope(offsets), ([], [])
+    for k in range(band_length(offsets, W)):
+        q, m = divmod(k, W)
+        out[(slope * q + m) % 2].append(2 * k)
+        if m > 0:
+            out[(slope * (q + 1) + m - W) % 2].append(2 * k + 1)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs_table(offsets: tuple, W: int, device: torch.device) -> torch.Tensor:
+    even, odd = parity_pairs(offsets, W)
+    P = max(len(even), len(odd))
+    return torch.tensor([even + [-1] * (P - len(even)), odd + [-1] * (P - len(odd))], dtype=torch.int32,
+                        device=device)
+
+
 def _schedule(H: int, W: int, offsets, max_lanes: int = 1024):
     """(slope, L, rows of a wavefront, lanes a level enumerates, lanes per chunk, levels)."""
     slope = wavefront_slope(offsets)
     L = band_length(offsets, W)
     rows = min(H, -(-W // slope))
-    lanes_per_level = 2 * L * rows
+    lanes_per_level = max(len(p) for p in parity_pairs(offsets, W)) * rows
     lanes = max(16, min(max_lanes, triton.next_power_of_2(lanes_per_level)))
     levels = 2 * (slope * (H - 1) + W - 1) + 1
     return slope, L, rows, lanes_per_level, lanes, levels
@@ -201,7 +227,7 @@ def _band(log_diag, off_diag, offsets):
                        device=log_diag.device)
     if B * C:
         covariance_band_kernel[(B * C,)](
-            log_diag, off_diag, band, C, H, W, rows, levels, lanes_per_level, *plane_strides(log_diag),
+            log_diag, off_diag, band, _pairs_table(tuple(offsets), W, log_diag.device), C, H, W, rows, levels, lanes_per_level, *plane_strides(log_diag),
             *plane_strides(off_diag), SLOPE=slope, OFFS=tuple(offsets), S=len(offsets) // 2,
             ACC=acc_dtype(log_diag), LANES=lanes, num_warps=_warps(lanes, 4))
     return band
@@ -228,7 +254,7 @@ def launch_backward(grad, log_diag, off_diag, band, offsets):
     grad_w = empty((B, C * S, H, W), off_diag.dtype, off_diag.device)
     if B * C:
         covariance_band_adjoint_kernel[(B * C,)](
-            grad, log_diag, off_diag, adjoint, C, H, W, rows, levels, lanes_per_level, *plane_strides(log_diag),
+            grad, log_diag, off_diag, adjoint, _pairs_table(tuple(offsets), W, log_diag.device), C, H, W, rows, levels, lanes_per_level, *plane_strides(log_diag),
             *plane_strides(off_diag), SLOPE=slope, OFFS=tuple(offsets), S=S, ACC=acc_dtype(log_diag),
             LANES=lanes, num_warps=_warps(lanes, 2))
         block = block_for(H * W)
