@@ -121,6 +121,7 @@ def dense_sigma(d):
     return torch.linalg.inv(U.mT @ U).reshape(*d.batch_shape, d.event_shape[0], *U.shape[-2:])
 
 
+@pytest.mark.backends("reference", "cpu")       # interpreted Triton: 78 s; its ops are tested by op
 def test_variance_stddev_covariance_and_correlation_match_dense(backend):
     """Exact marginal variances, covariance columns and correlations against a dense float64 inverse,
     with a batch that broadcasts (two batch dims, a shared log_diag)."""

@@ -63,11 +63,3 @@ def test_one_unbatched_image_gives_a_scalar_nll():
     assert out.shape == ()
     torch.testing.assert_close(out, -structlik.StructuredNormal(loc, s, w, st).log_prob(x))
     torch.testing.assert_close(structlik.StructuredGaussianNLLLoss(st)(x, loc, s, w), out)
-
-
-def test_variance_and_stddev_say_what_to_use_meanwhile():
-    dist = structlik.StructuredNormal(torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3), torch.zeros(1, 4, 3, 3),
-                                      structlik.Stencil(1))
-    for name in ("variance", "stddev"):
-        with pytest.raises(NotImplementedError, match=rf"StructuredNormal\.{name}: .*not implemented yet.*sample"):
-            getattr(dist, name)

@@ -49,7 +49,6 @@ def op_calls(stencil, shape):
     for name in ("apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t"):
         yield name, (C, C, C * S), lambda x, m, s, w, op=getattr(ops, name): op(m, s, w, stencil)
     yield "precision_diagonal", (C, C, C * S), lambda x, m, s, w: ops.precision_diagonal(s, w, stencil)
-    yield "variance", (C, C, C * S), lambda x, m, s, w: ops.variance(s, w, stencil)
 
 
 @pytest.mark.parametrize("stencil,shape", CASES)

@@ -31,7 +31,6 @@ CALLS = {
     "precision_diagonal": (lambda a: ops.precision_diagonal(a["log_diag"], a["off_diag"], ST),
                            ("log_diag", "off_diag")),
     "variance": (lambda a: ops.variance(a["log_diag"], a["off_diag"], ST), ("log_diag", "off_diag")),
-    "covariance_band": (lambda a: ops.covariance_band(a["log_diag"], a["off_diag"], ST), ("log_diag", "off_diag")),
 }
 for _name, _image in (("apply_upper", "r"), ("apply_upper_t", "y"), ("solve_upper", "z"), ("solve_upper_t", "g")):
     CALLS[_name] = (lambda a, op=getattr(ops, _name): op(a["x"], a["log_diag"], a["off_diag"], ST),
@@ -41,7 +40,7 @@ for _name, _image in (("apply_upper", "r"), ("apply_upper_t", "y"), ("solve_uppe
 # An infinite log_diag where the op has an exact, finite limit, not an error: d = exp(-inf) = 0
 # gives a finite U r, U^T y and precision diagonal; d = exp(inf) in a solve pins that pixel to 0.
 EXACT_LIMITS = {(op, float("-inf")) for op in ("apply_upper", "apply_upper_t", "precision_diagonal")} | {
-    (op, float("inf")) for op in ("solve_upper", "solve_upper_t", "variance", "covariance_band")}
+    (op, float("inf")) for op in ("solve_upper", "solve_upper_t", "variance")}
 
 
 def poison(t, value):
