@@ -135,6 +135,14 @@ def test_empty_batch(backend):
     assert log_diag.grad.shape == log_diag.shape
 
 
+def test_meta_tensors_give_shapes_with_validation_on():
+    stencil = structlik.Stencil(2)
+    log_diag = torch.empty(2, 1, 6, 5, device="meta")
+    off_diag = torch.empty(2, stencil.S, 6, 5, device="meta")
+    assert ops.variance(log_diag, off_diag, stencil).shape == (2, 1, 6, 5)
+    assert ops.covariance_band(log_diag, off_diag, stencil).shape == (2, reference.band_width(stencil, 5) + 1, 6, 5)
+
+
 def test_errors_name_the_argument():
     stencil = structlik.Stencil(1)
     _, log_diag, off_diag = make_params((1, 1, 3, 3), stencil)

@@ -179,7 +179,8 @@ def covariance_band_grads_kernel(adjoint, band, log_diag, grad_s, grad_w, C, H, 
         tl.store(grad_w + (plane * S + s) * n + i, (-acc * inv).to(grad_w.dtype.element_ty), valid)
 
 
-def parity_pairs(offsets, W: int):
+@functools.lru_cache(maxsize=64)
+def parity_pairs(offsets: tuple, W: int):
     """[codes 2k + wrap with c even, codes with c odd], c = a*q + m (wrap 0) or a*(q+1) + m - W (wrap 1,
     m > 0) for k = q*W + m: an entry of level T has T + c even."""
     slope, out = wavefront_slope(offsets), ([], [])
@@ -193,7 +194,7 @@ def parity_pairs(offsets, W: int):
 
 @functools.lru_cache(maxsize=64)
 def _pairs_table(offsets: tuple, W: int, device: torch.device) -> torch.Tensor:
-    even, odd = parity_pairs(offsets, W)
+    even, odd = parity_pairs(offsets, W)      # (cached: a Python loop over the band, once per shape)
     P = max(len(even), len(odd))
     return torch.tensor([even + [-1] * (P - len(even)), odd + [-1] * (P - len(odd))], dtype=torch.int32,
                         device=device)
@@ -204,7 +205,7 @@ def _schedule(H: int, W: int, offsets, max_lanes: int = 1024):
     slope = wavefront_slope(offsets)
     L = band_length(offsets, W)
     rows = min(H, -(-W // slope))
-    lanes_per_level = max(len(p) for p in parity_pairs(offsets, W)) * rows
+    lanes_per_level = max(len(p) for p in parity_pairs(tuple(offsets), W)) * rows
     lanes = max(16, min(max_lanes, triton.next_power_of_2(lanes_per_level)))
     levels = 2 * (slope * (H - 1) + W - 1) + 1
     return slope, L, rows, lanes_per_level, lanes, levels
