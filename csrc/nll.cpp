@@ -91,14 +91,15 @@ struct BasisWeights {
 
 // The operands in the compute dtype, checked: x, loc, log_diag (B, C, H, W); off_diag
 // (B, C*S, H, W), or with a basis (S, n_b) its coefficients (B, C*n_b, H, W).
+// cross: the cross weights of coupled channels (B, C(C-1)/2, H, W), or nullopt.
 struct NllInputs {
   Tensor x, loc, log_diag, weights;
-  std::optional<Tensor> basis;
+  std::optional<Tensor> basis, cross;
   std::vector<Offset> offsets;
   int64_t B, C, H, W, S, nb;
 
   NllInputs(const Tensor& x_, const Tensor& loc_, const Tensor& log_diag_, const Tensor& weights_,
-            const std::optional<Tensor>& basis_, IntList flat_offsets)
+            const std::optional<Tensor>& basis_, IntList flat_offsets, const std::optional<Tensor>& cross_)
       : x(computed(x_)), loc(computed(loc_)), log_diag(computed(log_diag_)), weights(computed(weights_)) {
     if (basis_) basis = torch::stable::contiguous(computed(*basis_));
     offsets = basis ? parse_offsets(flat_offsets) : check_params(log_diag, weights, flat_offsets);
@@ -110,7 +111,11 @@ struct NllInputs {
     nb = basis ? basis->size(1) : 1;
     x = planes_contiguous(x), loc = planes_contiguous(loc), log_diag = planes_contiguous(log_diag);
     weights = planes_contiguous(weights);
+    if (cross_ && C > 1) cross = check_cross(computed(*cross_), log_diag);
   }
+
+  template <typename scalar_t>
+  Cross<const scalar_t> cross_planes() const { return Cross<const scalar_t>(cross, C); }
 
   void check_basis() const {
     STD_TORCH_CHECK(log_diag.dim() == 4 && log_diag.is_cpu(), "log_diag: expected a CPU tensor of shape (B, C, H, W)");
@@ -139,45 +144,62 @@ struct NllInputs {
   }
 };
 
-std::tuple<Tensor, Tensor> nll(const Tensor& x, const Tensor& loc, const Tensor& log_diag, const Tensor& off_diag,
-                               std::optional<Tensor> basis, IntList flat_offsets, bool store_u) {
-  const NllInputs in(x, loc, log_diag, off_diag, basis, flat_offsets);
-  auto out = empty({in.B}, in.x);
-  auto u = store_u ? empty(shape(in.x).dims, in.x) : empty({0}, in.x);
+// The forward sweep: out[b] and, where u is not empty, u = M (x - loc).
+static void nll_forward_into(const NllInputs& in, const Tensor& out, const Tensor& u) {
   dispatch_floating(in.x.scalar_type(), "nll", [&](auto tag_) {
     using scalar_t = decltype(tag_);
     const Planes<const scalar_t> X(in.x, in.C), L(in.loc, in.C), Sd(in.log_diag, in.C);
-    scalar_t* u_out = store_u ? data<scalar_t>(u) : nullptr;
+    const auto Xc = in.cross_planes<scalar_t>();
+    scalar_t* u_out = u.numel() ? data<scalar_t>(u) : nullptr;
     if (in.basis) {
       const BasisWeights<scalar_t> source{Planes<const scalar_t>(in.weights, in.C, in.nb), data<scalar_t>(*in.basis),
                                           in.S, in.nb, in.W};
-      nll_forward_sweep(X, L, Sd, source, in.offsets, in.B, in.C, in.H, in.W, data<scalar_t>(out), u_out);
+      nll_forward_sweep(X, L, Sd, source, Xc, in.offsets, in.B, in.C, in.H, in.W, data<scalar_t>(out), u_out);
     } else {
       const PlainWeights<scalar_t> source{Planes<const scalar_t>(in.weights, in.C, in.S), in.W};
-      nll_forward_sweep(X, L, Sd, source, in.offsets, in.B, in.C, in.H, in.W, data<scalar_t>(out), u_out);
+      nll_forward_sweep(X, L, Sd, source, Xc, in.offsets, in.B, in.C, in.H, in.W, data<scalar_t>(out), u_out);
     }
   });
+}
+
+std::tuple<Tensor, Tensor> nll(const Tensor& x, const Tensor& loc, const Tensor& log_diag, const Tensor& off_diag,
+                               std::optional<Tensor> basis, IntList flat_offsets, bool store_u,
+                               std::optional<Tensor> cross) {
+  const NllInputs in(x, loc, log_diag, off_diag, basis, flat_offsets, cross);
+  auto out = empty({in.B}, in.x);
+  auto u = store_u ? empty(shape(in.x).dims, in.x) : empty({0}, in.x);
+  nll_forward_into(in, out, u);
   return std::make_tuple(out, u);
 }
 
 // The backward, writing d/dloc, d/dlog_diag and d/doff_diag (or d/dcoeffs, and d/dbasis into
-// grad_b) through the outputs' strides: contiguous tensors, or the slices of one head-shaped
-// gradient (nll_head_backward). The outputs are in the compute dtype.
-static void nll_backward_into(const Tensor& grad, const NllInputs& in, const Tensor& u, const Tensor& grad_loc,
-                              const Tensor& grad_s, const Tensor& grad_w, const Tensor* grad_b) {
+// grad_b; d/dcross into grad_x with cross weights) through the outputs' strides: contiguous
+// tensors, or the slices of one head-shaped gradient (nll_head_backward). The outputs are in the
+// compute dtype.
+static void nll_backward_into(const Tensor& grad, const NllInputs& in, const Tensor& u_given, const Tensor& grad_loc,
+                              const Tensor& grad_s, const Tensor& grad_w, const Tensor* grad_b,
+                              const std::optional<Tensor>& grad_x) {
   STD_TORCH_CHECK(grad.dim() == 1 && grad.size(0) == in.B, "grad: expected shape (B,), got ", shape(grad));
   const auto gc = torch::stable::contiguous(torch::stable::to(grad, in.x.scalar_type()));
+  Tensor u = u_given;
+  if (in.cross && u.numel() == 0 && in.x.numel()) {   // M^T u reads u of the other channels: form it first
+    u = empty(shape(in.x).dims, in.x);
+    nll_forward_into(in, empty({in.B}, in.x), u);
+  }
   dispatch_floating(in.x.scalar_type(), "nll_backward", [&](auto tag_) {
     using scalar_t = decltype(tag_);
     const Planes<const scalar_t> X(in.x, in.C), L(in.loc, in.C), Sd(in.log_diag, in.C);
     const Planes<scalar_t> GL(grad_loc, in.C), GS(grad_s, in.C), GW(grad_w, in.C, in.basis ? in.nb : in.S);
+    const auto Xc = in.cross_planes<scalar_t>();
+    const Cross<scalar_t> GX(in.cross ? grad_x : std::nullopt, in.C);
     const scalar_t* u_in = in.stored_u<scalar_t>(u);
     if (in.basis) {
       const int64_t S = in.S, nb = in.nb;
       std::vector<double> basis_acc(in.B * in.C * S * nb, 0.0);   // per plane, reduced in order below
       BasisWeights<scalar_t> source{Planes<const scalar_t>(in.weights, in.C, nb), data<scalar_t>(*in.basis), S, nb,
                                     in.W, &GW, basis_acc.data()};
-      nll_backward_sweep(data<scalar_t>(gc), X, L, Sd, source, in.offsets, u_in, GL, GS, in.B, in.C, in.H, in.W);
+      nll_backward_sweep(data<scalar_t>(gc), X, L, Sd, source, Xc, in.offsets, u_in, GL, GS, GX, in.B, in.C, in.H,
+                         in.W);
       scalar_t* gb_p = data<scalar_t>(*grad_b);
       for (int64_t e = 0; e < S * nb; ++e) {
         double total = 0;
@@ -186,54 +208,63 @@ static void nll_backward_into(const Tensor& grad, const NllInputs& in, const Ten
       }
     } else {
       PlainWeights<scalar_t> source{Planes<const scalar_t>(in.weights, in.C, in.S), in.W, &GW, in.S};
-      nll_backward_sweep(data<scalar_t>(gc), X, L, Sd, source, in.offsets, u_in, GL, GS, in.B, in.C, in.H, in.W);
+      nll_backward_sweep(data<scalar_t>(gc), X, L, Sd, source, Xc, in.offsets, u_in, GL, GS, GX, in.B, in.C, in.H,
+                         in.W);
     }
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> nll_backward(const Tensor& grad, const Tensor& x, const Tensor& loc,
-                                                        const Tensor& log_diag, const Tensor& off_diag,
-                                                        std::optional<Tensor> basis, const Tensor& u,
-                                                        IntList flat_offsets) {
-  const NllInputs in(x, loc, log_diag, off_diag, basis, flat_offsets);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> nll_backward(
+    const Tensor& grad, const Tensor& x, const Tensor& loc, const Tensor& log_diag, const Tensor& off_diag,
+    std::optional<Tensor> basis, const Tensor& u, IntList flat_offsets, std::optional<Tensor> cross) {
+  const NllInputs in(x, loc, log_diag, off_diag, basis, flat_offsets, cross);
   // The gradients are contiguous whatever the inputs' strides, in their inputs' dtypes.
   auto grad_loc = empty(shape(in.x).dims, in.x), grad_s = empty(shape(in.x).dims, in.x),
        grad_w = empty(shape(in.weights).dims, in.x);
   auto grad_b = in.basis ? new_empty_like(*in.basis) : empty({0}, off_diag);
-  nll_backward_into(grad, in, u, grad_loc, grad_s, grad_w, in.basis ? &grad_b : nullptr);
+  // d/dcross: an empty (0,) tensor without cross weights; zeros for one channel's (B, 0, H, W)
+  auto grad_x = cross ? empty(shape(*cross).dims, in.x) : empty({0}, x);
+  nll_backward_into(grad, in, u, grad_loc, grad_s, grad_w, in.basis ? &grad_b : nullptr,
+                    cross ? std::optional<Tensor>(grad_x) : std::nullopt);
   return std::make_tuple(cast_like(grad_loc, loc), cast_like(grad_s, log_diag), cast_like(grad_w, off_diag),
-                         basis ? cast_like(grad_b, *basis) : grad_b);
+                         basis ? cast_like(grad_b, *basis) : grad_b, cross ? cast_like(grad_x, *cross) : grad_x);
 }
 
 // loc, log_diag and off_diag as channels [c0, c0 + C), [c0 + C, c0 + 2C) and
-// [c0 + 2C, c0 + (2 + S)C) of one decoder head (B, K, H, W): what head.split gives.
-static std::array<Tensor, 3> head_slices(const Tensor& head, int64_t c0, int64_t C, int64_t S) {
-  STD_TORCH_CHECK(head.dim() == 4 && c0 >= 0 && c0 + (2 + S) * C <= head.size(1), "head: expected shape (B, K, H, W) "
-              "with K >= c0 + (2 + S) C = ", c0 + (2 + S) * C, ", got ", shape(head));
-  return {narrow(head, 1, c0, C), narrow(head, 1, c0 + C, C), narrow(head, 1, c0 + 2 * C, S * C)};
+// [c0 + 2C, c0 + (2 + S)C) of one decoder head (B, K, H, W): what head.split gives; with cross
+// weights, those are the C(C-1)/2 channels after them.
+static int64_t head_used(int64_t C, int64_t S, bool cross) { return (2 + S) * C + (cross ? C * (C - 1) / 2 : 0); }
+
+static std::array<std::optional<Tensor>, 4> head_slices(const Tensor& head, int64_t c0, int64_t C, int64_t S,
+                                                         bool cross) {
+  const int64_t used = head_used(C, S, cross);
+  STD_TORCH_CHECK(head.dim() == 4 && c0 >= 0 && c0 + used <= head.size(1), "head: expected shape (B, K, H, W) "
+                  "with K >= c0 + ", used, ", got ", shape(head));
+  return {narrow(head, 1, c0, C), narrow(head, 1, c0 + C, C), narrow(head, 1, c0 + 2 * C, S * C),
+          cross ? std::optional<Tensor>(narrow(head, 1, c0 + (2 + S) * C, C * (C - 1) / 2)) : std::nullopt};
 }
 
 std::tuple<Tensor, Tensor> nll_head(const Tensor& x, const Tensor& head, int64_t c0, IntList flat_offsets,
-                                    bool store_u) {
-  const auto [loc, log_diag, off_diag] = head_slices(head, c0, x.size(1), flat_offsets.size() / 2);
-  return nll(x, loc, log_diag, off_diag, std::nullopt, flat_offsets, store_u);
+                                    bool store_u, bool cross) {
+  const auto [loc, log_diag, off_diag, xi] = head_slices(head, c0, x.size(1), flat_offsets.size() / 2, cross);
+  return nll(x, *loc, *log_diag, *off_diag, std::nullopt, flat_offsets, store_u, xi);
 }
 
 // The head's whole gradient in one tensor: the kernel writes the three slices in
 // place, the head's other channels are zero. Autograd's backward of head.split
 // (a cat of three gradients, one more pass over all of them) never runs.
 Tensor nll_head_backward(const Tensor& grad, const Tensor& x, const Tensor& head, int64_t c0, const Tensor& u,
-                         IntList flat_offsets) {
-  const int64_t C = x.size(1), S = static_cast<int64_t>(flat_offsets.size() / 2), used = (2 + S) * C;
+                         IntList flat_offsets, bool cross) {
+  const int64_t C = x.size(1), S = static_cast<int64_t>(flat_offsets.size() / 2), used = head_used(C, S, cross);
   const auto head_c = computed(head);
-  const auto [loc, log_diag, off_diag] = head_slices(head_c, c0, C, S);
-  const NllInputs in(x, loc, log_diag, off_diag, std::nullopt, flat_offsets);
+  const auto [loc, log_diag, off_diag, xi] = head_slices(head_c, c0, C, S, cross);
+  const NllInputs in(x, *loc, *log_diag, *off_diag, std::nullopt, flat_offsets, xi);
   auto grad_head = empty(shape(head_c).dims, head_c);
   auto before = narrow(grad_head, 1, 0, c0), after = narrow(grad_head, 1, c0 + used, head.size(1) - c0 - used);
   torch::stable::zero_(before);
   torch::stable::zero_(after);
-  const auto [gl, gs, gw] = head_slices(grad_head, c0, C, S);
-  nll_backward_into(grad, in, u, gl, gs, gw, nullptr);
+  const auto [gl, gs, gw, gx] = head_slices(grad_head, c0, C, S, cross);
+  nll_backward_into(grad, in, u, *gl, *gs, *gw, nullptr, gx);
   return cast_like(grad_head, head);
 }
 

@@ -16,12 +16,17 @@
 //   d/ds_p = g (u_p r_p d_p - 1)
 //   d/dw_{p,i} = g u_p r_{p+delta_i}    (handed to the weight source, one row at a time)
 // Each task keeps one plane-sized buffer (r = x - loc) and rows of u, d and d/dw.
+//
+// Coupled channels (cross.h): u = M r adds, at each row, sum_{j>c} xi_{kappa(c,j)} r_j (the other
+// channels' residuals, read from x and loc); the backward adds sum_{c'<c} xi_{kappa(c',c)} u_{c'} to
+// M^T u (u of the other planes, so the backward reads the stored u: its caller forms it first when
+// the forward did not store it) and writes d/dxi_{kappa(c,j)} = g u_c r_j, j > c, from plane c's task.
 #pragma once
 
 #include <cmath>
 #include <vector>
 
-#include "stencil.h"
+#include "cross.h"
 
 namespace structlik {
 
@@ -41,6 +46,20 @@ inline void u_row(const scalar_t* __restrict__ r, const scalar_t* __restrict__ s
     const scalar_t* __restrict__ wrow = w_row + i * w_stride;
     const scalar_t* __restrict__ rn = r + (y + dy) * W + dx;
     for (int64_t x = col_lo(dx), hi = col_hi(dx, W); x < hi; ++x) u[x] += wrow[x] * rn[x];
+  }
+}
+
+// u[x] += sum_{j>c} xi_{kappa(c,j)} (x_j - loc_j) over row y of image b's channels after c.
+template <typename scalar_t>
+inline void add_cross_residual_row(const Cross<const scalar_t>& Xc, const Planes<const scalar_t>& X,
+                                   const Planes<const scalar_t>& L, int64_t b, int64_t c, int64_t y, int64_t W,
+                                   scalar_t* __restrict__ u) {
+  const int64_t C = Xc.C;
+  for (int64_t j = c + 1; j < C; ++j) {
+    const scalar_t* __restrict__ xi = Xc(b, c, j) + y * W;
+    const scalar_t* __restrict__ xj = X(b * C + j) + y * W;
+    const scalar_t* __restrict__ lj = L(b * C + j) + y * W;
+    for (int64_t x = 0; x < W; ++x) u[x] += xi[x] * (xj[x] - lj[x]);
   }
 }
 
@@ -79,8 +98,9 @@ inline void finish_nll(const std::vector<acc_t>& per_plane, int64_t B, int64_t C
 // Per plane k: 0.5 ||u||^2 - sum s, then out[b] (finish_nll).
 template <typename scalar_t, typename Source>
 void nll_forward_sweep(const Planes<const scalar_t>& X, const Planes<const scalar_t>& L,
-                       const Planes<const scalar_t>& Sd, const Source& source, const std::vector<Offset>& offsets,
-                       int64_t B, int64_t C, int64_t H, int64_t W, scalar_t* out, scalar_t* u_out) {
+                       const Planes<const scalar_t>& Sd, const Source& source, const Cross<const scalar_t>& Xc,
+                       const std::vector<Offset>& offsets, int64_t B, int64_t C, int64_t H, int64_t W,
+                       scalar_t* out, scalar_t* u_out) {
   using acc_t = double;   // double for float and double
   const int64_t n = H * W, S = static_cast<int64_t>(offsets.size());
   std::vector<acc_t> per_plane(B * C);
@@ -94,6 +114,7 @@ void nll_forward_sweep(const Planes<const scalar_t>& X, const Planes<const scala
       for (int64_t y = 0; y < H; ++y) {
         u_row(r.data(), sk, source.row(k, y, wbuf.data()), source.row_stride(), y, H, W, offsets, d.data(),
               u.data());
+        if (Xc.given()) add_cross_residual_row(Xc, X, L, k / C, k % C, y, W, u.data());
         reduce_row(u.data(), sk + y * W, W, quad, logdet);
         if (u_out) std::copy(u.begin(), u.end(), u_out + k * n + y * W);
       }
@@ -108,9 +129,10 @@ void nll_forward_sweep(const Planes<const scalar_t>& X, const Planes<const scala
 // contiguous), or nullptr to compute each row here (S multiply-adds per pixel more).
 template <typename scalar_t, typename Source>
 void nll_backward_sweep(const scalar_t* g_p, const Planes<const scalar_t>& X, const Planes<const scalar_t>& L,
-                        const Planes<const scalar_t>& Sd, Source& source, const std::vector<Offset>& offsets,
-                        const scalar_t* u_in, const Planes<scalar_t>& GL, const Planes<scalar_t>& GS, int64_t B,
-                        int64_t C, int64_t H, int64_t W) {
+                        const Planes<const scalar_t>& Sd, Source& source, const Cross<const scalar_t>& Xc,
+                        const std::vector<Offset>& offsets, const scalar_t* u_in, const Planes<scalar_t>& GL,
+                        const Planes<scalar_t>& GS, const Cross<scalar_t>& GX, int64_t B, int64_t C, int64_t H,
+                        int64_t W) {
   const int64_t n = H * W, S = static_cast<int64_t>(offsets.size());
   parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
     // One sweep over the rows: row y of u gives row y of d/ds and d/dw, and scatters
@@ -139,6 +161,17 @@ void nll_backward_sweep(const scalar_t* g_p, const Planes<const scalar_t>& X, co
         for (int64_t x = 0; x < W; ++x) {
           gsrow[x] = g * (uy[x] * rrow[x] * d[x] - scalar_t(1));
           gxrow[x] += d[x] * uy[x];
+        }
+        if (Xc.given()) {   // (X^T u) at row y, and d/dxi of this plane's pairs (c, j > c)
+          const int64_t b = k / C, c = k % C;
+          add_cross_row(Xc, b, c, /*transposed=*/true, y * W, W, [&](int64_t j) { return u_in + (b * C + j) * n; },
+                        gxrow);
+          for (int64_t j = c + 1; j < C; ++j) {
+            scalar_t* __restrict__ gxi = GX(b, c, j) + y * W;
+            const scalar_t* __restrict__ xj = X(b * C + j) + y * W;
+            const scalar_t* __restrict__ lj = L(b * C + j) + y * W;
+            for (int64_t x = 0; x < W; ++x) gxi[x] = g * uy[x] * (xj[x] - lj[x]);
+          }
         }
         for (int64_t i = 0; i < S; ++i) {
           const auto [dy, dx] = offsets[i];

@@ -11,9 +11,14 @@
 //   2. left to right: v_x = (v_x - sum_{i: dy_i = 0} w_{x-dx_i,i} v_{x-dx_i}) / d_x
 // Only step 2 is sequential, and it touches just the in-row offsets (k of them
 // per dilation).
+// With cross weights (coupled channels, cross.h) one task solves one image, channel by channel:
+//   M^-1 z:  r_c = U_c^-1 (z_c - sum_{j>c} xi_{kappa(c,j)} r_j), the last channel first;
+//   M^-T g:  r_j = U_j^-T (g_j - sum_{c<j} xi_{kappa(c,j)} r_c), the first channel first.
+// (The same arithmetic as pixel by pixel with each pixel's channels in order: every cross term is
+// at one pixel.) The right-hand side with the partners' terms is formed in one plane buffer.
 #include <cmath>
 
-#include "stencil.h"
+#include "cross.h"
 
 namespace structlik {
 
@@ -90,10 +95,11 @@ static void solve_t_plane(const scalar_t* rhs, const scalar_t* s, const scalar_t
 
 template <bool transposed>
 static Tensor solve_impl(const Tensor& rhs, const Tensor& log_diag, const Tensor& off_diag,
-                             IntList flat_offsets) {
+                         IntList flat_offsets, const std::optional<Tensor>& cross_) {
   const auto offsets = check_params(log_diag, off_diag, flat_offsets);
   // Samples of one distribution: z may hold several images per set of parameters.
   check_image(rhs, transposed ? "g" : "z", log_diag, /*params_repeat=*/true);
+  const auto cross = check_cross(cross_, log_diag);
   const auto b = planes_contiguous(rhs), s = planes_contiguous(log_diag), w = planes_contiguous(off_diag);
   auto out = empty(shape(b).dims, b);
   const int64_t C = b.size(1), planes = b.size(0) * C, H = b.size(2), W = b.size(3), n = H * W;
@@ -101,29 +107,46 @@ static Tensor solve_impl(const Tensor& rhs, const Tensor& log_diag, const Tensor
   dispatch_floating(b.scalar_type(), "solve_upper", [&](auto tag_) {
     using scalar_t = decltype(tag_);
     const Planes<const scalar_t> Rhs(b, C), Sd(s, C), Wt(w, C, S);
+    const Cross<const scalar_t> X(cross, C);
     const int64_t ws = Wt.weight_stride();
     scalar_t* out_p = data<scalar_t>(out);
-    parallel_cloned(planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> inv_d(W);   // one row of exp(-log_diag)
-      for (int64_t k = begin; k < end; ++k) {
-        if (transposed)
-          solve_t_plane(Rhs(k), Sd(k), Wt(k), ws, out_p + k * n, H, W, offsets, inv_d.data());
-        else
-          solve_plane(Rhs(k), Sd(k), Wt(k), ws, out_p + k * n, H, W, offsets, inv_d.data());
+    const auto solve_one = [&](int64_t k, const scalar_t* rhs_k, scalar_t* inv_d) {
+      if (transposed)
+        solve_t_plane(rhs_k, Sd(k), Wt(k), ws, out_p + k * n, H, W, offsets, inv_d);
+      else
+        solve_plane(rhs_k, Sd(k), Wt(k), ws, out_p + k * n, H, W, offsets, inv_d);
+    };
+    if (!X.given()) {
+      parallel_cloned(planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> inv_d(W);   // one row of exp(-log_diag)
+        for (int64_t k = begin; k < end; ++k) solve_one(k, Rhs(k), inv_d.data());
+      });
+      return;
+    }
+    parallel_cloned(b.size(0), std::max<int64_t>(1, plane_grain(H, W) / C), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> inv_d(W), rhs_buf(n);
+      for (int64_t image = begin; image < end; ++image) {
+        for (int64_t step = 0; step < C; ++step) {
+          const int64_t c = transposed ? step : C - 1 - step, k = image * C + c;
+          std::copy(Rhs(k), Rhs(k) + n, rhs_buf.begin());
+          add_cross_row(X, image, c, transposed, 0, n, [&](int64_t j) { return out_p + (image * C + j) * n; },
+                        rhs_buf.data(), scalar_t(-1));
+          solve_one(k, rhs_buf.data(), inv_d.data());
+        }
       }
     });
   });
   return out;
 }
 
-Tensor solve_upper(const Tensor& z, const Tensor& log_diag, const Tensor& off_diag,
-                       IntList offsets) {
-  return solve_impl<false>(z, log_diag, off_diag, offsets);
+Tensor solve_upper(const Tensor& z, const Tensor& log_diag, const Tensor& off_diag, IntList offsets,
+                   std::optional<Tensor> cross) {
+  return solve_impl<false>(z, log_diag, off_diag, offsets, cross);
 }
 
-Tensor solve_upper_t(const Tensor& g, const Tensor& log_diag, const Tensor& off_diag,
-                         IntList offsets) {
-  return solve_impl<true>(g, log_diag, off_diag, offsets);
+Tensor solve_upper_t(const Tensor& g, const Tensor& log_diag, const Tensor& off_diag, IntList offsets,
+                     std::optional<Tensor> cross) {
+  return solve_impl<true>(g, log_diag, off_diag, offsets, cross);
 }
 
 STABLE_TORCH_LIBRARY_IMPL(structlik, CPU, m) {

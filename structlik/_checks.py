@@ -90,8 +90,9 @@ def param_layouts(stencil, log_diag, off_diag) -> tuple:
             ("off_diag", off_diag, stencil.S, f"(B, C*S, H, W) with S={stencil.S}"))
 
 
-def check_params(log_diag, off_diag, stencil) -> tuple:
-    """Validate the parameters of U when no image goes with them; returns (B, C, H, W)."""
+def check_params(log_diag, off_diag, stencil, cross=None) -> tuple:
+    """Validate the parameters of U (and the cross weights, if given) when no image goes with
+    them; returns (B, C, H, W)."""
     check_stencil(stencil)
     check_float_tensor("log_diag", log_diag, "(B, C, H, W)")
     if min(log_diag.shape[1:]) == 0:
@@ -100,6 +101,8 @@ def check_params(log_diag, off_diag, stencil) -> tuple:
     B, C, H, W = log_diag.shape
     check_same("off_diag", off_diag, "log_diag", log_diag, (B, C * stencil.S, H, W),
                f"(B, C*S, H, W) with S={stencil.S}")
+    if cross is not None:
+        check_cross(cross, "log_diag", log_diag)
     return B, C, H, W
 
 
@@ -120,6 +123,31 @@ def check_against_image(image_name: str, image, stencil, params, params_repeat: 
         batch = t.shape[0] if params_repeat and t.dim() == 4 and t.shape[0] and B % t.shape[0] == 0 else B
         check_same(name, t, image_name, image, (batch, C * per_channel, H, W), layout)
     return B, C, H, W
+
+
+def cross_layout(C: int) -> str:
+    return f"(B, C(C-1)/2, H, W) with C={C}"
+
+
+def check_cross(cross, image_name: str, image, params_repeat: bool = False):
+    """The cross weights of coupled channels (docs/contract.md §1), validated against the image
+    (B, C, H, W): None, or a (B, C(C-1)/2, H, W) tensor on its device. One channel has no pairs: a
+    (B, 0, H, W) tensor is accepted and stands for no coupling (None is returned)."""
+    if cross is None:
+        return None
+    B, C, H, W = image.shape
+    layout = cross_layout(C)
+    check_float_tensor("cross", cross, layout)
+    batch = cross.shape[0] if params_repeat and cross.shape[0] and B % cross.shape[0] == 0 else B
+    check_same("cross", cross, image_name, image, (batch, C * (C - 1) // 2, H, W), layout)
+    return cross if C > 1 else None
+
+
+def promote_optional(*tensors):
+    """:func:`promote` of the tensors that are given; None stays None."""
+    given = promote(*(t for t in tensors if t is not None))
+    it = iter(given)
+    return tuple(None if t is None else next(it) for t in tensors)
 
 
 _override = threading.local()

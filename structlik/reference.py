@@ -27,6 +27,7 @@ from .stencil import Stencil
 __all__ = [
     "apply_upper", "apply_upper_t", "solve_upper", "solve_upper_t",
     "nll", "nll_and_u", "nll_basis", "expand_basis", "precision_diagonal", "weight_grad", "to_dense_upper",
+    "cross_pairs", "cross_apply", "cross_apply_t", "cross_grad",
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -66,22 +67,67 @@ def weights(off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
     return torch.where(read_mask(tuple(stencil.offsets), H, W, off_diag.device), w, 0)
 
 
-def apply_upper(r, log_diag, off_diag, stencil):
-    """``U r``: (B, C, H, W)."""
+# --- coupled channels (docs/contract.md §1): the cross weights xi, (B, C(C-1)/2, H, W) ----------
+
+@functools.lru_cache(maxsize=16)
+def _pairs(C: int):
+    pairs = [(c, j) for c in range(C) for j in range(c + 1, C)]
+    return tuple(c for c, _ in pairs), tuple(j for _, j in pairs)
+
+
+def cross_pairs(C: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The channel pairs (c, j), c < j, in the cross weights' order (0,1), (0,2), ..., (0,C-1),
+    (1,2), ...: plane kappa(c, j) = c(2C-c-1)/2 + j-c-1 couples channel c's row to channel j."""
+    cs, js = _pairs(C)
+    return (torch.tensor(cs, dtype=torch.long, device=device), torch.tensor(js, dtype=torch.long, device=device))
+
+
+def cross_index(c: int, j: int, C: int) -> int:
+    """kappa(c, j), the plane of the cross weight from channel c's row to channel j (c < j)."""
+    return c * (2 * C - c - 1) // 2 + j - c - 1
+
+
+def _repeat_params(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Parameters of Bp images for ``batch`` = R*Bp images (image r*Bp + b uses parameters b)."""
+    return t if t.shape[0] == batch else t.repeat(batch // max(t.shape[0], 1), *([1] * (t.dim() - 1)))
+
+
+def cross_apply(r, cross):
+    """(X r)_{c,p} = sum_{j>c} xi_{kappa(c,j),p} r_{j,p}: the cross weights' part of M r."""
+    cs, js = cross_pairs(r.shape[1], r.device)
+    cross = _repeat_params(cross, r.shape[0])
+    return torch.zeros_like(r).index_add(1, cs, cross * r[:, js])
+
+
+def cross_apply_t(y, cross):
+    """(X^T y)_{j,p} = sum_{c<j} xi_{kappa(c,j),p} y_{c,p}."""
+    cs, js = cross_pairs(y.shape[1], y.device)
+    cross = _repeat_params(cross, y.shape[0])
+    return torch.zeros_like(y).index_add(1, js, cross * y[:, cs])
+
+
+def cross_grad(a, b):
+    """d(a^T X b)/d xi_{kappa(c,j),p} = a_{c,p} b_{j,p}: (B, C(C-1)/2, H, W)."""
+    cs, js = cross_pairs(a.shape[1], a.device)
+    return a[:, cs] * b[:, js]
+
+
+def apply_upper(r, log_diag, off_diag, stencil, cross=None):
+    """``M r`` (``U r``, plus ``X r`` with cross weights): (B, C, H, W)."""
     w = weights(off_diag, stencil)
     out = log_diag.exp() * r
     for i, (dy, dx) in enumerate(stencil.offsets):
         out = out + w[:, :, i] * shift(r, dy, dx)
-    return out
+    return out if cross is None else out + cross_apply(r, cross)
 
 
-def apply_upper_t(y, log_diag, off_diag, stencil):
-    """``U^T y``: row p gathers ``w_{p-delta_i,i} y_{p-delta_i}``."""
+def apply_upper_t(y, log_diag, off_diag, stencil, cross=None):
+    """``M^T y``: row p gathers ``w_{p-delta_i,i} y_{p-delta_i}`` (and X^T y)."""
     w = weights(off_diag, stencil)
     out = log_diag.exp() * y
     for i, (dy, dx) in enumerate(stencil.offsets):
         out = out + shift(w[:, :, i] * y, -dy, -dx)
-    return out
+    return out if cross is None else out + cross_apply_t(y, cross)
 
 
 def weight_grad(a, b, stencil):
@@ -91,16 +137,17 @@ def weight_grad(a, b, stencil):
     return torch.stack(terms, dim=2).reshape(B, C * stencil.S, H, W)
 
 
-def nll_and_u(x, loc, log_diag, off_diag, stencil):
-    """Per-image ``-log N(x; loc, (U^T U)^-1)``, (B,), and u = U (x - loc), (B, C, H, W)."""
-    u = apply_upper(x - loc, log_diag, off_diag, stencil)
+def nll_and_u(x, loc, log_diag, off_diag, stencil, cross=None):
+    """Per-image ``-log N(x; loc, (M^T M)^-1)``, (B,), and u = M (x - loc), (B, C, H, W). The
+    log-determinant is sum(log_diag) with cross weights too (M's diagonal is U's)."""
+    u = apply_upper(x - loc, log_diag, off_diag, stencil, cross)
     n = math.prod(x.shape[1:])      # (not x[0]: B may be 0)
     return 0.5 * u.square().sum((1, 2, 3)) - log_diag.sum((1, 2, 3)) + 0.5 * n * LOG_2PI, u
 
 
-def nll(x, loc, log_diag, off_diag, stencil):
-    """Per-image ``-log N(x; loc, (U^T U)^-1)``: (B,)."""
-    return nll_and_u(x, loc, log_diag, off_diag, stencil)[0]
+def nll(x, loc, log_diag, off_diag, stencil, cross=None):
+    """Per-image ``-log N(x; loc, (M^T M)^-1)``: (B,)."""
+    return nll_and_u(x, loc, log_diag, off_diag, stencil, cross)[0]
 
 
 def expand_basis(coeffs, basis):
@@ -116,12 +163,16 @@ def nll_basis(x, loc, log_diag, coeffs, basis, stencil):
     return nll(x, loc, log_diag, expand_basis(coeffs, basis), stencil)
 
 
-def precision_diagonal(log_diag, off_diag, stencil):
-    """``Lambda_pp = d_p^2 + sum_i w_{p-delta_i,i}^2``: (B, C, H, W)."""
+def precision_diagonal(log_diag, off_diag, stencil, cross=None):
+    """``Lambda_pp = d_p^2 + sum_i w_{p-delta_i,i}^2`` (+ sum_{c<j} xi_{kappa(c,j),p}^2 at channel j):
+    (B, C, H, W)."""
     w = weights(off_diag, stencil)
     out = (2.0 * log_diag).exp()
     for i, (dy, dx) in enumerate(stencil.offsets):
         out = out + shift(w[:, :, i].square(), -dy, -dx)
+    if cross is not None:
+        cs, js = cross_pairs(log_diag.shape[1], log_diag.device)
+        out = out.index_add(1, js, cross.square())
     return out
 
 
@@ -140,15 +191,22 @@ def _dense_pattern(stencil: Stencil, H: int, W: int, device: torch.device):
     return torch.cat(slots).to(device), torch.cat(sources).to(device)
 
 
-def to_dense_upper(log_diag, off_diag, stencil):
-    """Dense U: (B, C, n, n) with n = H*W in raster order. Small images only."""
+def to_dense_upper(log_diag, off_diag, stencil, cross=None):
+    """Dense U: (B, C, n, n) with n = H*W in raster order; with cross weights dense M over the C*n
+    unknowns in channel-major order (c*n + p), (B, C*n, C*n). Small images only."""
     B, C, H, W = log_diag.shape
     n = H * W
     slots, sources = _dense_pattern(stencil, H, W, log_diag.device)
     dense = torch.diag_embed(log_diag.exp().reshape(B, C, n)).reshape(B, C, n * n)
     values = weights(off_diag, stencil).reshape(B, C, stencil.S * n)[..., sources]
-    dense = dense.scatter(-1, slots.expand(B, C, -1), values)
-    return dense.reshape(B, C, n, n)
+    dense = dense.scatter(-1, slots.expand(B, C, -1), values).reshape(B, C, n, n)
+    if cross is None:
+        return dense
+    rows = [[dense[:, c] if c == j else dense.new_zeros(B, n, n) for j in range(C)] for c in range(C)]
+    for c in range(C):
+        for j in range(c + 1, C):
+            rows[c][j] = torch.diag_embed(cross[:, cross_index(c, j, C)].reshape(B, n))
+    return torch.cat([torch.cat(row, dim=2) for row in rows], dim=1)
 
 
 # --- triangular solves -------------------------------------------------------
@@ -209,9 +267,26 @@ def _solve_operands(rhs, log_diag, off_diag, stencil):
             weights(off_diag, stencil).reshape(Bp * C, stencil.S, n))
 
 
-def solve_upper(z, log_diag, off_diag, stencil):
+def _channel_params(log_diag, off_diag, stencil, c):
+    S = stencil.S
+    return log_diag[:, c:c + 1], off_diag[:, c * S:(c + 1) * S]
+
+
+def solve_upper(z, log_diag, off_diag, stencil, cross=None):
     """``U^-1 z`` by back-substitution in reverse raster order, one wavefront at a time:
-    (B, C, H, W); differentiable by autograd (slowly: for tests)."""
+    (B, C, H, W); differentiable by autograd (slowly: for tests). With cross weights, M^-1 z by
+    block back-substitution over the channels: r_c = U_c^-1 (z_c - sum_{j>c} xi_{kappa(c,j)} r_j),
+    the last channel first."""
+    if cross is not None and z.shape[1] > 1:
+        C = z.shape[1]
+        cross = _repeat_params(cross, z.shape[0])
+        out = [None] * C
+        for c in range(C - 1, -1, -1):
+            rhs = z[:, c:c + 1]
+            for j in range(c + 1, C):
+                rhs = rhs - cross[:, cross_index(c, j, C)][:, None] * out[j]
+            out[c] = solve_upper(rhs, *_channel_params(log_diag, off_diag, stencil, c), stencil)
+        return torch.cat(out, dim=1)
     H, W = z.shape[-2:]
     rhs, d, w = _solve_operands(z, log_diag, off_diag, stencil)
     out = z.new_zeros(*rhs.shape[:2], H * W + 1)
@@ -221,8 +296,19 @@ def solve_upper(z, log_diag, off_diag, stencil):
     return out[..., :H * W].reshape(z.shape)
 
 
-def solve_upper_t(g, log_diag, off_diag, stencil):
-    """``U^-T g`` by forward substitution in raster order: (B, C, H, W)."""
+def solve_upper_t(g, log_diag, off_diag, stencil, cross=None):
+    """``U^-T g`` by forward substitution in raster order: (B, C, H, W). With cross weights M^-T g:
+    r_j = U_j^-T (g_j - sum_{c<j} xi_{kappa(c,j)} r_c), the first channel first."""
+    if cross is not None and g.shape[1] > 1:
+        C = g.shape[1]
+        cross = _repeat_params(cross, g.shape[0])
+        out = []
+        for j in range(C):
+            rhs = g[:, j:j + 1]
+            for c in range(j):
+                rhs = rhs - cross[:, cross_index(c, j, C)][:, None] * out[c]
+            out.append(solve_upper_t(rhs, *_channel_params(log_diag, off_diag, stencil, j), stencil))
+        return torch.cat(out, dim=1)
     H, W = g.shape[-2:]
     rhs, d, w = _solve_operands(g, log_diag, off_diag, stencil)
     w = _padded(w)

@@ -4,12 +4,15 @@ apply_upper gathers ``w_{p,i} r_{p+delta_i}``; apply_upper_t gathers
 ``w_{p-delta_i,i} y_{p-delta_i}`` (the transposed stencil), so both write
 each output pixel once, with no atomics. The parameters may have fewer images
 than the input (``param_batch``): image b reads parameters b % param_batch.
+With cross weights (``NCH`` = C, a constexpr) each pixel also gathers its partners in the other
+channels of its image (common.cross_terms): M r and M^T y.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_for, empty, grid, neighbour, plane_start, plane_strides, planes_contiguous, tile
+from .common import (acc_dtype, block_for, cross_meta, cross_strides, cross_terms, empty, grid, neighbour, plane_start,
+                     plane_strides, planes_contiguous, tile)
 
 
 @triton.jit
@@ -19,9 +22,9 @@ def param_plane(k, C, param_batch):
 
 
 @triton.jit
-def apply_upper_kernel(inp, log_diag, off_diag, out, C, H, W, param_batch, isb, isc, ssb, ssc, wsb, wsc,
-                       OFFS: tl.constexpr, S: tl.constexpr, TRANSPOSED: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def apply_upper_kernel(inp, log_diag, off_diag, cross, out, C, H, W, param_batch, isb, isc, ssb, ssc, wsb, wsc,
+                       xsb, xsc, OFFS: tl.constexpr, S: tl.constexpr, TRANSPOSED: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK: tl.constexpr, NCH: tl.constexpr):
     _, k, p, y, x, valid = tile(H, W, BLOCK)
     kp = param_plane(k, C, param_batch)
     ib = plane_start(k, C, isb, isc)
@@ -37,16 +40,22 @@ def apply_upper_kernel(inp, log_diag, off_diag, out, C, H, W, param_batch, isb, 
             w_i = tl.load(off_diag + wb + i * wsc + p, valid, 0.0).to(ACC)
             term = tl.where(ok, w_i * tl.load(inp + ib + q, ok, 0.0).to(ACC), 0.0)
         acc += term
+    if NCH > 1:
+        acc = cross_terms(acc, cross, inp, (k // C) * isb, (kp // C) * xsb, k % C, p, valid, isc, xsc, NCH,
+                          TRANSPOSED, ACC)
     tl.store(out + k * H * W + p, acc.to(out.dtype.element_ty), valid)
 
 
-def launch(image: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, offsets, transposed: bool):
+def launch(image: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, offsets, transposed: bool,
+           cross=None):
     B, C, H, W = image.shape
     image, log_diag, off_diag = (planes_contiguous(t) for t in (image, log_diag, off_diag))
+    cross = planes_contiguous(cross) if cross is not None else None
     out = empty(image.shape, image.dtype, image.device)
     block = block_for(H * W)
     apply_upper_kernel[grid(B * C, triton.cdiv(H * W, block))](
-        image, log_diag, off_diag, out, C, H, W, log_diag.shape[0], *plane_strides(image), *plane_strides(log_diag),
-        *plane_strides(off_diag), OFFS=tuple(offsets), S=len(offsets) // 2, TRANSPOSED=transposed,
-        ACC=acc_dtype(image), BLOCK=block)
+        image, log_diag, off_diag, cross_strides(cross, log_diag)[0], out, C, H, W, log_diag.shape[0],
+        *plane_strides(image), *plane_strides(log_diag), *plane_strides(off_diag), *cross_strides(cross, log_diag)[1:],
+        OFFS=tuple(offsets), S=len(offsets) // 2, TRANSPOSED=transposed, ACC=acc_dtype(image), BLOCK=block,
+        NCH=cross_meta(cross, C))
     return out

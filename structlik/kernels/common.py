@@ -87,6 +87,44 @@ def tile(H, W, BLOCK: tl.constexpr):
     return program, k, p, p // W, p % W, valid
 
 
+# --- coupled channels (docs/contract.md §1): the cross weights, plane kappa(c, j) of the pair c < j --
+
+def cross_meta(cross, C: int) -> int:
+    """NCH, the kernels' constexpr: C with cross weights (each channel's partners unrolled), else 1."""
+    return C if cross is not None and C > 1 else 1
+
+
+@triton.jit
+def cross_index(c, j, C):
+    """kappa(c, j) = c(2C-c-1)/2 + j-c-1 for c < j."""
+    return c * (2 * C - c - 1) // 2 + j - c - 1
+
+
+@triton.jit
+def cross_terms(acc, cross, inp, ib, xb, c, p, valid, isc, xsc, NCH: tl.constexpr, TRANSPOSED: tl.constexpr,
+                ACC: tl.constexpr):
+    """acc plus plane c's partners at pixels p: M's sum_{j>c} xi_{kappa(c,j)} v_j, or (TRANSPOSED) M^T's
+    sum_{j<c} xi_{kappa(j,c)} v_j, with v = ``inp`` from ib (the image's start, channel stride isc)
+    and the cross weights from xb (channel stride xsc). Masked loads for the channels that are not
+    partners: c is a runtime value, j unrolled."""
+    for j in tl.static_range(NCH):
+        if TRANSPOSED:
+            partner = valid & (j < c)
+            kap = cross_index(j, c, NCH)
+        else:
+            partner = valid & (j > c)
+            kap = cross_index(c, j, NCH)
+        kap = tl.maximum(kap, 0)
+        xi = tl.load(cross + xb + kap * xsc + p, partner, 0.0).to(ACC)
+        acc += xi * tl.load(inp + ib + j * isc + p, partner, 0.0).to(ACC)
+    return acc
+
+
+def cross_strides(cross, fallback):
+    """The cross weights (or, without them, any tensor: never read) and their (batch, channel) strides."""
+    return (cross, *plane_strides(cross)) if cross is not None else (fallback, 0, 0)
+
+
 @triton.jit
 def plane_start(k, C, sb, sc):
     """Where image plane k = b*C + c starts in an operand with batch stride sb and channel

@@ -14,6 +14,12 @@ p - delta_i. docs/kernels.md has the model: steps, barriers, lanes, SMs.
 The right-hand side and parameters are read through their strides; the
 parameters may have fewer images than the right-hand side (``param_batch``:
 many samples of one distribution without copying its parameters).
+
+Coupled channels (cross weights, ``NCH`` = C): M is upper-triangular in pixel-interleaved order
+(p*C + c), so one program solves one image and each lane solves its pixel's C channels in turn
+(last to first; M^T first to last) within the same wavefront step: as many steps and barriers as
+one plane, C times the work per step. A channel's partners at the pixel were solved by the same
+lane moments before: kept in registers (``R``, NCH_P2 x LANES), not read back from memory.
 """
 import math
 
@@ -21,21 +27,19 @@ import triton
 import triton.language as tl
 
 from .apply_upper import param_plane
-from .common import acc_dtype, empty, neighbour, plane_start, plane_strides, planes_contiguous
+from .common import (acc_dtype, cross_index, cross_meta, cross_strides, empty, neighbour, plane_start, plane_strides,
+                     planes_contiguous)
 
 
 @triton.jit
-def solve_upper_kernel(rhs, log_diag, off_diag, out, C, H, W, param_batch, steps, rsb, rsc, ssb, ssc, wsb, wsc,
-                       SLOPE: tl.constexpr, OFFS: tl.constexpr, S: tl.constexpr, TRANSPOSED: tl.constexpr,
-                       ACC: tl.constexpr, LANES: tl.constexpr):
-    k = tl.program_id(0).to(tl.int64)
-    kp = param_plane(k, C, param_batch)
+def solve_upper_kernel(rhs, log_diag, off_diag, cross, out, C, H, W, param_batch, steps, rsb, rsc, ssb, ssc, wsb,
+                       wsc, xsb, xsc, SLOPE: tl.constexpr, OFFS: tl.constexpr, S: tl.constexpr,
+                       TRANSPOSED: tl.constexpr, ACC: tl.constexpr, LANES: tl.constexpr, NCH: tl.constexpr,
+                       NCH_P2: tl.constexpr):
+    program = tl.program_id(0).to(tl.int64)     # a plane (b, c); coupled (NCH > 1): an image b
     n = H * W
-    base = k * n
-    rb = plane_start(k, C, rsb, rsc)
-    sb = plane_start(kp, C, ssb, ssc)
-    wb = plane_start(kp, C, wsb, wsc * S)
     lane = tl.arange(0, LANES)
+    chan = tl.arange(0, NCH_P2)
     # A while loop, not range(steps): Triton's interpreter turns a runtime bound into a
     # one-element array that NumPy >= 2.4 refuses to use as an index.
     step = 0
@@ -50,17 +54,40 @@ def solve_upper_kernel(rhs, log_diag, off_diag, out, C, H, W, param_batch, steps
         x = (W - 1) - (t - SLOPE * (H - 1 - y))
         valid = (y < H) & (x >= 0) & (x < W)
         p = y * W + x
-        acc = tl.load(rhs + rb + p, valid, 0.0).to(ACC)
-        for i in tl.static_range(S):
-            if TRANSPOSED:   # row p of U^T: w_{p-delta_i,i} v_{p-delta_i}
-                q, ok = neighbour(y, x, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
-                w = tl.load(off_diag + wb + i * wsc + q, ok, 0.0).to(ACC)
-            else:            # row p of U: w_{p,i} eps_{p+delta_i}
-                q, ok = neighbour(y, x, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
-                w = tl.load(off_diag + wb + i * wsc + p, ok, 0.0).to(ACC)
-            acc -= w * tl.load(out + base + q, ok, 0.0).to(ACC)
-        d = tl.exp(tl.load(log_diag + sb + p, valid, 0.0).to(ACC))
-        tl.store(out + base + p, (acc / d).to(out.dtype.element_ty), valid)
+        solved = tl.zeros([NCH_P2, LANES], ACC)    # this step's pixels, by channel (coupled only)
+        for step_c in tl.static_range(NCH):
+            if NCH > 1:      # the channels of the pixel in M's order: last first, M^T first first
+                c: tl.constexpr = step_c if TRANSPOSED else NCH - 1 - step_c
+                k = program * NCH + c
+            else:
+                k = program
+            kp = param_plane(k, C, param_batch)
+            base = k * n
+            wb = plane_start(kp, C, wsb, wsc * S)
+            acc = tl.load(rhs + plane_start(k, C, rsb, rsc) + p, valid, 0.0).to(ACC)
+            for i in tl.static_range(S):
+                if TRANSPOSED:   # row p of U^T: w_{p-delta_i,i} v_{p-delta_i}
+                    q, ok = neighbour(y, x, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
+                    w = tl.load(off_diag + wb + i * wsc + q, ok, 0.0).to(ACC)
+                else:            # row p of U: w_{p,i} eps_{p+delta_i}
+                    q, ok = neighbour(y, x, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
+                    w = tl.load(off_diag + wb + i * wsc + p, ok, 0.0).to(ACC)
+                acc -= w * tl.load(out + base + q, ok, 0.0).to(ACC)
+            if NCH > 1:      # the partners at this pixel: M's xi_{kappa(c,j)} eps_j, j > c; M^T's j < c
+                if TRANSPOSED:
+                    partner = chan < c
+                    kap = cross_index(chan, c, NCH)
+                else:
+                    partner = (chan > c) & (chan < NCH)
+                    kap = cross_index(c, chan, NCH)
+                xi = tl.load(cross + (kp // C) * xsb + tl.maximum(kap, 0)[:, None] * xsc + p[None, :],
+                             partner[:, None] & valid[None, :], 0.0).to(ACC)
+                acc -= tl.sum(xi * solved, axis=0)
+            d = tl.exp(tl.load(log_diag + plane_start(kp, C, ssb, ssc) + p, valid, 0.0).to(ACC))
+            value = acc / d
+            tl.store(out + base + p, value.to(out.dtype.element_ty), valid)
+            if NCH > 1:
+                solved = tl.where(chan[:, None] == c, value[None, :], solved)
         tl.debug_barrier()
         step += 1
 
@@ -88,14 +115,18 @@ def warps_for(lanes: int) -> int:
     return max(1, min(4, lanes // 32)) if lanes <= 1024 else lanes // 256
 
 
-def launch(rhs, log_diag, off_diag, offsets, transposed: bool):
+def launch(rhs, log_diag, off_diag, offsets, transposed: bool, cross=None):
     B, C, H, W = rhs.shape
     rhs, log_diag, off_diag = (planes_contiguous(t) for t in (rhs, log_diag, off_diag))
+    cross = planes_contiguous(cross) if cross is not None else None
     out = empty(rhs.shape, rhs.dtype, rhs.device)
     slope = wavefront_slope(offsets)
     lanes = lanes_for(H, W, slope)
-    solve_upper_kernel[(B * C,)](
-        rhs, log_diag, off_diag, out, C, H, W, log_diag.shape[0], slope * (H - 1) + W, *plane_strides(rhs),
-        *plane_strides(log_diag), *plane_strides(off_diag), SLOPE=slope, OFFS=tuple(offsets),
-        S=len(offsets) // 2, TRANSPOSED=transposed, ACC=acc_dtype(rhs), LANES=lanes, num_warps=warps_for(lanes))
+    nch = cross_meta(cross, C)
+    xs = cross_strides(cross, log_diag)
+    solve_upper_kernel[(B * C // nch,)](
+        rhs, log_diag, off_diag, xs[0], out, C, H, W, log_diag.shape[0], slope * (H - 1) + W, *plane_strides(rhs),
+        *plane_strides(log_diag), *plane_strides(off_diag), *xs[1:], SLOPE=slope, OFFS=tuple(offsets),
+        S=len(offsets) // 2, TRANSPOSED=transposed, ACC=acc_dtype(rhs), LANES=lanes, NCH=nch,
+        NCH_P2=triton.next_power_of_2(nch), num_warps=warps_for(lanes))
     return out

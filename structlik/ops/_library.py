@@ -127,22 +127,36 @@ def define(schema: str, *, reference: Callable, fake: Callable, triton: Optional
 
 # --- kernels and setup_context helpers shared by the op families ----------------------------
 
-def image_kernels(family: str, reference_function: Callable, transposed: bool) -> dict:
-    """The reference and Triton kernels of an op of one image and U's parameters (U r, U^T y, U^-1 z,
-    U^-T g): ``reference_function(image, log_diag, off_diag, stencil)`` from structlik.reference, and
-    ``structlik.kernels.<family>.launch(..., transposed)``."""
-    def reference(image, log_diag, off_diag, offsets):
-        args = upcast(image, log_diag, off_diag)
-        return reference_function(*args, Stencil.from_flat_offsets(offsets)).to(image.dtype).contiguous()
+# The image ops' schema: the cross weights (coupled channels, docs/contract.md §1) last, optional,
+# so that a call without them reads as before.
+IMAGE_SCHEMA = "(Tensor {image}, Tensor log_diag, Tensor off_diag, int[] offsets, Tensor? cross=None) -> Tensor"
 
-    def triton(image, log_diag, off_diag, offsets):
-        return triton_kernels(family).launch(image, log_diag, off_diag, offsets, transposed)
+
+def image_kernels(family: str, reference_function: Callable, transposed: bool) -> dict:
+    """The reference and Triton kernels of an op of one image and M's parameters (M r, M^T y, M^-1 z,
+    M^-T g): ``reference_function(image, log_diag, off_diag, stencil, cross)`` from structlik.reference,
+    and ``structlik.kernels.<family>.launch(..., transposed, cross)``."""
+    def reference(image, log_diag, off_diag, offsets, cross=None):
+        args = upcast(image, log_diag, off_diag, *(() if cross is None else (cross,)))
+        return reference_function(*args[:3], Stencil.from_flat_offsets(offsets),
+                                  args[3] if cross is not None else None).to(image.dtype).contiguous()
+
+    def triton(image, log_diag, off_diag, offsets, cross=None):
+        return triton_kernels(family).launch(image, log_diag, off_diag, offsets, transposed, cross)
     return {"reference": reference, "triton": triton}
 
 
-def fake_image(image, log_diag, off_diag, offsets):
+def fake_image(image, log_diag, off_diag, offsets, cross=None):
     """The fake kernel of those ops: an image like ``image``."""
     return image.new_empty(image.shape)
+
+
+def save_image_inputs(ctx, inputs, output):
+    """The image ops' tensors (the cross weights None when absent) and offsets; how many inputs
+    the call had (its backward returns a gradient for each)."""
+    cross = inputs[4] if len(inputs) > 4 else None
+    ctx.save_for_backward(*inputs[:3], cross)
+    ctx.offsets, ctx.inputs = inputs[3], len(inputs)
 
 
 

@@ -43,9 +43,11 @@ def placeholder(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return like.new_empty(0, dtype=dtype or like.dtype)
 
 
-def head_slices(head: Tensor, c0: int, C: int, S: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """loc, log_diag, off_diag as head.split gives them: channels from c0 of one decoder head."""
-    return head.narrow(1, c0, C), head.narrow(1, c0 + C, C), head.narrow(1, c0 + 2 * C, S * C)
+def head_slices(head: Tensor, c0: int, C: int, S: int, cross: bool = False) -> Tuple[Tensor, ...]:
+    """loc, log_diag, off_diag (and the cross weights) as head.split gives them: channels from c0
+    of one decoder head."""
+    parts = (head.narrow(1, c0, C), head.narrow(1, c0 + C, C), head.narrow(1, c0 + 2 * C, S * C))
+    return parts + ((head.narrow(1, c0 + (2 + S) * C, C * (C - 1) // 2),) if cross else (None,))
 
 
 def head_gradient(head, c0, parts):
@@ -58,16 +60,17 @@ def head_gradient(head, c0, parts):
 
 # --- reference kernels: structlik.reference in the compute dtype ------------------------------
 
-def _computed(x, loc, log_diag, off_diag, basis):
+def _computed(x, loc, log_diag, off_diag, basis, cross=None):
     """The operands in the compute dtype, with the weights materialised from a basis."""
     x, loc, log_diag, off_diag = (t.to(compute_dtype(x)) for t in (x, loc, log_diag, off_diag))
     weights = off_diag if basis is None else reference.expand_basis(off_diag, basis.to(x.dtype))
-    return x, loc, log_diag, weights
+    return x, loc, log_diag, weights, None if cross is None else cross.to(x.dtype)
 
 
 def _reference(x: Tensor, loc: Tensor, log_diag: Tensor, off_diag: Tensor, basis: Optional[Tensor],
-               offsets: List[int], store_u: bool) -> Tuple[Tensor, Tensor]:
-    nll, u = reference.nll_and_u(*_computed(x, loc, log_diag, off_diag, basis), Stencil.from_flat_offsets(offsets))
+               offsets: List[int], store_u: bool, cross: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    xc, lc, s, w, xi = _computed(x, loc, log_diag, off_diag, basis, cross)
+    nll, u = reference.nll_and_u(xc, lc, s, w, Stencil.from_flat_offsets(offsets), xi)
     return nll, (u.contiguous() if store_u else placeholder(x, nll.dtype))
 
 
@@ -84,60 +87,72 @@ def _basis_grads(gw, coeffs, basis):
 
 
 def _reference_backward(grad: Tensor, x: Tensor, loc: Tensor, log_diag: Tensor, off_diag: Tensor,
-                        basis: Optional[Tensor], u: Tensor, offsets: List[int]) -> Tuple[Tensor, ...]:
-    """d/dloc = -g U^T u,  d/ds = g (u r d - 1),  d/dw_{p,i} = g u_p r_{p+delta_i} (u recomputed:
-    the reference's one formula, whatever the forward stored)."""
+                        basis: Optional[Tensor], u: Tensor, offsets: List[int],
+                        cross: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+    """d/dloc = -g M^T u,  d/ds = g (u r d - 1),  d/dw_{p,i} = g u_p r_{p+delta_i},
+    d/dxi_{kappa(c,j),p} = g u_{c,p} r_{j,p} (u recomputed: the reference's one formula, whatever
+    the forward stored)."""
     stencil = Stencil.from_flat_offsets(offsets)
-    xc, lc, s, w = _computed(x, loc, log_diag, off_diag, basis)
+    xc, lc, s, w, xi = _computed(x, loc, log_diag, off_diag, basis, cross)
     r = xc - lc
-    u = reference.apply_upper(r, s, w, stencil)
+    u = reference.apply_upper(r, s, w, stencil, xi)
     g = grad.to(u.dtype)[:, None, None, None]
-    gloc, gs = -g * reference.apply_upper_t(u, s, w, stencil), g * (u * r * s.exp() - 1)
+    gloc, gs = -g * reference.apply_upper_t(u, s, w, stencil, xi), g * (u * r * s.exp() - 1)
     gw = g * reference.weight_grad(u, r, stencil)
     gw, gb = (gw.to(off_diag.dtype), placeholder(off_diag)) if basis is None else _basis_grads(gw, off_diag, basis)
-    return gloc.to(loc.dtype).contiguous(), gs.to(log_diag.dtype).contiguous(), gw.contiguous(), gb.contiguous()
+    gx = placeholder(x) if cross is None else (g * reference.cross_grad(u, r)).to(cross.dtype).contiguous()
+    return (gloc.to(loc.dtype).contiguous(), gs.to(log_diag.dtype).contiguous(), gw.contiguous(), gb.contiguous(),
+            gx)
 
 
-def _reference_head(x: Tensor, head: Tensor, c0: int, offsets: List[int], store_u: bool) -> Tuple[Tensor, Tensor]:
-    return _reference(x, *head_slices(head, c0, x.shape[1], offsets_count(offsets)), None, offsets, store_u)
+def _reference_head(x: Tensor, head: Tensor, c0: int, offsets: List[int], store_u: bool,
+                    cross: bool = False) -> Tuple[Tensor, Tensor]:
+    loc, log_diag, off_diag, xi = head_slices(head, c0, x.shape[1], offsets_count(offsets), cross)
+    return _reference(x, loc, log_diag, off_diag, None, offsets, store_u, xi)
 
 
-def _reference_head_backward(grad: Tensor, x: Tensor, head: Tensor, c0: int, u: Tensor, offsets: List[int]) -> Tensor:
-    parts = _reference_backward(grad, x, *head_slices(head, c0, x.shape[1], offsets_count(offsets)), None, u,
-                                offsets)[:3]
-    return head_gradient(head, c0, parts)
+def _reference_head_backward(grad: Tensor, x: Tensor, head: Tensor, c0: int, u: Tensor, offsets: List[int],
+                             cross: bool = False) -> Tensor:
+    loc, log_diag, off_diag, xi = head_slices(head, c0, x.shape[1], offsets_count(offsets), cross)
+    grads = _reference_backward(grad, x, loc, log_diag, off_diag, None, u, offsets, xi)
+    return head_gradient(head, c0, grads[:3] + ((grads[4],) if cross else ()))
 
 
 # --- Triton kernels (CUDA): structlik/kernels/nll.py, imported at the first call ----------------
 
-def _triton(x, loc, log_diag, off_diag, basis, offsets, store_u):
-    return _library.triton_kernels("nll").nll(x, loc, log_diag, off_diag, basis, offsets, store_u)
+def _triton(x, loc, log_diag, off_diag, basis, offsets, store_u, cross=None):
+    return _library.triton_kernels("nll").nll(x, loc, log_diag, off_diag, basis, offsets, store_u, cross)
 
 
-def _triton_backward(grad, x, loc, log_diag, off_diag, basis, u, offsets):
-    return _library.triton_kernels("nll").nll_backward(grad, x, loc, log_diag, off_diag, basis, u, offsets)
+def _triton_backward(grad, x, loc, log_diag, off_diag, basis, u, offsets, cross=None):
+    return _library.triton_kernels("nll").nll_backward(grad, x, loc, log_diag, off_diag, basis, u, offsets, cross)
 
 
-def _triton_head(x, head, c0, offsets, store_u):
+def _triton_head(x, head, c0, offsets, store_u, cross=False):
     C, S = x.shape[1], offsets_count(offsets)
-    return _library.triton_kernels("nll").nll(x, *head_slices(head, c0, C, S), None, offsets, store_u)
+    loc, log_diag, off_diag, xi = head_slices(head, c0, C, S, cross)
+    return _library.triton_kernels("nll").nll(x, loc, log_diag, off_diag, None, offsets, store_u, xi)
 
 
-def _triton_head_backward(grad, x, head, c0, u, offsets):
-    return _library.triton_kernels("nll").nll_head_backward(grad, x, head, c0, u, offsets)
+def _triton_head_backward(grad, x, head, c0, u, offsets, cross=False):
+    return _library.triton_kernels("nll").nll_head_backward(grad, x, head, c0, u, offsets, cross)
 
 
 # --- fake kernels ------------------------------------------------------------------------------
 
-def _fake(x, *rest):
-    store_u = rest[-1]
+def _fake(x, loc, log_diag, off_diag, basis, offsets, store_u, cross=None):
     dtype = compute_dtype(x)
     return x.new_empty(x.shape[0], dtype=dtype), x.new_empty(x.shape if store_u else (0,), dtype=dtype)
 
 
-def _fake_backward(grad, x, loc, log_diag, off_diag, basis, u, offsets):
+def _fake_head(x, head, c0, offsets, store_u, cross=False):
+    return _fake(x, None, None, None, None, offsets, store_u)
+
+
+def _fake_backward(grad, x, loc, log_diag, off_diag, basis, u, offsets, cross=None):
     return (loc.new_empty(loc.shape), log_diag.new_empty(log_diag.shape), off_diag.new_empty(off_diag.shape),
-            placeholder(off_diag) if basis is None else basis.new_empty(basis.shape))
+            placeholder(off_diag) if basis is None else basis.new_empty(basis.shape),
+            placeholder(x) if cross is None else cross.new_empty(cross.shape))
 
 
 def _fake_head_backward(grad, x, head, *rest):
@@ -152,24 +167,29 @@ def _basis_is_given(args) -> bool:
 
 
 _nll_backward = _library.define(
-    f"nll_backward(Tensor grad, {_ARGS}, Tensor u, int[] offsets) -> (Tensor, Tensor, Tensor, Tensor)",
+    f"nll_backward(Tensor grad, {_ARGS}, Tensor u, int[] offsets, Tensor? cross=None) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor)",
     reference=_reference_backward, fake=_fake_backward, triton=_triton_backward, per_slice_vmap=_basis_is_given)
 _nll_head_backward = _library.define(
-    f"nll_head_backward(Tensor grad, {_HEAD_ARGS}, Tensor u, int[] offsets) -> Tensor",
+    f"nll_head_backward(Tensor grad, {_HEAD_ARGS}, Tensor u, int[] offsets, bool cross=False) -> Tensor",
     reference=_reference_head_backward, fake=_fake_head_backward, triton=_triton_head_backward)
 
 
-def composed_grads(grad, x, loc, log_diag, off_diag, offsets):
-    """The NLL's gradient (d/dloc, d/dlog_diag, d/doff_diag) composed of the library's differentiable
-    ops, so that it can itself be differentiated (create_graph: Hessian-vector products, gradient
-    penalties). Half inputs are computed in float32, as the fused kernels do."""
+def composed_grads(grad, x, loc, log_diag, off_diag, offsets, cross=None):
+    """The NLL's gradient (d/dloc, d/dlog_diag, d/doff_diag, and d/dcross with cross weights)
+    composed of the library's differentiable ops, so that it can itself be differentiated
+    (create_graph: Hessian-vector products, gradient penalties). Half inputs are computed in
+    float32, as the fused kernels do."""
     dtype = loc.dtype
     x, loc, log_diag, off_diag = upcast(x, loc, log_diag, off_diag)
+    xi = None if cross is None else cross.to(x.dtype)
     g = grad.to(x.dtype)[:, None, None, None]
     r = x - loc
-    u = apply_upper_op(r, log_diag, off_diag, offsets)
-    grads = (-g * apply_upper_t_op(u, log_diag, off_diag, offsets), g * (u * r * log_diag.exp() - 1),
+    u = apply_upper_op(r, log_diag, off_diag, offsets, xi)
+    grads = (-g * apply_upper_t_op(u, log_diag, off_diag, offsets, xi), g * (u * r * log_diag.exp() - 1),
              g * weight_grad_op(u, r, offsets))
+    if xi is not None:
+        grads = grads + (g * reference.cross_grad(u, r),)
     return tuple(t.to(dtype) for t in grads)
 
 
@@ -180,56 +200,62 @@ def fused() -> bool:
 
 def _save(ctx, inputs, output):
     """Every tensor input and u (auxiliary: not differentiable, its gradient never materialised)."""
-    x, loc, log_diag, off_diag, basis, offsets, _ = inputs
-    ctx.save_for_backward(x, loc, log_diag, off_diag, basis, output[1])
-    ctx.offsets = offsets
+    x, loc, log_diag, off_diag, basis, offsets, _ = inputs[:7]
+    ctx.save_for_backward(x, loc, log_diag, off_diag, basis, inputs[7] if len(inputs) > 7 else None, output[1])
+    ctx.offsets, ctx.inputs = offsets, len(inputs)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
 def _formula(ctx, grad, _grad_u):
     if grad is None:        # not materialised: nothing flows back (gradcheck's undefined-grad check)
-        return None, None, None, None, None, None, None
-    x, loc, log_diag, off_diag, basis, u = ctx.saved_tensors
+        return (None,) * ctx.inputs
+    x, loc, log_diag, off_diag, basis, cross, u = ctx.saved_tensors
     need = ctx.needs_input_grad
+    gx = None
     if fused():
-        gloc, gs, gw, gb = _nll_backward(grad, x, loc, log_diag, off_diag, basis, u, ctx.offsets)
+        gloc, gs, gw, gb, gx = _nll_backward(grad, x, loc, log_diag, off_diag, basis, u, ctx.offsets, cross)
     elif basis is None:
-        gloc, gs, gw = composed_grads(grad, x, loc, log_diag, off_diag, ctx.offsets)
+        gloc, gs, gw, *rest = composed_grads(grad, x, loc, log_diag, off_diag, ctx.offsets, cross)
     else:
-        gloc, gs, gw_full = composed_grads(grad, x, loc, log_diag, reference.expand_basis(off_diag, basis),
-                                           ctx.offsets)
+        gloc, gs, gw_full, *rest = composed_grads(grad, x, loc, log_diag, reference.expand_basis(off_diag, basis),
+                                                  ctx.offsets, cross)
         gw, gb = _basis_grads(gw_full, off_diag, basis)
+    if not fused() and cross is not None:
+        gx = rest[0]
     # d/dx is the negative of d/dloc, formed only when x needs a gradient (data never does)
     return (-gloc if need[0] else None, gloc if need[1] else None, gs if need[2] else None,
-            gw if need[3] else None, gb if basis is not None and need[4] else None, None, None)
+            gw if need[3] else None, gb if basis is not None and need[4] else None, None, None,
+            gx if cross is not None and need[7] else None)[:ctx.inputs]
 
 
 def _save_head(ctx, inputs, output):
-    x, head, c0, offsets, _ = inputs
+    x, head, c0, offsets = inputs[:4]
     ctx.save_for_backward(x, head, output[1])
     ctx.c0, ctx.offsets = c0, offsets
+    ctx.cross, ctx.inputs = bool(inputs[5]) if len(inputs) > 5 else False, len(inputs)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
 def _head_formula(ctx, grad, _grad_u):
     if grad is None:
-        return None, None, None, None, None
+        return (None,) * ctx.inputs
     x, head, u = ctx.saved_tensors
     c0, C, S = ctx.c0, x.shape[1], offsets_count(ctx.offsets)
     if fused():
-        grad_head = _nll_head_backward(grad, x, head, c0, u, ctx.offsets)
+        grad_head = _nll_head_backward(grad, x, head, c0, u, ctx.offsets, ctx.cross)
     else:
-        grad_head = head_gradient(head, c0, composed_grads(grad, x, *head_slices(head, c0, C, S), ctx.offsets))
+        loc, log_diag, off_diag, xi = head_slices(head, c0, C, S, ctx.cross)
+        grad_head = head_gradient(head, c0, composed_grads(grad, x, loc, log_diag, off_diag, ctx.offsets, xi))
     grad_x = -grad_head.narrow(1, c0, C) if ctx.needs_input_grad[0] else None
-    return grad_x, grad_head if ctx.needs_input_grad[1] else None, None, None, None
+    return (grad_x, grad_head if ctx.needs_input_grad[1] else None, None, None, None, None)[:ctx.inputs]
 
 
-_nll = _library.define(f"nll({_ARGS}, int[] offsets, bool store_u) -> (Tensor, Tensor)", reference=_reference,
-                       fake=_fake, triton=_triton, backward=_formula, setup_context=_save)
-_nll_head = _library.define(f"nll_head({_HEAD_ARGS}, int[] offsets, bool store_u) -> (Tensor, Tensor)",
-                            reference=_reference_head, fake=_fake, triton=_triton_head, backward=_head_formula,
+_nll = _library.define(f"nll({_ARGS}, int[] offsets, bool store_u, Tensor? cross=None) -> (Tensor, Tensor)",
+                       reference=_reference, fake=_fake, triton=_triton, backward=_formula, setup_context=_save)
+_nll_head = _library.define(f"nll_head({_HEAD_ARGS}, int[] offsets, bool store_u, bool cross=False) -> (Tensor, Tensor)",
+                            reference=_reference_head, fake=_fake_head, triton=_triton_head, backward=_head_formula,
                             setup_context=_save_head)
 
 
@@ -242,18 +268,24 @@ def wants_u(*tensors) -> bool:
             and any(t is not None and t.requires_grad for t in tensors))
 
 
-def nll_op(x, loc, log_diag, off_diag, basis, offsets):
+def nll_op(x, loc, log_diag, off_diag, basis, offsets, cross=None):
     """The differentiable NLL, (B,), unvalidated: u stored where a gradient will be taken."""
-    return _nll(x, loc, log_diag, off_diag, basis, offsets, wants_u(x, loc, log_diag, off_diag, basis))[0]
+    store_u = wants_u(x, loc, log_diag, off_diag, basis, cross)
+    if cross is None:
+        return _nll(x, loc, log_diag, off_diag, basis, offsets, store_u)[0]
+    return _nll(x, loc, log_diag, off_diag, basis, offsets, store_u, cross)[0]
 
 
-def nll_head_op(x, head, c0, offsets):
-    return _nll_head(x, head, c0, offsets, wants_u(x, head))[0]
+def nll_head_op(x, head, c0, offsets, cross=False):
+    if not cross:
+        return _nll_head(x, head, c0, offsets, wants_u(x, head))[0]
+    return _nll_head(x, head, c0, offsets, wants_u(x, head), True)[0]
 
 
-def head_of(loc, log_diag, off_diag):
+def head_of(loc, log_diag, off_diag, cross=None):
     """(head, c0) when loc, log_diag and off_diag are channels [c0, c0 + C), [c0 + C, c0 + 2C)
-    and [c0 + 2C, c0 + (2 + S)C) of one tensor that needs a gradient, each slice taken where
+    and [c0 + 2C, c0 + (2 + S)C) of one tensor that needs a gradient (and the cross weights, if
+    given, the C(C-1)/2 channels after them), each slice taken where
     autograd records it (what ``head.split`` gives), else None. The NLL then takes the head
     itself, and its backward writes the head's gradient in one piece instead of three
     gradients that autograd's backward of the split copies into one (a pass over all of
@@ -263,32 +295,35 @@ def head_of(loc, log_diag, off_diag):
         # plain views there: a transformed view's _base is not the transformed head, and a trace's
         # second run (check_trace) sees views whose _base it did not record: one graph for both
         return None
-    parts = (loc, log_diag, off_diag)
+    parts = (loc, log_diag, off_diag) + (() if cross is None else (cross,))
     if any(t.grad_fn is None or t.retains_grad or t._backward_hooks for t in parts):
         # A view made under torch.no_grad() has no grad_fn (yet says requires_grad): autograd
         # sends it nothing, so neither may the head. A retained gradient or a hook on a slice
         # must see that slice's own gradient, which the head path never forms.
         return None
     head = loc._base
-    if (head is None or log_diag._base is not head or off_diag._base is not head or head.dim() != 4
+    if (head is None or any(t._base is not head for t in parts[1:]) or head.dim() != 4
             or not head.requires_grad or not torch.is_grad_enabled()
             or head.dtype not in (torch.float32, torch.float64)):
         return None
     B, C, H, W = loc.shape
     if head.shape[0] != B or tuple(head.shape[2:]) != (H, W) or any(
-            t.stride() != head.stride() for t in (loc, log_diag, off_diag)):
+            t.stride() != head.stride() for t in parts):
         return None
     step = head.stride(1)
     c0, rest = divmod(loc.storage_offset() - head.storage_offset(), step) if step > 0 else (0, 1)
     if (rest or log_diag.storage_offset() != loc.storage_offset() + C * step
-            or off_diag.storage_offset() != loc.storage_offset() + 2 * C * step):
+            or off_diag.storage_offset() != loc.storage_offset() + 2 * C * step
+            or (cross is not None
+                and cross.storage_offset() != off_diag.storage_offset() + off_diag.shape[1] * step)):
         return None
     return head, c0
 
 
-def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None):
-    """The NLL (``basis``: with a learned basis, off_diag then being its coefficients),
-    with the data tensor called ``x_name`` in errors (``value`` for log_prob)."""
+def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None, cross=None):
+    """The NLL (``basis``: with a learned basis, off_diag then being its coefficients; ``cross``:
+    the cross weights of coupled channels), with the data tensor called ``x_name`` in errors
+    (``value`` for log_prob)."""
     _checks.check_stencil(stencil)
     off_name = "off_diag" if basis is None else "coeffs"
     if basis is None:
@@ -300,34 +335,32 @@ def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None)
     _checks.check_against_image(x_name, x, stencil, (("loc", loc, 1, "(B, C, H, W)"),
                                                      ("log_diag", log_diag, 1, "(B, C, H, W)"),
                                                      (off_name, off_diag, per_channel, layout)))
+    cross = _checks.check_cross(cross, x_name, x)
     _forced.prepare(x.device)
-    inputs = {x_name: x, "loc": loc, "log_diag": log_diag, off_name: off_diag, **({} if basis is None else
-                                                                                 {"basis": basis})}
-    if basis is None:
-        x, loc, log_diag, off_diag = _checks.promote(x, loc, log_diag, off_diag)
-        head = head_of(loc, log_diag, off_diag)
-    else:
-        x, loc, log_diag, off_diag, basis = _checks.promote(x, loc, log_diag, off_diag, basis)
-        head = None
+    inputs = {x_name: x, "loc": loc, "log_diag": log_diag, off_name: off_diag,
+              **({} if basis is None else {"basis": basis}), **({} if cross is None else {"cross": cross})}
+    x, loc, log_diag, off_diag, basis, cross = _checks.promote_optional(x, loc, log_diag, off_diag, basis, cross)
+    head = head_of(loc, log_diag, off_diag, cross) if basis is None else None
     if head is not None:
-        out = nll_head_op(x, *head, stencil.flat_offsets)
+        out = nll_head_op(x, *head, stencil.flat_offsets, cross is not None)
     else:
-        out = nll_op(x, loc, log_diag, off_diag, basis, stencil.flat_offsets)
+        out = nll_op(x, loc, log_diag, off_diag, basis, stencil.flat_offsets, cross)
     _checks.check_result(out, inputs, op="nll" if basis is None else "nll_basis")
     return out
 
 
 def nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor,
-        stencil: Stencil) -> torch.Tensor:
+        stencil: Stencil, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-image negative log-likelihood, shape (B,):
 
-    ``0.5 * ||U (x - loc)||^2 - sum(log_diag) + (C*H*W / 2) * log(2 pi)``.
+    ``0.5 * ||U (x - loc)||^2 - sum(log_diag) + (C*H*W / 2) * log(2 pi)``; with ``cross``
+    (B, C(C-1)/2, H, W), U becomes M, whose channels are coupled at each pixel (docs/contract.md §1).
     """
-    return checked_nll("x", x, loc, log_diag, off_diag, stencil)
+    return checked_nll("x", x, loc, log_diag, off_diag, stencil, cross=cross)
 
 
 def nll_basis(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, coeffs: torch.Tensor, basis: torch.Tensor,
-              stencil: Stencil) -> torch.Tensor:
+              stencil: Stencil, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-image NLL, (B,), with ``off_diag = expand_basis(coeffs, basis)`` formed inside the kernel.
 
     coeffs: (B, C*n_b, H, W); basis: (S, n_b), shared by all images and channels.
@@ -335,4 +368,4 @@ def nll_basis(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, coeffs
     reduction over all pixels). Equivalent to ``nll(x, loc, log_diag,
     expand_basis(coeffs, basis), stencil)`` without the (B, C*S, H, W) tensor.
     """
-    return checked_nll("x", x, loc, log_diag, coeffs, stencil, basis=basis)
+    return checked_nll("x", x, loc, log_diag, coeffs, stencil, basis=basis, cross=cross)

@@ -15,27 +15,33 @@ from .. import _checks, reference
 from ..stencil import Stencil
 from .._dtypes import upcast
 from . import _forced, _library
-from ._library import save_inputs
 from ._weight_grad import weight_grad_op
 
 
-def _reference(log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
-    args = upcast(log_diag, off_diag)
-    return reference.precision_diagonal(*args, Stencil.from_flat_offsets(offsets)).to(log_diag.dtype).contiguous()
+def _reference(log_diag: Tensor, off_diag: Tensor, offsets: List[int], cross: Optional[Tensor] = None) -> Tensor:
+    args = upcast(log_diag, off_diag, *(() if cross is None else (cross,)))
+    out = reference.precision_diagonal(*args[:2], Stencil.from_flat_offsets(offsets), args[2] if len(args) > 2 else None)
+    return out.to(log_diag.dtype).contiguous()
 
 
-def _triton(log_diag: Tensor, off_diag: Tensor, offsets: List[int]) -> Tensor:
-    return _library.triton_kernels("precision_diagonal").launch(log_diag, off_diag, offsets)
+def _triton(log_diag: Tensor, off_diag: Tensor, offsets: List[int], cross: Optional[Tensor] = None) -> Tensor:
+    return _library.triton_kernels("precision_diagonal").launch(log_diag, off_diag, offsets, cross)
 
 
-def _fake(log_diag, off_diag, offsets):
+def _fake(log_diag, off_diag, offsets, cross=None):
     return log_diag.new_empty(log_diag.shape)
 
 
-# Lambda_pp = d_p^2 + sum_i w_{p-delta_i,i}^2: d/ds = 2 G d^2, d/dw_{p,i} = 2 w_{p,i} G_{p+delta_i},
-# 0 where p + delta_i is outside (that weight is not part of U: contract §1), whatever it holds.
+def _save(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], inputs[3] if len(inputs) > 3 else None)
+    ctx.offsets, ctx.inputs = inputs[2], len(inputs)
+
+
+# Lambda_pp = d_p^2 + sum_i w_{p-delta_i,i}^2 (+ sum_{c<j} xi_{kappa(c,j),p}^2 at channel j):
+# d/ds = 2 G d^2, d/dw_{p,i} = 2 w_{p,i} G_{p+delta_i}, 0 where p + delta_i is outside (that weight is
+# not part of U: contract §1), whatever it holds; d/dxi_{kappa(c,j)} = 2 xi G_j.
 def _backward(ctx, G):
-    log_diag, off_diag = ctx.saved_tensors
+    log_diag, off_diag, cross = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_w = None
     if need[1]:
@@ -43,20 +49,29 @@ def _backward(ctx, G):
         read = reference.read_mask(Stencil.from_flat_offsets(ctx.offsets).offsets, H, W, off_diag.device)
         w = torch.where(read, off_diag.unflatten(1, (-1, read.shape[0])), 0).flatten(1, 2)
         grad_w = 2 * w * weight_grad_op(torch.ones_like(G), G, ctx.offsets)
-    return (2 * G * (2 * log_diag).exp() if need[0] else None, grad_w, None)
+    grad_cross = None
+    if cross is not None and need[3]:
+        grad_cross = 2 * cross * G[:, reference.cross_pairs(G.shape[1], G.device)[1]]
+    return (2 * G * (2 * log_diag).exp() if need[0] else None, grad_w, None, grad_cross)[:ctx.inputs]
 
 
 precision_diagonal_op = _library.define(
-    "precision_diagonal(Tensor log_diag, Tensor off_diag, int[] offsets) -> Tensor", reference=_reference,
-    fake=_fake, triton=_triton, backward=_backward, setup_context=save_inputs)
+    "precision_diagonal(Tensor log_diag, Tensor off_diag, int[] offsets, Tensor? cross=None) -> Tensor",
+    reference=_reference, fake=_fake, triton=_triton, backward=_backward, setup_context=_save)
 
 
-def precision_diagonal(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil, *,
+def precision_diagonal(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil,
+                       cross: Optional[torch.Tensor] = None, *,
                        blame: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
-    """Diagonal of ``Lambda = U^T U``: ``exp(2 log_diag_p) + sum_i off_diag_{p-delta_i,i}^2``; (B, C, H, W)."""
+    """Diagonal of ``Lambda = U^T U``: ``exp(2 log_diag_p) + sum_i off_diag_{p-delta_i,i}^2``; (B, C, H, W).
+    With ``cross``, of ``M^T M``: channel j adds ``sum_{c<j} cross_{kappa(c,j),p}^2``."""
     _checks.check_params(log_diag, off_diag, stencil)
+    cross = _checks.check_cross(cross, "log_diag", log_diag)
     _forced.prepare(log_diag.device)
-    log_diag, off_diag = _checks.promote(log_diag, off_diag)
-    out = precision_diagonal_op(*upcast(log_diag, off_diag), stencil.flat_offsets).to(log_diag.dtype)
-    _checks.check_result(out, blame or {"log_diag": log_diag, "off_diag": off_diag}, op="precision_diagonal")
+    log_diag, off_diag, cross = _checks.promote_optional(log_diag, off_diag, cross)
+    args = upcast(log_diag, off_diag, *(() if cross is None else (cross,)))
+    out = precision_diagonal_op(*args[:2], stencil.flat_offsets, args[2] if cross is not None else None)
+    out = out.to(log_diag.dtype)
+    inputs = {"log_diag": log_diag, "off_diag": off_diag, **({} if cross is None else {"cross": cross})}
+    _checks.check_result(out, blame or inputs, op="precision_diagonal")
     return out

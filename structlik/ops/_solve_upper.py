@@ -9,6 +9,7 @@ one distribution), so every parameter gradient is summed over the images that sh
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -19,18 +20,15 @@ from . import _library
 from ._apply_upper import image_op
 from ._weight_grad import weight_grad_op
 
-_SCHEMA = "(Tensor {rhs}, Tensor log_diag, Tensor off_diag, int[] offsets) -> Tensor"
-
-
 def _save_output(ctx, inputs, output):
-    _, log_diag, off_diag, offsets = inputs
-    ctx.save_for_backward(output, log_diag, off_diag)
-    ctx.offsets = offsets
+    cross = inputs[4] if len(inputs) > 4 else None
+    ctx.save_for_backward(output, inputs[1], inputs[2], cross)
+    ctx.offsets, ctx.inputs = inputs[3], len(inputs)
 
 
-# After v = U^-T g (solve_upper) or a = U^-1 h (solve_upper_t): dL/dU_{pq} = -v_p sol_q,
+# After v = M^-T g (solve_upper) or a = M^-1 h (solve_upper_t): dL/dM_{pq} = -v_p sol_q,
 # summed over the samples that share one set of parameters.
-def _parameter_grads(ctx, v, sol, log_diag):
+def _parameter_grads(ctx, v, sol, log_diag, cross):
     need = ctx.needs_input_grad
     batch = log_diag.shape[0]
     # d = +inf pins a pixel (contract §1): there v_p = sol_p = 0, and the derivative of the limit
@@ -38,21 +36,24 @@ def _parameter_grads(ctx, v, sol, log_diag):
     # value gives 0 there and changes no finite d's product (past the cap, exp(s) overflows).
     d = log_diag.clamp(max=math.log(torch.finfo(log_diag.dtype).max)).exp()
     return (-sum_repeats(v * sol, batch) * d if need[1] else None,
-            -sum_repeats(weight_grad_op(v, sol, ctx.offsets), batch) if need[2] else None)
+            -sum_repeats(weight_grad_op(v, sol, ctx.offsets), batch) if need[2] else None,
+            None,
+            -sum_repeats(reference.cross_grad(v, sol), batch) if cross is not None and need[4] else None)
 
 
 def _solve_upper_backward(ctx, g):
-    eps, log_diag, off_diag = ctx.saved_tensors
-    v = solve_upper_t_op(g, log_diag, off_diag, ctx.offsets)
-    return (v, *_parameter_grads(ctx, v, eps, log_diag), None)
+    eps, log_diag, off_diag, cross = ctx.saved_tensors
+    v = solve_upper_t_op(g, log_diag, off_diag, ctx.offsets, cross)
+    return (v, *_parameter_grads(ctx, v, eps, log_diag, cross))[:ctx.inputs]
 
 
 def _solve_upper_t_backward(ctx, h):
-    v, log_diag, off_diag = ctx.saved_tensors
-    a = solve_upper_op(h, log_diag, off_diag, ctx.offsets)
-    return (a, *_parameter_grads(ctx, v, a, log_diag), None)
+    v, log_diag, off_diag, cross = ctx.saved_tensors
+    a = solve_upper_op(h, log_diag, off_diag, ctx.offsets, cross)
+    return (a, *_parameter_grads(ctx, v, a, log_diag, cross))[:ctx.inputs]
 
 
+_SCHEMA = _library.IMAGE_SCHEMA.replace("{image}", "{rhs}")
 solve_upper_op = _library.define("solve_upper" + _SCHEMA.format(rhs="z"),
                                  **_library.image_kernels("solve_upper", reference.solve_upper, False),
                                  fake=_library.fake_image, backward=_solve_upper_backward, setup_context=_save_output)
@@ -62,15 +63,18 @@ solve_upper_t_op = _library.define("solve_upper_t" + _SCHEMA.format(rhs="g"),
                                    setup_context=_save_output)
 
 
-def solve_upper(z: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
-    """``U^-1 z`` (back-substitution in reverse raster order); (B, C, H, W).
+def solve_upper(z: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil,
+                cross: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``U^-1 z`` (back-substitution in reverse raster order); (B, C, H, W). With ``cross``,
+    ``M^-1 z`` (each pixel's channels last to first).
 
     With ``z ~ N(0, I)``, ``loc + solve_upper(z, ...)`` is a sample of the
-    structured Gaussian. Differentiable in all three tensors.
+    structured Gaussian. Differentiable in every tensor.
     """
-    return image_op(solve_upper_op, "solve_upper", z, log_diag, off_diag, stencil)
+    return image_op(solve_upper_op, "solve_upper", z, log_diag, off_diag, stencil, cross=cross)
 
 
-def solve_upper_t(g: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
-    """``U^-T g`` (forward substitution in raster order); (B, C, H, W)."""
-    return image_op(solve_upper_t_op, "solve_upper_t", g, log_diag, off_diag, stencil)
+def solve_upper_t(g: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil,
+                  cross: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``U^-T g`` (``M^-T g`` with ``cross``; forward substitution in raster order); (B, C, H, W)."""
+    return image_op(solve_upper_t_op, "solve_upper_t", g, log_diag, off_diag, stencil, cross=cross)
