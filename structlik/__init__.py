@@ -7,7 +7,7 @@ Residuals".
 import torch  # noqa: F401  (must precede any compiled extension)
 
 from . import backends, color, ops, reference
-from .head import IllConditionedWarning, bound_weights, split_head
+from .head import IllConditionedWarning, bound_coupled_weights, bound_weights, head_channels, split_head
 from .basis import LearnedBasis, expand_basis
 from .color import YCbCrStructuredNormal
 from .conditional import ConditionalStructuredNormal
@@ -22,7 +22,8 @@ backends.sync()     # STRUCTLIK_BACKEND, if set, forces its backend from the fir
 __version__ = "0.1.0"
 
 __all__ = [
-    "Stencil", "StructuredNormal", "ConditionalStructuredNormal", "bound_weights", "split_head",
+    "Stencil", "StructuredNormal", "ConditionalStructuredNormal", "bound_weights", "bound_coupled_weights",
+    "split_head", "head_channels",
     "IllConditionedWarning", "structured_gaussian_nll", "StructuredGaussianNLLLoss",
     "LearnedBasis", "expand_basis", "YCbCrStructuredNormal", "gamma_prior_log_prob", "variance_minimiser",
     "variance_weight", "ops", "backends", "color", "reference", "__version__",

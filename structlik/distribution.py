@@ -39,7 +39,8 @@ class StructuredNormal(Distribution):
 
     ``x ~ N(loc, (U^T U)^{-1})`` with, per channel and in raster order,
     ``(U r)_p = exp(log_diag_p) r_p + sum_i off_diag_{p,i} r_{p+delta_i}``
-    (docs/contract.md §1). Channels are independent; the event is one image.
+    (docs/contract.md §1). Channels are independent unless ``cross`` couples them; the event
+    is one image.
 
     Args:
         loc: (\*batch, C, H, W) mean.
@@ -52,6 +53,12 @@ class StructuredNormal(Distribution):
         basis: optional learned basis (S, n_b) (paper section 4.3); ``off_diag``
             then holds its coefficients, (\*batch, C*n_b, H, W). ``log_prob``
             forms the weights inside the kernel; sampling materialises them.
+        cross: optional cross weights (\*batch, C(C-1)/2, H, W) coupling the channels of each
+            pixel (supn_base's ``cross_ch``): U becomes M with
+            ``(M r)_{c,p} = (U r)_{c,p} + sum_{j>c} cross_{kappa(c,j),p} r_{j,p}``, pairs in the
+            order (0,1), (0,2), ..., (1,2), ... (docs/contract.md §1). The log-determinant, and so
+            the entropy, is unchanged; ``variance``, ``covariance_band``, ``condition`` and
+            ``kl_divergence`` do not take cross weights yet (they raise).
 
     ``batch_shape`` is the broadcast of the three leading shapes and
     ``event_shape`` is (C, H, W): ``log_prob`` and ``entropy`` return
@@ -67,7 +74,7 @@ class StructuredNormal(Distribution):
     support = constraints.independent(constraints.real, 3)
     has_rsample = True
 
-    def __init__(self, loc, log_diag, off_diag, stencil: Stencil, validate_args=None, *, basis=None):
+    def __init__(self, loc, log_diag, off_diag, stencil: Stencil, validate_args=None, *, basis=None, cross=None):
         _checks.check_stencil(stencil)
         coef = "off_diag"
         for name, t, layout in (("loc", loc, "(*batch, C, H, W)"), ("log_diag", log_diag, "(*batch, C, H, W)"),
@@ -86,25 +93,33 @@ class StructuredNormal(Distribution):
         if tuple(off_diag.shape[-3:]) != (C * per_channel, H, W):
             raise ValueError(f"{coef}: expected shape (*batch, {what}, H, W) = (*batch, {C * per_channel}, {H}, {W}) "
                              f"with {what[2:]}={per_channel}, got {tuple(off_diag.shape)}")
+        if cross is not None:
+            _checks.check_float_tensor("cross", cross, "(*batch, C(C-1)/2, H, W)", min_dim=3)
+            if tuple(cross.shape[-3:]) != (C * (C - 1) // 2, H, W):
+                raise ValueError(f"cross: expected shape (*batch, C(C-1)/2, H, W) = (*batch, {C * (C - 1) // 2}, "
+                                 f"{H}, {W}) with C={C}, got {tuple(cross.shape)}")
+        shapes = [loc.shape[:-3], log_diag.shape[:-3], off_diag.shape[:-3]] + ([] if cross is None else
+                                                                               [cross.shape[:-3]])
         try:
-            batch = torch.broadcast_shapes(loc.shape[:-3], log_diag.shape[:-3], off_diag.shape[:-3])
+            batch = torch.broadcast_shapes(*shapes)
         except RuntimeError:
-            raise ValueError(f"loc, log_diag, {coef}: batch shapes {tuple(loc.shape[:-3])}, "
-                             f"{tuple(log_diag.shape[:-3])}, {tuple(off_diag.shape[:-3])} do not broadcast") from None
+            names = f"loc, log_diag, {coef}" + ("" if cross is None else ", cross")
+            raise ValueError(f"{names}: batch shapes {', '.join(str(tuple(t)) for t in shapes)} "
+                             f"do not broadcast") from None
         _checks.check_consistent(loc=loc, log_diag=log_diag, off_diag=off_diag,
-                                 **({} if basis is None else {"basis": basis}))
+                                 **({} if basis is None else {"basis": basis}),
+                                 **({} if cross is None else {"cross": cross}))
         if min(event) == 0:
             raise ValueError(f"loc: expected a non-empty event (C, H, W), got {tuple(loc.shape)}")
         # one floating dtype, torch.result_type's (a bfloat16 head beside a float32 mean computes in float32)
-        if basis is None:
-            loc, log_diag, off_diag = _checks.promote(loc, log_diag, off_diag)
-        else:
-            loc, log_diag, off_diag, basis = _checks.promote(loc, log_diag, off_diag, basis)
+        loc, log_diag, off_diag, basis, cross = _checks.promote_optional(loc, log_diag, off_diag, basis, cross)
         self.stencil = stencil
         self.basis = basis
         self.loc = loc.expand(batch + event)
         self.log_diag = log_diag.expand(batch + event)
         self.off_diag = off_diag.expand(batch + off_diag.shape[-3:])
+        # one channel has no pairs: a (*batch, 0, H, W) tensor is no coupling
+        self.cross = cross.expand(batch + cross.shape[-3:]) if cross is not None and C > 1 else None
         # Not Distribution's own parameter validation: it reads every parameter and syncs on
         # construction. The ops find NaN/inf from their results instead (structlik._checks).
         super().__init__(batch_shape=batch, event_shape=torch.Size(event), validate_args=False)
@@ -113,16 +128,18 @@ class StructuredNormal(Distribution):
 
     @classmethod
     def from_head(cls, head: torch.Tensor, stencil: Stencil, *, weight_bound=DEFAULT_WEIGHT_BOUND,
-                  validate_args=None) -> "StructuredNormal":
+                  validate_args=None, cross: bool = False) -> "StructuredNormal":
         """The distribution of a decoder head (B, C*(2+S), H, W): channels ``loc`` (C),
-        ``log_diag`` (C, ``-log sigma``), raw weights (C*S), as :func:`structlik.split_head`.
+        ``log_diag`` (C, ``-log sigma``), raw weights (C*S), as :func:`structlik.split_head`;
+        with ``cross=True`` (B, C*(2+S) + C(C-1)/2, H, W), the raw cross weights last.
 
         ``weight_bound`` (default 0.9) bounds the weights (:func:`structlik.bound_weights`:
-        sum_i |w_{p,i}| < 0.9 d_p, so samples stay finite and a zero-initialised head starts at a
-        diagonal Gaussian); ``None`` takes the raw weights as they are.
+        sum_i |w_{p,i}| < 0.9 d_p, cross weights included, so samples stay finite and a
+        zero-initialised head starts at a diagonal Gaussian); ``None`` takes the raw weights as
+        they are.
         """
-        loc, log_diag, off_diag = split_head(head, stencil, weight_bound=weight_bound)
-        return cls(loc, log_diag, off_diag, stencil, validate_args=validate_args)
+        parts = split_head(head, stencil, weight_bound=weight_bound, cross=cross)
+        return cls(*parts[:3], stencil, validate_args=validate_args, cross=parts[3] if cross else None)
 
     # -- helpers --------------------------------------------------------------
 
@@ -135,7 +152,18 @@ class StructuredNormal(Distribution):
         out = {"log_diag": self.log_diag, "off_diag": self.off_diag}
         if self.basis is not None:
             out["basis"] = self.basis
+        if self.cross is not None:
+            out["cross"] = self.cross
         return out
+
+    def _flat_cross(self):
+        """The cross weights flattened over the batch to (N, C(C-1)/2, H, W), or None."""
+        return None if self.cross is None else self.cross.reshape(-1, *self.cross.shape[-3:])
+
+    def _uncoupled(self, what: str) -> None:
+        if self.cross is not None:
+            raise NotImplementedError(f"StructuredNormal.{what}: not implemented with cross weights (coupled "
+                                      f"channels) yet; covariance(index) is exact with them")
 
     def _flat_params(self, materialise: bool = True):
         """log_diag and off_diag flattened over the batch to (N, ...): views, also for
@@ -157,6 +185,7 @@ class StructuredNormal(Distribution):
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         new.log_diag = self.log_diag.expand(batch_shape + self.event_shape)
         new.off_diag = self.off_diag.expand(batch_shape + self.off_diag.shape[-3:])
+        new.cross = None if self.cross is None else self.cross.expand(batch_shape + self.cross.shape[-3:])
         super(StructuredNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -174,6 +203,7 @@ class StructuredNormal(Distribution):
         """The exact marginal variances diag(Lambda^-1), batch_shape + (C, H, W), differentiable: one
         sweep of the band recurrence (docs/kernels.md §4), not 1 / precision_diagonal() (the variance
         of a pixel given all the others: smaller)."""
+        self._uncoupled("variance")
         ld, od = self._flat_params()
         with self._value_checks():
             out = ops.variance(ld, od, self.stencil)
@@ -187,6 +217,7 @@ class StructuredNormal(Distribution):
         """Sigma's band, batch_shape + (C*L, H, W): channel c*L + k at pixel p holds
         Cov(x_p, x_{p+k}) (raster order, 0 past the image), L = b + 1 with b the stencil's largest
         flat offset dy*W + dx (:func:`structlik.ops.covariance_band`)."""
+        self._uncoupled("covariance_band")
         ld, od = self._flat_params()
         with self._value_checks():
             out = ops.covariance_band(ld, od, self.stencil)
@@ -204,21 +235,34 @@ class StructuredNormal(Distribution):
         return y, x
 
     def covariance(self, index):
-        """Cov(x_q, x_index) for every pixel q of each channel: the column Sigma e_index as an image,
-        batch_shape + (C, H, W) (channel c holds channel c's column: channels are independent).
-        Two solves, U^-1 (U^-T e_index); differentiable."""
+        """Cov(x_{c,q}, x_{c,index}) for every pixel q of each channel c: the column Sigma e_index as
+        an image, batch_shape + (C, H, W) (channel c holds channel c's column). Two solves,
+        M^-1 (M^-T e_index); differentiable. With cross weights the C columns are solved as C
+        right-hand sides (each channel's column reaches the other channels too)."""
         y, x = self._pixel(index)
         ld, od = self._flat_params()
-        e = ld.new_zeros(ld.shape)
-        e[..., y, x] = 1
+        cross = self._flat_cross()
+        N, C = ld.shape[:2]
+        if cross is None:
+            e = ld.new_zeros(ld.shape)
+            e[..., y, x] = 1
+        else:       # right-hand side c*N + b: the unit vector at (c, y, x) of image b
+            e = ld.new_zeros(C, N, *ld.shape[1:])
+            e[torch.arange(C), :, torch.arange(C), y, x] = 1
+            e = e.reshape(C * N, *ld.shape[1:])
         with self._value_checks():
-            v = ops.solve_upper_t(e, ld, od, self.stencil)
-            out = ops.solve_upper(v, ld, od, self.stencil)
+            v = ops.image_op(ops.solve_upper_t_op, "solve_upper_t", e, ld, od, self.stencil, cross=cross,
+                             params_repeat=True)
+            out = ops.image_op(ops.solve_upper_op, "solve_upper", v, ld, od, self.stencil, cross=cross,
+                               params_repeat=True)
+        if cross is not None:    # channel c of right-hand side c
+            out = out.reshape(C, N, C, *ld.shape[2:])[torch.arange(C), :, torch.arange(C)].transpose(0, 1)
         return out.reshape(self.batch_shape + self.event_shape)
 
     def correlation(self, index):
         """Corr(x_q, x_index) for every pixel q: ``covariance(index)`` over sigma_q sigma_index,
         batch_shape + (C, H, W), 1 at ``index``."""
+        self._uncoupled("correlation")
         y, x = self._pixel(index)
         std = self.stddev
         return self.covariance(index) / (std * std[..., y:y + 1, x:x + 1])
@@ -232,6 +276,7 @@ class StructuredNormal(Distribution):
         is True: a :class:`structlik.ConditionalStructuredNormal` over whole images (inpainting,
         posterior samples), with the conditional ``mean``, exact ``rsample``/``sample`` (observed pixels
         equal to ``value``), ``log_prob`` of the missing pixels and ``observed_log_prob``, log p(x_O)."""
+        self._uncoupled("condition")
         return ConditionalStructuredNormal(self, value, mask, tol=tol, max_iter=max_iter)
 
     def rsample(self, sample_shape=torch.Size()):
@@ -240,15 +285,16 @@ class StructuredNormal(Distribution):
         ld, od = self._flat_params()
         # One solve for every sample: the kernels read sample r*N + b's parameters at b,
         # so the parameters are never copied per sample.
+        cross = self._flat_cross()
         with _checks.validation(False):
             eps = ops.image_op(ops.solve_upper_op, "solve_upper", z.reshape(-1, *self.event_shape), ld, od,
-                               self.stencil, params_repeat=True)
+                               self.stencil, cross=cross, params_repeat=True)
         sample = self.loc + eps.reshape(shape)
         with self._value_checks():
-            self._check_sample(sample, eps, z, ld, od)
+            self._check_sample(sample, eps, z, ld, od, cross)
         return sample
 
-    def _check_sample(self, sample, eps, z, ld, od):
+    def _check_sample(self, sample, eps, z, ld, od, cross=None):
         """NaN/inf in the sample, named; and the ill-conditioning warning. Bounded weights
         (sum|w| <= b d, b < 1) give max|eps| * min d <= max|z| / (1 - b) (Varah's bound on
         ||U^-1||_inf), so a sample past ``AMPLIFICATION`` times that (b = 0.9, with max|z| taken
@@ -264,11 +310,12 @@ class StructuredNormal(Distribution):
         if not (math.isfinite(total) and math.isfinite(e_max)):
             # names a non-finite input, else the ratio that made U^-1 z overflow
             _checks.check_result(sample, {"loc": self.loc, **self._blame()}, op="rsample", inf_ok=False,
-                                 overflow=lambda: ops.ill_conditioned(ld, od, self.stencil))
+                                 overflow=lambda: ops.ill_conditioned(ld, od, self.stencil, cross=cross))
             return
         z_max = math.sqrt(2 * math.log(max(z.numel(), 2))) + 1
         if e_max * math.exp(min(ld_min, 700.0)) > AMPLIFICATION * z_max:
-            ratio = largest_weight_ratio(ld.detach(), od.detach(), self.stencil.S)
+            ratio = largest_weight_ratio(ld.detach(), od.detach(), self.stencil.S,
+                                         None if cross is None else cross.detach())
             if ratio >= 1:
                 warn_ill_conditioned(f"rsample: samples up to {e_max:.3g} from the mean "
                                      f"({ILL_CONDITIONED.format(ratio=ratio)})")
@@ -306,8 +353,10 @@ class StructuredNormal(Distribution):
         od = self.off_diag.expand(lead + self.off_diag.shape[-3:]).reshape(-1, *self.off_diag.shape[-3:])
         x = value.expand(shape).reshape(-1, *self.event_shape)
         loc = self.loc.expand(shape).reshape(-1, *self.event_shape)
+        cross = None if self.cross is None else self.cross.expand(lead + self.cross.shape[-3:]).reshape(
+            -1, *self.cross.shape[-3:])
         with self._value_checks():
-            nll = ops.checked_nll(name, x, loc, ld, od, self.stencil, basis=self.basis)
+            nll = ops.checked_nll(name, x, loc, ld, od, self.stencil, basis=self.basis, cross=cross)
         return -nll.reshape(lead)
 
     def entropy(self):
@@ -320,8 +369,8 @@ class StructuredNormal(Distribution):
         return out
 
     def precision_diagonal(self):
-        """Diagonal of the precision ``U^T U``, shape batch_shape + (C, H, W)."""
+        """Diagonal of the precision ``U^T U`` (``M^T M`` with cross weights), shape batch_shape + (C, H, W)."""
         ld, od = self._flat_params()
         with self._value_checks():
-            out = ops.precision_diagonal(ld, od, self.stencil, blame=self._blame())
+            out = ops.precision_diagonal(ld, od, self.stencil, self._flat_cross(), blame=self._blame())
         return out.reshape(self.batch_shape + self.event_shape)

@@ -17,9 +17,10 @@ from typing import Optional, Tuple
 import torch
 
 from . import _checks
+from .reference import cross_pairs
 from .stencil import Stencil
 
-__all__ = ["bound_weights", "split_head", "head_channels"]
+__all__ = ["bound_weights", "bound_coupled_weights", "split_head", "head_channels"]
 
 DEFAULT_WEIGHT_BOUND = 0.9
 
@@ -62,43 +63,94 @@ def bound_weights(log_diag: torch.Tensor, raw: torch.Tensor, bound: float = DEFA
     return (per_channel * scale.unsqueeze(2)).flatten(1, 2)
 
 
-def head_channels(stencil: Stencil, channels: int = 1) -> int:
-    """The decoder head's channel count for ``channels`` image channels: C * (2 + S)."""
+def bound_coupled_weights(log_diag: torch.Tensor, raw: torch.Tensor, raw_cross: torch.Tensor,
+                          bound: float = DEFAULT_WEIGHT_BOUND) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bound_weights` for coupled channels: ``(off_diag, cross)`` with every row of M
+    diagonally dominant, ``sum_i |w_{c,p,i}| + sum_{j>c} |cross_{kappa(c,j),p}| < bound * d_{c,p}``
+    (row (c, p) of M holds channel c's S weights and its cross weights to the channels after it).
+    Each weight is ``raw * bound * d / (1 + that row's sum of |raw|)``, as bound_weights; so
+    Varah's bound on ||M^-1||_inf, and finite samples, hold as for U.
+
+    Args:
+        log_diag: (B, C, H, W); raw: (B, C*S, H, W); raw_cross: (B, C(C-1)/2, H, W).
+    """
+    bound = check_bound(bound)
+    _checks.check_float_tensor("log_diag", log_diag, "(B, C, H, W)")
+    _checks.check_float_tensor("raw", raw, "(B, C*S, H, W)")
+    B, C, H, W = log_diag.shape
+    if C == 0 or raw.shape[1] % C or tuple(raw.shape[2:]) != (H, W) or raw.shape[0] != B:
+        raise ValueError(f"raw: expected shape (B, C*S, H, W) with (B, C, H, W) = {tuple(log_diag.shape)} "
+                         f"(log_diag's), got {tuple(raw.shape)}")
+    _checks.check_float_tensor("raw_cross", raw_cross, _checks.cross_layout(C))
+    _checks.check_same("raw_cross", raw_cross, "log_diag", log_diag, (B, C * (C - 1) // 2, H, W),
+                       _checks.cross_layout(C))
+    cs, _ = cross_pairs(C, log_diag.device)
+    S = raw.shape[1] // C
+    per_channel = raw.unflatten(1, (C, S))
+    row_sum = per_channel.abs().sum(2).index_add(1, cs, raw_cross.abs().to(per_channel.dtype))
+    scale = bound * log_diag.exp() / (1 + row_sum)
+    return (per_channel * scale.unsqueeze(2)).flatten(1, 2), raw_cross * scale[:, cs]
+
+
+def head_channels(stencil: Stencil, channels: int = 1, *, cross: bool = False) -> int:
+    """The decoder head's channel count for ``channels`` image channels: C * (2 + S), and
+    C(C-1)/2 more with cross weights (coupled channels)."""
     _checks.check_stencil(stencil)
-    return channels * (2 + stencil.S)
+    return channels * (2 + stencil.S) + (channels * (channels - 1) // 2 if cross else 0)
 
 
-def split_head(head: torch.Tensor, stencil: Stencil, *,
-               weight_bound: Optional[float] = DEFAULT_WEIGHT_BOUND) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loc, log_diag, off_diag)`` from a decoder head (B, C*(2+S), H, W), channels in that order.
+def _coupled_channels(K: int, S: int) -> int:
+    """C with C * (2 + S) + C(C-1)/2 = K, or 0 if there is none."""
+    C = 1
+    while C * (2 + S) + C * (C - 1) // 2 < K:
+        C += 1
+    return C if C * (2 + S) + C * (C - 1) // 2 == K else 0
 
-    ``weight_bound`` (default 0.9) passes the raw weights through :func:`bound_weights`;
-    ``None`` takes them as they are (then loc, log_diag and off_diag are views of the head and
-    the loss reads the head in place). ``log_diag`` is ``-log(sigma)`` of a pixel's conditional
-    noise, the opposite sign of a log-variance head.
+
+def split_head(head: torch.Tensor, stencil: Stencil, *, weight_bound: Optional[float] = DEFAULT_WEIGHT_BOUND,
+               cross: bool = False) -> Tuple[torch.Tensor, ...]:
+    """``(loc, log_diag, off_diag)`` from a decoder head (B, C*(2+S), H, W), channels in that order;
+    with ``cross=True`` ``(loc, log_diag, off_diag, cross)`` from (B, C*(2+S) + C(C-1)/2, H, W),
+    the cross weights of coupled channels last (supn_base's order).
+
+    ``weight_bound`` (default 0.9) passes the raw weights through :func:`bound_weights`
+    (:func:`bound_coupled_weights` with cross weights); ``None`` takes them as they are (then the
+    parts are views of the head and the loss reads the head in place). ``log_diag`` is
+    ``-log(sigma)`` of a pixel's conditional noise, the opposite sign of a log-variance head.
     """
     _checks.check_stencil(stencil)
     if weight_bound is not None:
         weight_bound = check_bound(weight_bound, "weight_bound")
-    layout = "(B, C*(2+S), H, W)"
+    S = stencil.S
+    layout = "(B, C*(2+S) + C(C-1)/2, H, W)" if cross else "(B, C*(2+S), H, W)"
     _checks.check_float_tensor("head", head, layout)          # a missing batch dimension: says unsqueeze(0)
-    per = 2 + stencil.S
-    if head.shape[1] == 0 or head.shape[1] % per:
-        raise ValueError(f"head: expected shape {layout} with S={stencil.S}: a multiple of {per} channels "
-                         f"(C*(2+S)), got {tuple(head.shape)}")
-    C = head.shape[1] // per
-    loc, log_diag, off_diag = head.split([C, C, C * stencil.S], dim=1)
+    per = 2 + S
+    K = head.shape[1]
+    C = _coupled_channels(K, S) if cross and K else (K // per if K and K % per == 0 else 0)
+    if C == 0:
+        what = (f"C*(2+S) + C(C-1)/2 channels for some C ({', '.join(str(c * per + c * (c - 1) // 2) for c in (1, 2, 3, 4))}"
+                ", ...)" if cross else f"a multiple of {per} channels (C*(2+S))")
+        raise ValueError(f"head: expected shape {layout} with S={S}: {what}, got {tuple(head.shape)}")
+    if cross:
+        loc, log_diag, off_diag, xi = head.split([C, C, C * S, C * (C - 1) // 2], dim=1)
+        if weight_bound is not None:
+            off_diag, xi = bound_coupled_weights(log_diag, off_diag, xi, weight_bound)
+        return loc, log_diag, off_diag, xi
+    loc, log_diag, off_diag = head.split([C, C, C * S], dim=1)
     if weight_bound is not None:
         off_diag = bound_weights(log_diag, off_diag, weight_bound)
     return loc, log_diag, off_diag
 
 
-def largest_weight_ratio(log_diag: torch.Tensor, off_diag: torch.Tensor, S: int) -> float:
+def largest_weight_ratio(log_diag: torch.Tensor, off_diag: torch.Tensor, S: int, cross=None) -> float:
     """max over pixels and channels of ``sum_i |w_{p,i}| / d_p`` (one reduction pass and one host
-    read; the sampling warning's figure). Rows below 1 are diagonally dominant."""
+    read; the sampling warning's figure), the cross weights of row (c, p) included when given.
+    Rows below 1 are diagonally dominant."""
     C = log_diag.shape[-3]
     # abs().sum: 0.09 ms at B16 12x64x64 on a 2-core CPU, where vector_norm(ord=1, dim) took 5 ms
     l1 = off_diag.unflatten(-3, (C, S)).abs().sum(-3)
+    if cross is not None and C > 1:
+        l1 = l1.index_add(-3, cross_pairs(C, l1.device)[0], cross.abs().to(l1.dtype))
     ratio = (l1.log() - log_diag).amax()           # log: no overflow of sum|w| / d where d is tiny
     value = float(ratio)
     return math.exp(value) if value < 700 else math.inf

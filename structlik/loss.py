@@ -22,7 +22,7 @@ def _reduce(per_image: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def structured_gaussian_nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor,
                             stencil: Stencil, reduction: str = "mean", *,
-                            basis: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            basis: Optional[torch.Tensor] = None, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Negative log-likelihood of ``x`` under ``StructuredNormal(loc, log_diag, off_diag, stencil)``.
 
     Args:
@@ -36,6 +36,9 @@ def structured_gaussian_nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.
         basis: optional learned basis (S, n_b) (paper section 4.3). Then
             ``off_diag`` holds the basis coefficients, (B, C*n_b, H, W), and the
             kernels form the S weights of each pixel on the fly.
+        cross: optional cross weights (B, C(C-1)/2, H, W) (unbatched: (C(C-1)/2, H, W)) that couple
+            the channels of each pixel (supn_base's ``cross_ch``; docs/contract.md §1); from a
+            head, :func:`structlik.split_head` with ``cross=True`` bounds them with the weights.
 
     Equivalent to ``-StructuredNormal(loc, log_diag, off_diag, stencil).log_prob(x)``
     reduced, computed without building U. Floating dtypes promote as in
@@ -43,26 +46,27 @@ def structured_gaussian_nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.
     with a float32 target gives a float32 loss.
     """
     _checks.check_reduction(reduction)
-    tensors = (x, loc, log_diag, off_diag)
+    tensors = (x, loc, log_diag, off_diag) + (() if cross is None else (cross,))
     # One unbatched image (C, H, W), as StructuredNormal and torch's nn layers take it: the
     # per-image NLL is then a scalar.
     unbatched = all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in tensors)
     if unbatched:
-        x, loc, log_diag, off_diag = (t.unsqueeze(0) for t in tensors)
+        x, loc, log_diag, off_diag, *rest = (t.unsqueeze(0) for t in tensors)
+        cross = rest[0] if rest else None
     if basis is not None:
-        per_image = ops.nll_basis(x, loc, log_diag, off_diag, basis, stencil)
+        per_image = ops.nll_basis(x, loc, log_diag, off_diag, basis, stencil, cross)
     else:
-        per_image = ops.nll(x, loc, log_diag, off_diag, stencil)
+        per_image = ops.nll(x, loc, log_diag, off_diag, stencil, cross)
     return _reduce(per_image[0] if unbatched else per_image, reduction)
 
 
 class StructuredGaussianNLLLoss(nn.Module):
     """Module form of :func:`structured_gaussian_nll`.
 
-    ``forward(x, loc, log_diag, off_diag)`` with shapes (B, C, H, W),
-    (B, C, H, W), (B, C, H, W), (B, C*S, H, W). A decoder that ends in a
-    convolution with ``C * (2 + S)`` output channels splits into the last three
-    without reshaping.
+    ``forward(x, loc, log_diag, off_diag, basis=None, cross=None)`` with shapes (B, C, H, W),
+    (B, C, H, W), (B, C, H, W), (B, C*S, H, W) (and cross (B, C(C-1)/2, H, W)). A decoder that
+    ends in a convolution with ``C * (2 + S)`` output channels (``+ C(C-1)/2`` with cross
+    weights) splits into them without reshaping.
     """
 
     def __init__(self, stencil: Stencil, reduction: str = "mean"):
@@ -70,8 +74,9 @@ class StructuredGaussianNLLLoss(nn.Module):
         self.stencil = _checks.check_stencil(stencil)
         self.reduction = _checks.check_reduction(reduction)
 
-    def forward(self, x, loc, log_diag, off_diag, basis=None):
-        return structured_gaussian_nll(x, loc, log_diag, off_diag, self.stencil, self.reduction, basis=basis)
+    def forward(self, x, loc, log_diag, off_diag, basis=None, cross=None):
+        return structured_gaussian_nll(x, loc, log_diag, off_diag, self.stencil, self.reduction, basis=basis,
+                                       cross=cross)
 
     def extra_repr(self) -> str:
         return f"stencil={self.stencil!r}, reduction={self.reduction!r}"

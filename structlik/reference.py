@@ -78,7 +78,7 @@ def _pairs(C: int):
 def cross_pairs(C: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The channel pairs (c, j), c < j, in the cross weights' order (0,1), (0,2), ..., (0,C-1),
     (1,2), ...: plane kappa(c, j) = c(2C-c-1)/2 + j-c-1 couples channel c's row to channel j."""
-    cs, js = _pairs(C)
+    cs, js = _pairs(int(C))       # int: a channel count is static (under dynamic shapes, a SymInt)
     return (torch.tensor(cs, dtype=torch.long, device=device), torch.tensor(js, dtype=torch.long, device=device))
 
 

@@ -72,14 +72,15 @@ def image_op(op, name: str, image, log_diag, off_diag, stencil, *, cross=None, p
     inputs = {image_name: image, "log_diag": log_diag, "off_diag": off_diag,
               **({} if cross is None else {"cross": cross})}
     _checks.check_result(out, blame or inputs, op=name,
-                         overflow=(lambda: ill_conditioned(log_diag, off_diag, stencil, name)) if solve else None,
+                         overflow=(lambda: ill_conditioned(log_diag, off_diag, stencil, name, cross)) if solve else None,
                          inf_ok=not solve)
     return out
 
 
-def ill_conditioned(log_diag, off_diag, stencil, name: str = "solve_upper") -> str:
-    """Why a solve overflowed: the largest sum|w|/d, and the recipe that bounds it."""
-    ratio = largest_weight_ratio(log_diag.detach(), off_diag.detach(), stencil.S)
+def ill_conditioned(log_diag, off_diag, stencil, name: str = "solve_upper", cross=None) -> str:
+    """Why a solve overflowed: the largest sum|w|/d (cross weights included), and the recipe that bounds it."""
+    ratio = largest_weight_ratio(log_diag.detach(), off_diag.detach(), stencil.S,
+                                 None if cross is None else cross.detach())
     inverse = "U^-T" if name.endswith("_t") else "U^-1"
     return f"{inverse} overflowed ({ILL_CONDITIONED.format(ratio=ratio)})"
 
