@@ -33,6 +33,19 @@ def check_bound(bound, name: str = "bound") -> float:
     return float(bound)
 
 
+def _check_raw(log_diag: torch.Tensor, raw: torch.Tensor) -> int:
+    """log_diag (B, C, H, W) and raw weights (B, C*S, H, W) on its device; returns S."""
+    _checks.check_float_tensor("log_diag", log_diag, "(B, C, H, W)")
+    _checks.check_float_tensor("raw", raw, "(B, C*S, H, W)")
+    B, C, H, W = log_diag.shape
+    if C == 0 or raw.shape[1] % C or tuple(raw.shape[2:]) != (H, W) or raw.shape[0] != B:
+        raise ValueError(f"raw: expected shape (B, C*S, H, W) with (B, C, H, W) = {tuple(log_diag.shape)} "
+                         f"(log_diag's), got {tuple(raw.shape)}")
+    if raw.device != log_diag.device:
+        raise ValueError(f"raw: device {raw.device} does not match log_diag's device {log_diag.device}")
+    return raw.shape[1] // C
+
+
 def bound_weights(log_diag: torch.Tensor, raw: torch.Tensor, bound: float = DEFAULT_WEIGHT_BOUND) -> torch.Tensor:
     """Off-diagonal weights with ``sum_i |w_{p,i}| < bound * d_p`` at every pixel and channel.
 
@@ -49,15 +62,8 @@ def bound_weights(log_diag: torch.Tensor, raw: torch.Tensor, bound: float = DEFA
         bound: in (0, 1); 0.9 is what the reference VAE trained with.
     """
     bound = check_bound(bound)
-    _checks.check_float_tensor("log_diag", log_diag, "(B, C, H, W)")
-    _checks.check_float_tensor("raw", raw, "(B, C*S, H, W)")
-    B, C, H, W = log_diag.shape
-    if C == 0 or raw.shape[1] % C or tuple(raw.shape[2:]) != (H, W) or raw.shape[0] != B:
-        raise ValueError(f"raw: expected shape (B, C*S, H, W) with (B, C, H, W) = {tuple(log_diag.shape)} "
-                         f"(log_diag's), got {tuple(raw.shape)}")
-    if raw.device != log_diag.device:
-        raise ValueError(f"raw: device {raw.device} does not match log_diag's device {log_diag.device}")
-    S = raw.shape[1] // C
+    S = _check_raw(log_diag, raw)
+    C = log_diag.shape[1]
     per_channel = raw.unflatten(1, (C, S))
     scale = bound * log_diag.exp() / (1 + per_channel.abs().sum(2))
     return (per_channel * scale.unsqueeze(2)).flatten(1, 2)
@@ -75,17 +81,12 @@ def bound_coupled_weights(log_diag: torch.Tensor, raw: torch.Tensor, raw_cross: 
         log_diag: (B, C, H, W); raw: (B, C*S, H, W); raw_cross: (B, C(C-1)/2, H, W).
     """
     bound = check_bound(bound)
-    _checks.check_float_tensor("log_diag", log_diag, "(B, C, H, W)")
-    _checks.check_float_tensor("raw", raw, "(B, C*S, H, W)")
+    S = _check_raw(log_diag, raw)
     B, C, H, W = log_diag.shape
-    if C == 0 or raw.shape[1] % C or tuple(raw.shape[2:]) != (H, W) or raw.shape[0] != B:
-        raise ValueError(f"raw: expected shape (B, C*S, H, W) with (B, C, H, W) = {tuple(log_diag.shape)} "
-                         f"(log_diag's), got {tuple(raw.shape)}")
     _checks.check_float_tensor("raw_cross", raw_cross, _checks.cross_layout(C))
     _checks.check_same("raw_cross", raw_cross, "log_diag", log_diag, (B, C * (C - 1) // 2, H, W),
                        _checks.cross_layout(C))
     cs, _ = cross_pairs(C, log_diag.device)
-    S = raw.shape[1] // C
     per_channel = raw.unflatten(1, (C, S))
     row_sum = per_channel.abs().sum(2).index_add(1, cs, raw_cross.abs().to(per_channel.dtype))
     scale = bound * log_diag.exp() / (1 + row_sum)
