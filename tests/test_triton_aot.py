@@ -42,6 +42,17 @@ def test_every_kernel_and_dtype_is_covered(compiled):
     assert {r["constexprs"].split("STORE_U=")[1][:1] for r in compiled if r["kernel"] == "nll_kernel"} == {"0", "1"}
 
 
+def test_coupled_channels_compile_at_the_clients_size(compiled):
+    """supn_base's client (B32, 2-channel 128x128, radius 4) with cross weights: every kernel that takes
+    them specialised for NCH=2 (and NCH=3 at a smaller size), float32/float16/bfloat16 for the NLL."""
+    coupled = {(r["kernel"], r["dtypes"]) for r in compiled
+               if r["case"] == "B32-C2-128x128-r4-cross" and "NCH=2" in r["constexprs"]}
+    assert coupled >= {(k, "float32") for k in ("nll_kernel", "nll_backward_kernel", "apply_upper_kernel",
+                                                 "solve_upper_kernel", "precision_diagonal_kernel")}
+    assert {d for k, d in coupled if k in ("nll_kernel", "nll_backward_kernel")} == {"float32", "float16", "bfloat16"}
+    assert any("NCH=3" in r["constexprs"] for r in compiled if r["kernel"] == "solve_upper_kernel")
+
+
 def test_nothing_spills(compiled):
     spilled = [(r["case"], r["kernel"], r["constexprs"], r["dtypes"], r["spill_stores"], r["spill_loads"])
                for r in compiled if r["spill_stores"] or r["spill_loads"] or r["local"]]

@@ -3,6 +3,7 @@
     python -m tools.triton_aot              # the sizes and dtypes CI checks; results/triton_aot-sm90.{md,json}
     python -m tools.triton_aot --quick      # B16 256x256 radius 3, float32: the largest stencil only
     python -m tools.triton_aot --json F     # also the rows as JSON in F (what tests/test_triton_aot.py reads)
+    python -m tools.triton_aot --case B32-C2-128x128-r4-cross --no-results   # one case
 
 structlik's own launch wrappers (structlik/kernels/*.py) are called on meta
 tensors (nothing is allocated, so any size works) with Triton's
@@ -46,7 +47,8 @@ TARGET = GPUTarget("cuda", ARCH, 32)
 GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
 HALF = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# (label, B, C, H, W, stencil, basis sizes): the benchmarks' sizes, a dilated stencil, the launch limits.
+# (label, B, C, H, W, stencil, basis sizes[, cross]): the benchmarks' sizes, a dilated stencil, the launch
+# limits, and channels coupled at each pixel (cross=True: supn_base's client, 2-channel MRI at radius 4).
 CASES = [
     ("B64-C1-64x64-r1", 64, 1, 64, 64, Stencil(1), (6,)),
     ("B64-C1-64x64-r2", 64, 1, 64, 64, Stencil(2), (6,)),
@@ -57,6 +59,9 @@ CASES = [
     ("B100000-C1-16x16-r1", 100_000, 1, 16, 16, Stencil(1), ()),      # 100,000 planes: e.g. many samples
     ("B1-C1-4096x4096-r3", 1, 1, 4096, 4096, Stencil(3), (6,)),        # 65,536 tiles of 256 in one plane
     ("B2-C3-8192x8192-r1", 2, 3, 8192, 8192, Stencil(1), (6,)),        # 262,144 tiles a plane, 6 planes
+    ("B32-C2-128x128-r4", 32, 2, 128, 128, Stencil(4), ()),              # the client's size, channels independent
+    ("B32-C2-128x128-r4-cross", 32, 2, 128, 128, Stencil(4), (), True),  # ... and coupled (NCH=2)
+    ("B16-C3-64x64-r2-cross", 16, 3, 64, 64, Stencil(2), (6,), True),    # three channels (NCH=3, NCH_P2=4)
 ]
 
 _recorded = []
@@ -70,30 +75,32 @@ def meta(*shape, dtype):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def launches(label, B, C, H, W, stencil, basis_sizes, dtypes):
-    """Every launch the wrappers make at this size: (label, kernel, args, kwargs, grid)."""
+def launches(label, B, C, H, W, stencil, basis_sizes, dtypes, coupled=False):
+    """Every launch the wrappers make at this size: (label, kernel, args, kwargs, grid). ``coupled``:
+    with cross weights (B, C(C-1)/2, H, W) in every op that takes them."""
     offsets, S = stencil.flat_offsets, stencil.S
     start = len(_recorded)
     for dtype in dtypes:
         def image():
             return meta(B, C, H, W, dtype=dtype)
         off_diag = meta(B, C * S, H, W, dtype=dtype)
+        cross = meta(B, C * (C - 1) // 2, H, W, dtype=dtype) if coupled else None
         grad = meta(B, dtype=torch.float32)
-        nll.nll(image(), image(), image(), off_diag, None, offsets, False)
-        _, u = nll.nll(image(), image(), image(), off_diag, None, offsets, True)
-        nll.nll_backward(grad, image(), image(), image(), off_diag, None, u, offsets)
+        nll.nll(image(), image(), image(), off_diag, None, offsets, False, cross)
+        _, u = nll.nll(image(), image(), image(), off_diag, None, offsets, True, cross)
+        nll.nll_backward(grad, image(), image(), image(), off_diag, None, u, offsets, cross)
         for nb in basis_sizes:
             coeffs, basis = meta(B, C * nb, H, W, dtype=dtype), meta(S, nb, dtype=dtype)
-            nll.nll(image(), image(), image(), coeffs, basis, offsets, False)
-            _, u = nll.nll(image(), image(), image(), coeffs, basis, offsets, True)
-            nll.nll_backward(grad, image(), image(), image(), coeffs, basis, u, offsets)
+            nll.nll(image(), image(), image(), coeffs, basis, offsets, False, cross)
+            _, u = nll.nll(image(), image(), image(), coeffs, basis, offsets, True, cross)
+            nll.nll_backward(grad, image(), image(), image(), coeffs, basis, u, offsets, cross)
         if dtype in HALF:
             continue        # structlik.ops gives every other op float32 copies of half inputs
         for transposed in (False, True):
-            apply_upper.launch(image(), image(), off_diag, offsets, transposed=transposed)
-            solve_upper.launch(image(), image(), off_diag, offsets, transposed=transposed)
+            apply_upper.launch(image(), image(), off_diag, offsets, transposed=transposed, cross=cross)
+            solve_upper.launch(image(), image(), off_diag, offsets, transposed=transposed, cross=cross)
         weight_grad.launch(image(), image(), offsets)
-        precision_diagonal.launch(image(), off_diag, offsets)
+        precision_diagonal.launch(image(), off_diag, offsets, cross)
         for diagonal_only in (False, True):
             covariance_band.launch(image(), off_diag, offsets, diagonal_only)
         band = meta(B, C * covariance_band.band_length(offsets, W), H, W, dtype=dtype)
@@ -179,7 +186,7 @@ def compile_one(i):
 
 
 def describe(fn, args, kwargs):
-    consts = {k: kwargs[k] for k in ("S", "BLOCK", "LANES", "NB", "TRANSPOSED", "STORE_U", "BASIS") if k in kwargs}
+    consts = {k: kwargs[k] for k in ("S", "BLOCK", "LANES", "NB", "NCH", "TRANSPOSED", "STORE_U", "BASIS") if k in kwargs}
     dtypes = sorted({str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor)} - {"float32"}
                     or {"float32"})
     return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in consts.items()), ",".join(dtypes)
@@ -189,16 +196,22 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="B16 256x256 radius 3, float32 only")
     p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--case", action="append", help="only this case (a label of CASES; repeatable)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-results", action="store_true", help="do not write benchmarks/results/")
     args = p.parse_args()
     triton_jit.JITFunction.run = _record
     cases = [c for c in CASES if c[0] == "B16-C1-256x256-r3"] if args.quick else CASES
+    if args.case:
+        unknown = set(args.case) - {c[0] for c in CASES}
+        if unknown:
+            p.error(f"--case: no case {sorted(unknown)}; the cases are {[c[0] for c in CASES]}")
+        cases = [c for c in cases if c[0] in args.case]
     items = ITEMS
-    for label, B, C, H, W, stencil, basis_sizes in cases:
+    for label, B, C, H, W, stencil, basis_sizes, *coupled in cases:
         big = B * C > 10_000 or H * W > 100_000          # the launch-limit cases: float32 is enough
         dtypes = (torch.float32,) if args.quick or big else DTYPES
-        items += launches(label, B, C, H, W, stencil, basis_sizes, dtypes)
+        items += launches(label, B, C, H, W, stencil, basis_sizes, dtypes, *coupled)
     backend = make_backend(TARGET)
     keys = [repr((fn.fn.__name__, specialise(fn, a, kw, backend)[1:], kw.get("num_warps")))
             for _, fn, a, kw, _ in items]

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .common import acc_dtype, block_for, empty, grid, plane_start, plane_strides, planes_contiguous, tile
 from .solve_upper import wavefront_slope
+from ..reference import cached_unless_tracing
 
 
 def band_length(offsets, W: int) -> int:
@@ -192,7 +193,7 @@ def parity_pairs(offsets: tuple, W: int):
     return out
 
 
-@functools.lru_cache(maxsize=64)
+@cached_unless_tracing(maxsize=64)
 def _pairs_table(offsets: tuple, W: int, device: torch.device) -> torch.Tensor:
     even, odd = parity_pairs(offsets, W)      # (cached: a Python loop over the band, once per shape)
     P = max(len(even), len(odd))
@@ -213,8 +214,13 @@ def _schedule(H: int, W: int, offsets, max_lanes: int = 1024):
 
 # Lanes per thread: the forward holds 4 (1024 lanes on 8 warps: 113 registers at radius 3, S = 24,
 # no spill); the adjoint reads two readers per offset, and at 4 lanes per thread spilled 16 bytes at
-# S = 20 and 10 KB at S = 24, so it takes 2 (tools/triton_aot.py, sm_90).
+# S = 20 and 10 KB at S = 24, so it takes 2; at radius 4 (S = 40) 2 lanes a thread sat at 255
+# registers and spilled 1,816 bytes (128x128), so past S = 24 it takes 1 (tools/triton_aot.py, sm_90).
 FORWARD_LANES, ADJOINT_LANES = 1024, 512
+
+
+def _adjoint_lanes_per_thread(S: int) -> int:
+    return 2 if S <= 24 else 1
 
 
 def _warps(lanes: int, per_thread: int) -> int:
@@ -247,7 +253,8 @@ def launch_backward(grad, log_diag, off_diag, band, offsets):
     log_diag, off_diag = planes_contiguous(log_diag), planes_contiguous(off_diag)
     B, C, H, W = log_diag.shape
     S = len(offsets) // 2
-    slope, L, rows, lanes_per_level, lanes, levels = _schedule(H, W, offsets, ADJOINT_LANES)
+    per_thread = _adjoint_lanes_per_thread(S)
+    slope, L, rows, lanes_per_level, lanes, levels = _schedule(H, W, offsets, ADJOINT_LANES * per_thread // 2)
     work = torch.float64 if log_diag.dtype == torch.float64 else torch.float32
     grad, band = grad.to(work).contiguous(), band.to(work).contiguous()
     adjoint = torch.zeros_like(band)
@@ -257,7 +264,7 @@ def launch_backward(grad, log_diag, off_diag, band, offsets):
         covariance_band_adjoint_kernel[(B * C,)](
             grad, log_diag, off_diag, adjoint, _pairs_table(tuple(offsets), W, log_diag.device), C, H, W, rows, levels, lanes_per_level, *plane_strides(log_diag),
             *plane_strides(off_diag), SLOPE=slope, OFFS=tuple(offsets), S=S, ACC=acc_dtype(log_diag),
-            LANES=lanes, num_warps=_warps(lanes, 2))
+            LANES=lanes, num_warps=_warps(lanes, per_thread))
         block = block_for(H * W)
         covariance_band_grads_kernel[grid(B * C, triton.cdiv(H * W, block))](
             adjoint, band, log_diag, grad_s, grad_w, C, H, W, L, *plane_strides(log_diag), OFFS=tuple(offsets),

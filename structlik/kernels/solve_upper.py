@@ -57,7 +57,7 @@ def solve_upper_kernel(rhs, log_diag, off_diag, cross, out, C, H, W, param_batch
         solved = tl.zeros([NCH_P2, LANES], ACC)    # this step's pixels, by channel (coupled only)
         for step_c in tl.static_range(NCH):
             if NCH > 1:      # the channels of the pixel in M's order: last first, M^T first first
-                c: tl.constexpr = step_c if TRANSPOSED else NCH - 1 - step_c
+                c = step_c if TRANSPOSED else NCH - 1 - step_c
                 k = program * NCH + c
             else:
                 k = program
