@@ -41,21 +41,29 @@ def shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., pad_y + dy: pad_y + dy + H, pad_x + dx: pad_x + dx + W]
 
 
-def _read_mask(offsets, H, W, device):
+def cached_unless_tracing(maxsize: int):
+    """``functools.lru_cache`` for index tensors built from shapes, bypassed while tracing
+    (torch.compile, fake tensors): a traced tensor must not be kept, or a later eager call of the
+    same shape gets a fake tensor back."""
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            if torch.compiler.is_compiling() or detect_fake_mode() is not None:
+                return fn(*args)
+            return cached(*args)
+        call.cache_clear = cached.cache_clear
+        return call
+    return wrap
+
+
+@cached_unless_tracing(maxsize=64)
+def read_mask(offsets: Tuple[Tuple[int, int], ...], H: int, W: int, device: torch.device) -> torch.Tensor:
+    """(S, H, W): True where offset i of pixel p lands inside the image (a weight of U)."""
     ys = torch.arange(H, device=device).view(H, 1)
     xs = torch.arange(W, device=device).view(1, W)
     return torch.stack([(ys + dy < H) & (xs + dx >= 0) & (xs + dx < W) for dy, dx in offsets])
-
-
-_cached_read_mask = functools.lru_cache(maxsize=64)(_read_mask)
-
-
-def read_mask(offsets: Tuple[Tuple[int, int], ...], H: int, W: int, device: torch.device) -> torch.Tensor:
-    """(S, H, W): True where offset i of pixel p lands inside the image (a weight of U). Cached,
-    except while tracing (torch.compile, fake tensors: a traced tensor must not be kept)."""
-    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
-        return _read_mask(offsets, H, W, device)
-    return _cached_read_mask(offsets, H, W, device)
 
 
 def weights(off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
@@ -176,16 +184,17 @@ def precision_diagonal(log_diag, off_diag, stencil, cross=None):
     return out
 
 
-@functools.lru_cache(maxsize=64)
+@cached_unless_tracing(maxsize=64)
 def _dense_pattern(stencil: Stencil, H: int, W: int, device: torch.device):
     """Where each weight lands in dense U: (flat index p*n + q in U, flat index i*n + p in the weights)."""
     n = H * W
-    ys = torch.arange(H).repeat_interleave(W)
-    xs = torch.arange(W).repeat(H)
     slots, sources = [], []
     for i, (dy, dx) in enumerate(stencil.offsets):
-        inside = (ys + dy < H) & (xs + dx >= 0) & (xs + dx < W)
-        p = torch.nonzero(inside).flatten()
+        # the pixels whose neighbour p + delta_i is inside: a rectangle of rows and columns (from
+        # aranges, not nonzero: fake tensors, under torch.compile and FakeTensorMode, have no values)
+        lo, hi = max(0, -dx), min(W, W - dx)
+        rows, cols = torch.arange(max(H - dy, 0)), torch.arange(lo, max(hi, lo))
+        p = (rows[:, None] * W + cols[None, :]).flatten()
         slots.append(p * n + p + dy * W + dx)
         sources.append(i * n + p)
     return torch.cat(slots).to(device), torch.cat(sources).to(device)
@@ -211,7 +220,7 @@ def to_dense_upper(log_diag, off_diag, stencil, cross=None):
 
 # --- triangular solves -------------------------------------------------------
 
-@functools.lru_cache(maxsize=64)
+@cached_unless_tracing(maxsize=64)
 def _schedule(stencil: Stencil, H: int, W: int, device: torch.device):
     """Wavefronts of the back-substitution, earliest first.
 
@@ -393,7 +402,7 @@ def covariance_band(log_diag, off_diag, stencil, diagonal_only=False):
     return band.permute(0, 1, 4, 2, 3).reshape(B, C * L, H, W)
 
 
-@functools.lru_cache(maxsize=16)
+@cached_unless_tracing(maxsize=16)
 def _band_levels(stencil: Stencil, H: int, W: int, device: torch.device):
     """The band's entries e = k*n + i (Sigma_{i, i+k}) grouped by level T = t(i) + t(i+k), highest
     first (the adjoint's order), each with the entries that read it: for offset s, the reader

@@ -10,7 +10,7 @@ import torch
 
 from helpers import OPCHECK_STENCIL, make_params, opcheck_inputs
 import structlik
-from structlik import Stencil, StructuredNormal, ops, structured_gaussian_nll
+from structlik import Stencil, StructuredNormal, ops, reference, structured_gaussian_nll
 
 ST = Stencil(1, (1, 2))
 SHAPE = (2, 1, 3, 4)
@@ -196,6 +196,20 @@ def test_fake_tensors_propagate_shapes(backend):
         x, loc, log_diag, off_diag = (mode.from_tensor(t) for t in real)
         assert structured_gaussian_nll(x, loc, log_diag, off_diag, ST, reduction="none").shape == (2,)
         assert StructuredNormal(loc, log_diag, off_diag, ST).rsample((3,)).shape == (3, *SHAPE)
+
+
+def test_fake_tensors_leave_no_fake_tensor_in_the_caches():
+    """The reference's index tables are cached per shape, but not while tracing: a shape first seen
+    under FakeTensorMode (to_dense_upper is plain PyTorch over the reference, not an op with a fake
+    kernel), then eagerly, gets real tables the second time (it got the fake ones back)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    stencil, shape = Stencil(2), (1, 1, 7, 6)          # a shape no other test uses
+    _, log_diag, off_diag = make_params(shape, stencil)
+    with FakeTensorMode() as mode:
+        assert ops.to_dense_upper(mode.from_tensor(log_diag), mode.from_tensor(off_diag), stencil).shape == (1, 1, 42, 42)
+    U = ops.to_dense_upper(log_diag, off_diag, stencil)
+    r = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close((U[0, 0] @ r.reshape(-1)).reshape(shape), ops.apply_upper(r, log_diag, off_diag, stencil))
 
 
 def test_half_entropy_is_float32_and_finite():
