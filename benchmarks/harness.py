@@ -148,10 +148,12 @@ def _assert_validation_on(c: Contender) -> None:
 
 def run(family: str, cases: List[Case], device: torch.device, min_run_time: float = 1.0,
         extra_columns: Optional[Callable[[Case, Contender, float], Dict[str, str]]] = None,
-        notes: str = "", derive: Optional[Callable[[Dict[str, dict]], None]] = None) -> List[dict]:
+        notes: str = "", derive: Optional[Callable[[Dict[str, dict]], None]] = None,
+        derive_all: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
     """Check, time, then measure memory; report and return the rows (also written to results/).
 
-    ``derive(rows_by_contender)`` may add columns computed from several rows of one case."""
+    ``derive(rows_by_contender)`` may add columns computed from several rows of one case,
+    ``derive_all(rows)`` from rows of several cases (e.g. the same call with and without an option)."""
     if os.environ.get(_CHILD_ENV):
         _measure_cpu_peaks(cases, os.environ[_CHILD_ENV])
         sys.exit(0)
@@ -214,6 +216,8 @@ def run(family: str, cases: List[Case], device: torch.device, min_run_time: floa
         case = by_label[(row["case"], row["mode"])]
         if case.min_bytes:     # (inputs + peak) / (inputs + outputs), 1 at best
             row["mem_of_io"] = (case.input_bytes + row["peak_mb"] * 2**20) / case.min_bytes
+    if derive_all:
+        derive_all(rows)
     _write(family, rows, device, notes)
     return rows
 
@@ -237,7 +241,12 @@ def _cpu_peaks_in_child() -> Dict[str, float]:
         out = os.path.join(tmp, "peaks.json")
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
                    OMP_NUM_THREADS="1", **{_CHILD_ENV: out})
-        proc = subprocess.run([sys.executable] + sys.argv, env=env, capture_output=True, text=True)
+        # started as this process was (python -m benchmarks.x: as a module, from the repository's root)
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        how = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
+        proc = subprocess.run([sys.executable, *how, *sys.argv[1:]], env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.exists(out):
             print(f"memory child failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
             return {}

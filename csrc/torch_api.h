@@ -18,6 +18,10 @@
 #include <ostream>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>    // madvise: huge pages for large outputs
+#endif
+
 namespace structlik {
 
 using Tensor = torch::stable::Tensor;
@@ -78,9 +82,27 @@ inline bool poison_empty() {
   return poison;
 }
 
+// Large CPU outputs are asked for transparent huge pages before the kernels first touch them. With
+// 4 KiB pages every 4 KiB of a new output is a page fault: at B32 C2 128x128 radius 4 the head's
+// gradient (176 MB) took 64 ms to allocate and fill against 7 ms to fill, more than the fused
+// backward itself; in 2 MiB pages, 10 ms (2-core AMD EPYC, THP mode "madvise", Debian's and
+// Ubuntu's default; benchmarks/results/cross-cpu.md has the NLL before and after). It is what torch's THP_MEM_ALLOC_ENABLE=1 does for
+// every allocation, here for the kernels' outputs alone; a hint (no effect where THP is off).
+inline void advise_huge_pages(const Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t huge = uintptr_t{2} << 20;
+  const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
+  if (bytes < 4 * huge || !t.is_cpu()) return;
+  const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t start = (p + huge - 1) & ~(huge - 1), end = (p + bytes) & ~(huge - 1);
+  if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+#endif
+}
+
 // A new contiguous tensor of these sizes with like's dtype and device (NaN under poison_empty).
 inline Tensor empty(const IntList& sizes, const Tensor& like) {
   auto out = torch::stable::empty(sizes, like.scalar_type(), std::nullopt, like.device());
+  advise_huge_pages(out);
   if (poison_empty()) torch::stable::fill_(out, std::nan(""));
   return out;
 }

@@ -86,30 +86,30 @@ class Kernels:
                                f"(the {serving} backend does)")
         return ops
 
-    def _call(self, op: str, image, *args, stencil):
+    def _call(self, op: str, image, *args, stencil, cross=None):
         if self.name == "reference":
-            return getattr(reference, op)(image, *args, stencil)
-        return getattr(self._ops(image.device), f"{op}_op")(image, *args, stencil.flat_offsets)
+            return getattr(reference, op)(image, *args, stencil, cross=cross)
+        return getattr(self._ops(image.device), f"{op}_op")(image, *args, stencil.flat_offsets, cross)
 
-    def apply_upper(self, r, log_diag, off_diag, stencil):
-        return self._call("apply_upper", r, log_diag, off_diag, stencil=stencil)
+    def apply_upper(self, r, log_diag, off_diag, stencil, cross=None):
+        return self._call("apply_upper", r, log_diag, off_diag, stencil=stencil, cross=cross)
 
-    def apply_upper_t(self, y, log_diag, off_diag, stencil):
-        return self._call("apply_upper_t", y, log_diag, off_diag, stencil=stencil)
+    def apply_upper_t(self, y, log_diag, off_diag, stencil, cross=None):
+        return self._call("apply_upper_t", y, log_diag, off_diag, stencil=stencil, cross=cross)
 
-    def solve_upper(self, z, log_diag, off_diag, stencil):
-        return self._call("solve_upper", z, log_diag, off_diag, stencil=stencil)
+    def solve_upper(self, z, log_diag, off_diag, stencil, cross=None):
+        return self._call("solve_upper", z, log_diag, off_diag, stencil=stencil, cross=cross)
 
-    def solve_upper_t(self, g, log_diag, off_diag, stencil):
-        return self._call("solve_upper_t", g, log_diag, off_diag, stencil=stencil)
+    def solve_upper_t(self, g, log_diag, off_diag, stencil, cross=None):
+        return self._call("solve_upper_t", g, log_diag, off_diag, stencil=stencil, cross=cross)
 
-    def precision_diagonal(self, log_diag, off_diag, stencil):
-        return self._call("precision_diagonal", log_diag, off_diag, stencil=stencil)
+    def precision_diagonal(self, log_diag, off_diag, stencil, cross=None):
+        return self._call("precision_diagonal", log_diag, off_diag, stencil=stencil, cross=cross)
 
-    def nll(self, x, loc, log_diag, off_diag, stencil):
+    def nll(self, x, loc, log_diag, off_diag, stencil, cross=None):
         if self.name == "reference":
-            return reference.nll(x, loc, log_diag, off_diag, stencil)
-        return self._ops(x.device).nll_op(x, loc, log_diag, off_diag, None, stencil.flat_offsets)
+            return reference.nll(x, loc, log_diag, off_diag, stencil, cross)
+        return self._ops(x.device).nll_op(x, loc, log_diag, off_diag, None, stencil.flat_offsets, cross)
 
     def nll_basis(self, x, loc, log_diag, coeffs, basis, stencil):
         if self.name == "reference":

@@ -386,3 +386,31 @@ def test_torch_func_and_compile(backend):
     value, sol = step(loc, ld, od, xi)
     torch.testing.assert_close(value, ops.nll(x, loc, ld, od, stencil, xi).sum())
     torch.testing.assert_close(sol, ops.solve_upper(x, ld, od, stencil, xi))
+
+
+def _coupled_shapes(x, loc, ld, od, xi, stencil):
+    shape, n = x.shape, x[0].numel()
+    assert structured_gaussian_nll(x, loc, ld, od, stencil, reduction="none", cross=xi).shape == (shape[0],)
+    for op in (ops.apply_upper, ops.apply_upper_t, ops.solve_upper, ops.solve_upper_t):
+        assert op(x, ld, od, stencil, xi).shape == shape
+    assert ops.precision_diagonal(ld, od, stencil, xi).shape == shape
+    assert ops.to_dense_upper(ld, od, stencil, xi).shape == (shape[0], n, n)
+    dist = StructuredNormal(loc, ld, od, stencil, cross=xi)
+    assert dist.log_prob(x).shape == (shape[0],) and dist.entropy().shape == (shape[0],)
+    assert dist.rsample((3,)).shape == (3, *shape)
+
+
+def test_meta_tensors_with_cross_weights():
+    """Shapes through every op and the distribution, validation on, on meta tensors."""
+    assert torch.distributions.Distribution._validate_args
+    stencil = Stencil(2)
+    _coupled_shapes(*(t.to("meta") for t in make_coupled((2, 3, 5, 4), stencil)), stencil)
+
+
+def test_fake_tensors_with_cross_weights(backend):
+    """The same under FakeTensorMode (what torch.compile and torch.export trace with)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    stencil = Stencil(2)
+    real = make_coupled((2, 3, 5, 4), stencil)
+    with FakeTensorMode() as mode:
+        _coupled_shapes(*(mode.from_tensor(t) for t in real), stencil)

@@ -74,7 +74,14 @@ CPU = [Target("NLL fwd+bwd >= 5x faster than the one-hot convolution", "nll", ca
     for case in common.DEFAULT_SIZES[("nll", "cpu")]] + [
     Target(f"public sampling ({name}) >= 20x faster than scipy per image, float64", "solve_upper_float64",
            "B16-C1-64x64-r2", "sample", _column("scipy_over", name), lambda v: v >= 20)
-    for name in ("public solve_upper", "public rsample")]
+    for name in ("public solve_upper", "public rsample")] + [
+    # Coupled channels (#26) at supn_base's client size, the public path on split-head views:
+    Target("coupled NLL fwd+bwd <= 1.15x the same call without cross weights", "cross", "B32-C2-128x128-r4",
+           "fwd+bwd", _column("over_no_cross", "public"), lambda v: v <= 1.15),
+    Target("coupled NLL fwd+bwd >= 8x faster than one-hot conv + cross term (supn_base)", "cross",
+           "B32-C2-128x128-r4", "fwd+bwd", _column("onehot_over_public", "public"), lambda v: v >= 8),
+    Target("coupled sampling <= 1.2x the same solve without cross weights", "cross", "B32-C2-128x128-r4", "sample",
+           _column("over_no_cross", "public"), lambda v: v <= 1.2)]
 
 CUDA = [
     Target("NLL fwd+bwd >= 80% of the copy bandwidth (fewest-bytes model)", "nll", "B16-C1-256x256-r3", "fwd+bwd",
