@@ -61,7 +61,8 @@ CASES = [
     ("B2-C3-8192x8192-r1", 2, 3, 8192, 8192, Stencil(1), (6,)),        # 262,144 tiles a plane, 6 planes
     ("B32-C2-128x128-r4", 32, 2, 128, 128, Stencil(4), ()),              # the client's size, channels independent
     ("B32-C2-128x128-r4-cross", 32, 2, 128, 128, Stencil(4), (), True),  # ... and coupled (NCH=2)
-    ("B16-C3-64x64-r2-cross", 16, 3, 64, 64, Stencil(2), (6,), True),    # three channels (NCH=3, NCH_P2=4)
+    ("B8-C3-128x128-r4-cross", 8, 3, 128, 128, Stencil(4), (6,), True),  # RGB coupled (NCH=3, NCH_P2=4)
+    ("B8-C4-64x64-r3-cross", 8, 4, 64, 64, Stencil(3), (), True),         # four channels (NCH=4)
 ]
 
 _recorded = []

@@ -16,10 +16,10 @@ parameters may have fewer images than the right-hand side (``param_batch``:
 many samples of one distribution without copying its parameters).
 
 Coupled channels (cross weights, ``NCH`` = C): M is upper-triangular in pixel-interleaved order
-(p*C + c), so one program solves one image and each lane solves its pixel's C channels in turn
-(last to first; M^T first to last) within the same wavefront step: as many steps and barriers as
-one plane, C times the work per step. A channel's partners at the pixel were solved by the same
-lane moments before: kept in registers (``R``, NCH_P2 x LANES), not read back from memory.
+(p*C + c), so one program solves one image and each lane solves its pixel's C channels within the
+same wavefront step (``_solve_image_at``): as many steps and barriers as one plane. The stencil's
+terms of all C channels are summed at once as a (NCH_P2, LANES) tile; then the channels are
+solved in M's order (last to first; M^T first to last) in registers.
 """
 import math
 
@@ -32,14 +32,79 @@ from .common import (acc_dtype, cross_index, cross_meta, cross_strides, empty, n
 
 
 @triton.jit
+def _solve_plane_at(rhs, log_diag, off_diag, out, k, kp, C, H, W, y, x, p, valid, rsb, rsc, ssb, ssc, wsb, wsc,
+                    OFFS: tl.constexpr, S: tl.constexpr, TRANSPOSED: tl.constexpr, ACC: tl.constexpr):
+    """Independent channels: plane k (parameters kp) at this step's pixels p."""
+    base = k * (H * W)
+    wb = plane_start(kp, C, wsb, wsc * S)
+    acc = tl.load(rhs + plane_start(k, C, rsb, rsc) + p, valid, 0.0).to(ACC)
+    for i in tl.static_range(S):
+        if TRANSPOSED:   # row p of U^T: w_{p-delta_i,i} v_{p-delta_i}
+            q, ok = neighbour(y, x, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
+            w = tl.load(off_diag + wb + i * wsc + q, ok, 0.0).to(ACC)
+        else:            # row p of U: w_{p,i} eps_{p+delta_i}
+            q, ok = neighbour(y, x, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
+            w = tl.load(off_diag + wb + i * wsc + p, ok, 0.0).to(ACC)
+        acc -= w * tl.load(out + base + q, ok, 0.0).to(ACC)
+    d = tl.exp(tl.load(log_diag + plane_start(kp, C, ssb, ssc) + p, valid, 0.0).to(ACC))
+    tl.store(out + base + p, (acc / d).to(out.dtype.element_ty), valid)
+
+
+@triton.jit
+def _solve_image_at(rhs, log_diag, off_diag, cross, out, b, C, H, W, param_batch, y, x, p, valid, rsb, rsc, ssb,
+                    ssc, wsb, wsc, xsb, xsc, OFFS: tl.constexpr, S: tl.constexpr, TRANSPOSED: tl.constexpr,
+                    ACC: tl.constexpr, NCH: tl.constexpr, NCH_P2: tl.constexpr):
+    """Coupled channels: image b's NCH channels at this step's pixels, as an (NCH_P2, LANES) tile.
+    The stencil's terms read only earlier steps, so every channel's are summed at once, one offset
+    at a time (each neighbour index computed once for all channels); then the pixel's channels are
+    solved in M's order in registers (last first; M^T: first first), each subtracting the cross
+    terms of its partners just solved. (The first version looped over channels around the
+    stencil's loop: 255 registers and 336 bytes spilled at radius 4, C = 3.)"""
+    chan = tl.arange(0, NCH_P2)
+    live = chan < NCH
+    k = b * NCH + chan                                   # the image's planes
+    kp = param_plane(k, C, param_batch)
+    at = live[:, None] & valid[None, :]
+    base = (k * (H * W))[:, None]
+    wb = plane_start(kp, C, wsb, wsc * S)[:, None]
+    acc = tl.load(rhs + plane_start(k, C, rsb, rsc)[:, None] + p[None, :], at, 0.0).to(ACC)
+    for i in tl.static_range(S):
+        if TRANSPOSED:
+            q, ok = neighbour(y, x, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
+            both = live[:, None] & ok[None, :]
+            w = tl.load(off_diag + wb + i * wsc + q[None, :], both, 0.0).to(ACC)
+        else:
+            q, ok = neighbour(y, x, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
+            both = live[:, None] & ok[None, :]
+            w = tl.load(off_diag + wb + i * wsc + p[None, :], both, 0.0).to(ACC)
+        acc -= w * tl.load(out + base + q[None, :], both, 0.0).to(ACC)
+    d = tl.exp(tl.load(log_diag + plane_start(kp, C, ssb, ssc)[:, None] + p[None, :], at, 0.0).to(ACC))
+    xb = (b % param_batch) * xsb                         # the image's cross planes (its parameters')
+    solved = tl.zeros_like(acc)
+    for step_c in tl.static_range(NCH):
+        c = step_c if TRANSPOSED else NCH - 1 - step_c
+        this = chan[:, None] == c
+        if TRANSPOSED:       # M^T's row (c, p): xi_{kappa(j,c)} eps_j, j < c
+            partner = chan < c
+            kap = cross_index(chan, c, NCH)
+        else:                # M's row (c, p): xi_{kappa(c,j)} eps_j, j > c
+            partner = (chan > c) & live
+            kap = cross_index(c, chan, NCH)
+        xi = tl.load(cross + xb + tl.maximum(kap, 0)[:, None] * xsc + p[None, :], partner[:, None] & valid[None, :],
+                     0.0).to(ACC)
+        rest = tl.sum(tl.where(this, acc, 0.0), axis=0) - tl.sum(xi * solved, axis=0)
+        value = rest / tl.sum(tl.where(this, d, 0.0), axis=0)
+        solved = tl.where(this, value[None, :], solved)
+    tl.store(out + base + p[None, :], solved.to(out.dtype.element_ty), at)
+
+
+@triton.jit
 def solve_upper_kernel(rhs, log_diag, off_diag, cross, out, C, H, W, param_batch, steps, rsb, rsc, ssb, ssc, wsb,
                        wsc, xsb, xsc, SLOPE: tl.constexpr, OFFS: tl.constexpr, S: tl.constexpr,
                        TRANSPOSED: tl.constexpr, ACC: tl.constexpr, LANES: tl.constexpr, NCH: tl.constexpr,
                        NCH_P2: tl.constexpr):
     program = tl.program_id(0).to(tl.int64)     # a plane (b, c); coupled (NCH > 1): an image b
-    n = H * W
     lane = tl.arange(0, LANES)
-    chan = tl.arange(0, NCH_P2)
     # A while loop, not range(steps): Triton's interpreter turns a runtime bound into a
     # one-element array that NumPy >= 2.4 refuses to use as an index.
     step = 0
@@ -54,40 +119,12 @@ def solve_upper_kernel(rhs, log_diag, off_diag, cross, out, C, H, W, param_batch
         x = (W - 1) - (t - SLOPE * (H - 1 - y))
         valid = (y < H) & (x >= 0) & (x < W)
         p = y * W + x
-        solved = tl.zeros([NCH_P2, LANES], ACC)    # this step's pixels, by channel (coupled only)
-        for step_c in tl.static_range(NCH):
-            if NCH > 1:      # the channels of the pixel in M's order: last first, M^T first first
-                c = step_c if TRANSPOSED else NCH - 1 - step_c
-                k = program * NCH + c
-            else:
-                k = program
-            kp = param_plane(k, C, param_batch)
-            base = k * n
-            wb = plane_start(kp, C, wsb, wsc * S)
-            acc = tl.load(rhs + plane_start(k, C, rsb, rsc) + p, valid, 0.0).to(ACC)
-            for i in tl.static_range(S):
-                if TRANSPOSED:   # row p of U^T: w_{p-delta_i,i} v_{p-delta_i}
-                    q, ok = neighbour(y, x, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
-                    w = tl.load(off_diag + wb + i * wsc + q, ok, 0.0).to(ACC)
-                else:            # row p of U: w_{p,i} eps_{p+delta_i}
-                    q, ok = neighbour(y, x, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
-                    w = tl.load(off_diag + wb + i * wsc + p, ok, 0.0).to(ACC)
-                acc -= w * tl.load(out + base + q, ok, 0.0).to(ACC)
-            if NCH > 1:      # the partners at this pixel: M's xi_{kappa(c,j)} eps_j, j > c; M^T's j < c
-                if TRANSPOSED:
-                    partner = chan < c
-                    kap = cross_index(chan, c, NCH)
-                else:
-                    partner = (chan > c) & (chan < NCH)
-                    kap = cross_index(c, chan, NCH)
-                xi = tl.load(cross + (kp // C) * xsb + tl.maximum(kap, 0)[:, None] * xsc + p[None, :],
-                             partner[:, None] & valid[None, :], 0.0).to(ACC)
-                acc -= tl.sum(xi * solved, axis=0)
-            d = tl.exp(tl.load(log_diag + plane_start(kp, C, ssb, ssc) + p, valid, 0.0).to(ACC))
-            value = acc / d
-            tl.store(out + base + p, value.to(out.dtype.element_ty), valid)
-            if NCH > 1:
-                solved = tl.where(chan[:, None] == c, value[None, :], solved)
+        if NCH > 1:
+            _solve_image_at(rhs, log_diag, off_diag, cross, out, program, C, H, W, param_batch, y, x, p, valid, rsb,
+                            rsc, ssb, ssc, wsb, wsc, xsb, xsc, OFFS, S, TRANSPOSED, ACC, NCH, NCH_P2)
+        else:
+            _solve_plane_at(rhs, log_diag, off_diag, out, program, param_plane(program, C, param_batch), C, H, W, y,
+                            x, p, valid, rsb, rsc, ssb, ssc, wsb, wsc, OFFS, S, TRANSPOSED, ACC)
         tl.debug_barrier()
         step += 1
 
