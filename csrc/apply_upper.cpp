@@ -17,10 +17,12 @@ static void apply_plane(const scalar_t* __restrict__ in, const scalar_t* __restr
   exp_row(s, out, n);
   for (int64_t p = 0; p < n; ++p) out[p] *= in[p];
   for (size_t i = 0; i < offsets.size(); ++i) {
-    const auto [dy, dx] = offsets[i];
+    const Offset& o = offsets[i];
+    const int64_t dy = o.dy, dx = o.dx;
     const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
     const scalar_t* wi = w + i * w_stride;
-    for (int64_t y = 0; y + dy < H; ++y) {
+    for (int64_t y = 0; y < H; ++y) {
+      if (!o.reaches(y, H)) continue;
       const int64_t row = y * W, nrow = (y + dy) * W + dx;
       if (transposed) {
         for (int64_t x = lo; x < hi; ++x) out[nrow + x] += wi[row + x] * in[row + x];

@@ -54,8 +54,9 @@ inline int64_t row_weights(const Planes<const scalar_t>& Wt, int64_t k, const st
   const int64_t y = p / g.W, x = p % g.W;
   int64_t m = 0;
   for (size_t i = 0; i < offsets.size(); ++i) {
-    const auto [dy, dx] = offsets[i];
-    if (y + dy >= g.H || x + dx < 0 || x + dx >= g.W) continue;
+    const Offset& o = offsets[i];
+    const int64_t dy = o.dy, dx = o.dx;
+    if (!o.reaches(y, g.H) || x + dx < 0 || x + dx >= g.W) continue;
     w[m] = Wt.weight(k, static_cast<int64_t>(i))[p];
     f[m] = dy * g.W + dx;
     idx[m] = static_cast<int64_t>(i);

@@ -246,7 +246,7 @@ static std::array<std::optional<Tensor>, 4> head_slices(const Tensor& head, int6
 
 std::tuple<Tensor, Tensor> nll_head(const Tensor& x, const Tensor& head, int64_t c0, IntList flat_offsets,
                                     bool store_u, bool cross) {
-  const auto [loc, log_diag, off_diag, xi] = head_slices(head, c0, x.size(1), flat_offsets.size() / 2, cross);
+  const auto [loc, log_diag, off_diag, xi] = head_slices(head, c0, x.size(1), static_cast<int64_t>(parse_offsets(flat_offsets).size()), cross);
   return nll(x, *loc, *log_diag, *off_diag, std::nullopt, flat_offsets, store_u, xi);
 }
 
@@ -255,7 +255,7 @@ std::tuple<Tensor, Tensor> nll_head(const Tensor& x, const Tensor& head, int64_t
 // (a cat of three gradients, one more pass over all of them) never runs.
 Tensor nll_head_backward(const Tensor& grad, const Tensor& x, const Tensor& head, int64_t c0, const Tensor& u,
                          IntList flat_offsets, bool cross) {
-  const int64_t C = x.size(1), S = static_cast<int64_t>(flat_offsets.size() / 2), used = head_used(C, S, cross);
+  const int64_t C = x.size(1), S = static_cast<int64_t>(parse_offsets(flat_offsets).size()), used = head_used(C, S, cross);
   const auto head_c = computed(head);
   const auto [loc, log_diag, off_diag, xi] = head_slices(head_c, c0, C, S, cross);
   const NllInputs in(x, *loc, *log_diag, *off_diag, std::nullopt, flat_offsets, xi);

@@ -25,10 +25,12 @@ Tensor precision_diagonal(const Tensor& log_diag, const Tensor& off_diag, IntLis
         exp_row(sk, o, n);
         for (int64_t p = 0; p < n; ++p) o[p] *= o[p];
         for (int64_t i = 0; i < S; ++i) {
-          const auto [dy, dx] = offsets[i];
+          const Offset& of = offsets[i];
+          const int64_t dy = of.dy, dx = of.dx;
           const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
           const scalar_t* wi = Wt.weight(k, i);
-          for (int64_t y = 0; y + dy < H; ++y) {
+          for (int64_t y = 0; y < H; ++y) {
+            if (!of.reaches(y, H)) continue;
             const scalar_t* wrow = wi + y * W;
             scalar_t* orow = o + (y + dy) * W + dx;
             for (int64_t x = lo; x < hi; ++x) orow[x] += wrow[x] * wrow[x];

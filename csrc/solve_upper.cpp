@@ -28,7 +28,7 @@ static std::vector<std::pair<int64_t, const scalar_t*>> in_row_offsets(const sca
                                                                        const std::vector<Offset>& offsets) {
   std::vector<std::pair<int64_t, const scalar_t*>> out;
   for (size_t i = 0; i < offsets.size(); ++i)
-    if (offsets[i].dy == 0) out.emplace_back(offsets[i].dx, w + i * w_stride);
+    if (offsets[i].in_row()) out.emplace_back(offsets[i].dx, w + i * w_stride);
   return out;
 }
 
@@ -52,8 +52,9 @@ static void solve_plane(const scalar_t* rhs, const scalar_t* s, const scalar_t* 
   for (int64_t y = H - 1; y >= 0; --y) {
     scalar_t* row = start_row(rhs, s, y, W, out, inv_d);
     for (size_t i = 0; i < offsets.size(); ++i) {
-      const auto [dy, dx] = offsets[i];
-      if (dy == 0 || y + dy >= H) continue;
+      const Offset& o = offsets[i];
+      const int64_t dy = o.dy, dx = o.dx;
+      if (dy == 0 || !o.reaches(y, H)) continue;
       const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
       const scalar_t* wrow = w + i * w_stride + y * W;
       const scalar_t* below = out + (y + dy) * W + dx;
@@ -76,8 +77,9 @@ static void solve_t_plane(const scalar_t* rhs, const scalar_t* s, const scalar_t
   for (int64_t y = 0; y < H; ++y) {
     scalar_t* row = start_row(rhs, s, y, W, out, inv_d);
     for (size_t i = 0; i < offsets.size(); ++i) {
-      const auto [dy, dx] = offsets[i];
-      if (dy == 0 || y - dy < 0) continue;
+      const Offset& o = offsets[i];
+      const int64_t dy = o.dy, dx = o.dx;
+      if (dy == 0 || y - dy < 0 || y - dy >= H || !o.reaches(y - dy, H)) continue;   // row y - dy reads row y
       // x - dx must lie in [0, W): x in [dx, W + dx)
       const int64_t lo = std::max<int64_t>(0, dx), hi = std::min<int64_t>(W, W + dx);
       const scalar_t* wrow = w + i * w_stride + (y - dy) * W - dx;

@@ -21,19 +21,51 @@
 
 namespace structlik {
 
+// One offset of the stencil as the kernels see it: (dy, dx) in the plane they index. An image's
+// plane is H x W. A volume (B, C, D, h, W) reaches the kernels as its tall view (B, C, D*h, W) (the
+// same memory), its offsets as (dz, dy, dx) with the slice height h; in the tall plane the offset
+// moves dz*h + dy rows, and it lands inside the volume only where the row's slice and row in it
+// allow (reaches): a tall neighbour across a slice boundary is not one.
 struct Offset {
-  int64_t dy, dx;
+  int64_t dy, dx;           // rows and columns moved in the plane the kernels index
+  int64_t dz = 0, dys = 0;  // a volume's: slices moved, rows moved inside a slice
+  int64_t hs = 0;           // a volume's slice height; 0 for an image
+
+  // row y (of H rows) reads row y + dy inside the image or volume: for the whole row
+  bool reaches(int64_t y, int64_t H) const {
+    if (hs == 0) return y + dy >= 0 && y + dy < H;
+    const int64_t ys = y % hs;
+    return ys + dys >= 0 && ys + dys < hs && y / hs + dz < H / hs;
+  }
+  // Whether any row of any plane of this geometry reaches: a volume's |dy| >= h never does (its
+  // weights are never part of U; the kernels skip it and its gradient is 0).
+  bool reachable() const { return hs == 0 || (dys < hs && dys > -hs); }
+  // a neighbour in the same row (the solves' right-to-left part)
+  bool in_row() const { return dy == 0 && reachable(); }
 };
 
-// int[] offsets = [dy0, dx0, dy1, dx1, ...], each pointing forward in raster order.
+// The ops' offsets: [dy0, dx0, dy1, dx1, ...] for images; for a volume's tall view
+// [-h, dz0, dy0, dx0, dz1, ...] (docs/contract.md §3), each pointing forward in raster order.
 inline std::vector<Offset> parse_offsets(IntList flat) {
-  STD_TORCH_CHECK(flat.size() % 2 == 0, "offsets: expected [dy0, dx0, dy1, dx1, ...], got ", flat.size(), " values");
   std::vector<Offset> out;
+  if (flat.size() > 0 && flat[0] < 0) {
+    const int64_t hs = -flat[0];
+    STD_TORCH_CHECK((flat.size() - 1) % 3 == 0, "offsets: a volume's are [-H, dz0, dy0, dx0, ...], got ",
+                    flat.size(), " values");
+    for (size_t i = 1; i < flat.size(); i += 3) {
+      const int64_t dz = flat[i], dy = flat[i + 1], dx = flat[i + 2];
+      STD_TORCH_CHECK(dz > 0 || (dz == 0 && (dy > 0 || (dy == 0 && dx > 0))), "offsets: (", dz, ", ", dy, ", ",
+                      dx, ") does not point forward in raster order");
+      out.push_back({dz * hs + dy, dx, dz, dy, hs});
+    }
+    return out;
+  }
+  STD_TORCH_CHECK(flat.size() % 2 == 0, "offsets: expected [dy0, dx0, dy1, dx1, ...], got ", flat.size(), " values");
   for (size_t i = 0; i < flat.size(); i += 2) {
     const int64_t dy = flat[i], dx = flat[i + 1];
     STD_TORCH_CHECK(dy > 0 || (dy == 0 && dx > 0), "offsets: (", dy, ", ", dx,
                 ") does not point forward in raster order");
-    out.push_back({dy, dx});
+    out.push_back({dy, dx, 0, dy, 0});
   }
   return out;
 }
@@ -94,6 +126,9 @@ inline std::vector<Offset> check_params(const Tensor& log_diag, const Tensor& of
   STD_TORCH_CHECK(log_diag.scalar_type() == ScalarType::Float || log_diag.scalar_type() == ScalarType::Double,
               "log_diag: expected float32 or float64, got ", log_diag.scalar_type());
   const int64_t S = static_cast<int64_t>(offsets.size());
+  STD_TORCH_CHECK(S == 0 || offsets[0].hs == 0 || log_diag.size(2) % offsets[0].hs == 0,
+                  "offsets: a volume's tall view has D*H rows, a multiple of its slice height H = ", offsets[0].hs,
+                  ", got ", log_diag.size(2), " rows");
   STD_TORCH_CHECK(off_diag.dim() == 4 && off_diag.size(0) == log_diag.size(0) &&
                   off_diag.size(1) == log_diag.size(1) * S && off_diag.size(2) == log_diag.size(2) &&
                   off_diag.size(3) == log_diag.size(3),

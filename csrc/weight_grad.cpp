@@ -23,12 +23,13 @@ Tensor weight_grad(const Tensor& a, const Tensor& b, IntList flat_offsets) {
         const scalar_t* ak = A(k);
         const scalar_t* bk = Bp(k);
         for (int64_t i = 0; i < S; ++i) {
-          const auto [dy, dx] = offsets[i];
+          const Offset& of = offsets[i];
+          const int64_t dy = of.dy, dx = of.dx;
           const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
           scalar_t* o = out_p + (k * S + i) * n;
           for (int64_t y = 0; y < H; ++y) {
             scalar_t* orow = o + y * W;
-            if (y + dy >= H || lo >= hi) {  // the neighbour is outside for the whole row
+            if (!of.reaches(y, H) || lo >= hi) {  // the neighbour is outside for the whole row
               std::fill(orow, orow + W, scalar_t(0));
               continue;
             }

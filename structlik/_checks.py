@@ -32,6 +32,20 @@ def check_stencil(stencil) -> Stencil:
     return stencil
 
 
+def spatial(stencil) -> str:
+    """The spatial dimensions' names: "H, W" for images, "D, H, W" for volumes (Stencil(ndim=3))."""
+    return "D, H, W" if getattr(stencil, "ndim", 2) == 3 else "H, W"
+
+
+def layout(stencil, channels: str = "C", batch: str = "B") -> str:
+    """The layout string of a tensor of ``channels`` channels per image: (B, C, H, W) or (B, C, D, H, W)."""
+    return f"({batch}, {channels}, {spatial(stencil)})"
+
+
+def _dims_words(stencil) -> str:
+    return "C, D, H and W" if getattr(stencil, "ndim", 2) == 3 else "C, H and W"
+
+
 def _shape(t) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
@@ -48,7 +62,8 @@ def check_float_tensor(name: str, t, layout: str, min_dim: int = 0) -> torch.Ten
         )
     ndim = layout.count(",") + 1
     if (t.dim() < min_dim) if min_dim else (t.dim() != ndim):
-        hint = (f"; for one image add the batch dimension: {name}.unsqueeze(0)"
+        hint = (f"; for one {'volume' if 'D, H, W' in layout else 'image'} add the batch dimension: "
+                f"{name}.unsqueeze(0)"
                 if layout.startswith("(B, ") and t.dim() == ndim - 1 else "")
         raise ValueError(f"{name}: expected shape {layout}, got {_shape(t)}{hint}")
     return t
@@ -86,24 +101,25 @@ def check_consistent(**tensors) -> None:
 
 def param_layouts(stencil, log_diag, off_diag) -> tuple:
     """``check_against_image``'s description of U's parameters."""
-    return (("log_diag", log_diag, 1, "(B, C, H, W)"),
-            ("off_diag", off_diag, stencil.S, f"(B, C*S, H, W) with S={stencil.S}"))
+    return (("log_diag", log_diag, 1, layout(stencil)),
+            ("off_diag", off_diag, stencil.S, f"{layout(stencil, 'C*S')} with S={stencil.S}"))
 
 
 def check_params(log_diag, off_diag, stencil, cross=None) -> tuple:
     """Validate the parameters of U (and the cross weights, if given) when no image goes with
-    them; returns (B, C, H, W)."""
+    them; returns log_diag's shape, (B, C, H, W) or, for a volume's stencil, (B, C, D, H, W)."""
     check_stencil(stencil)
-    check_float_tensor("log_diag", log_diag, "(B, C, H, W)")
+    check_float_tensor("log_diag", log_diag, layout(stencil))
     if min(log_diag.shape[1:]) == 0:
-        raise ValueError(f"log_diag: expected C, H and W of at least 1 in (B, C, H, W), got {_shape(log_diag)}")
-    check_float_tensor("off_diag", off_diag, "(B, C*S, H, W)")
-    B, C, H, W = log_diag.shape
-    check_same("off_diag", off_diag, "log_diag", log_diag, (B, C * stencil.S, H, W),
-               f"(B, C*S, H, W) with S={stencil.S}")
+        raise ValueError(f"log_diag: expected {_dims_words(stencil)} of at least 1 in {layout(stencil)}, "
+                         f"got {_shape(log_diag)}")
+    check_float_tensor("off_diag", off_diag, layout(stencil, "C*S"))
+    B, C, *rest = log_diag.shape
+    check_same("off_diag", off_diag, "log_diag", log_diag, (B, C * stencil.S, *rest),
+               f"{layout(stencil, 'C*S')} with S={stencil.S}")
     if cross is not None:
         check_cross(cross, "log_diag", log_diag)
-    return B, C, H, W
+    return tuple(log_diag.shape)
 
 
 def check_against_image(image_name: str, image, stencil, params, params_repeat: bool = False) -> tuple:
@@ -112,34 +128,37 @@ def check_against_image(image_name: str, image, stencil, params, params_repeat: 
     the message names the argument that disagrees with it. ``params`` holds
     (name, tensor, channels per image channel, layout) for log_diag, loc, off_diag or
     coeffs. With ``params_repeat`` the parameters' batch may divide the image's (many
-    samples of one distribution). Returns the image's (B, C, H, W)."""
+    samples of one distribution). Returns the image's shape, (B, C, H, W) or, for a volume's
+    stencil, (B, C, D, H, W)."""
     check_stencil(stencil)
-    check_float_tensor(image_name, image, "(B, C, H, W)")
-    B, C, H, W = image.shape
-    if min(C, H, W) == 0:      # an empty batch is fine (B = 0: empty results, as torch's losses)
-        raise ValueError(f"{image_name}: expected C, H and W of at least 1 in (B, C, H, W), got {_shape(image)}")
-    for name, t, per_channel, layout in params:
-        check_float_tensor(name, t, layout)
-        batch = t.shape[0] if params_repeat and t.dim() == 4 and t.shape[0] and B % t.shape[0] == 0 else B
-        check_same(name, t, image_name, image, (batch, C * per_channel, H, W), layout)
-    return B, C, H, W
+    check_float_tensor(image_name, image, layout(stencil))
+    B, C, *rest = image.shape
+    if min(C, *rest) == 0:      # an empty batch is fine (B = 0: empty results, as torch's losses)
+        raise ValueError(f"{image_name}: expected {_dims_words(stencil)} of at least 1 in {layout(stencil)}, "
+                         f"got {_shape(image)}")
+    for name, t, per_channel, t_layout in params:
+        check_float_tensor(name, t, t_layout)
+        batch = (t.shape[0] if params_repeat and t.dim() == image.dim() and t.shape[0] and B % t.shape[0] == 0
+                 else B)
+        check_same(name, t, image_name, image, (batch, C * per_channel, *rest), t_layout)
+    return tuple(image.shape)
 
 
-def cross_layout(C: int) -> str:
-    return f"(B, C(C-1)/2, H, W) with C={C}"
+def cross_layout(C: int, ndim: int = 2) -> str:
+    return f"(B, C(C-1)/2, {'D, H, W' if ndim == 3 else 'H, W'}) with C={C}"
 
 
 def check_cross(cross, image_name: str, image, params_repeat: bool = False):
     """The cross weights of coupled channels (docs/contract.md §1), validated against the image
-    (B, C, H, W): None, or a (B, C(C-1)/2, H, W) tensor on its device. One channel has no pairs: a
-    (B, 0, H, W) tensor is accepted and stands for no coupling (None is returned)."""
+    (B, C, H, W) or volume (B, C, D, H, W): None, or a (B, C(C-1)/2, ...) tensor on its device. One
+    channel has no pairs: a (B, 0, ...) tensor is accepted and stands for no coupling (None is returned)."""
     if cross is None:
         return None
-    B, C, H, W = image.shape
-    layout = cross_layout(C)
+    B, C, *rest = image.shape
+    layout = cross_layout(C, len(rest))
     check_float_tensor("cross", cross, layout)
     batch = cross.shape[0] if params_repeat and cross.shape[0] and B % cross.shape[0] == 0 else B
-    check_same("cross", cross, image_name, image, (batch, C * (C - 1) // 2, H, W), layout)
+    check_same("cross", cross, image_name, image, (batch, C * (C - 1) // 2, *rest), layout)
     return cross if C > 1 else None
 
 

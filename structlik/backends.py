@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from . import ops, reference
-from .ops import _forced
+from .ops import _forced, _library
+from .stencil import Stencil
 from .ops._forced import ENV_VAR, NAMES, devices, forced, sync, why_unavailable      # noqa: F401
 
 
@@ -87,9 +88,15 @@ class Kernels:
         return ops
 
     def _call(self, op: str, image, *args, stencil, cross=None):
+        """The op on images, or on volumes as the ops see them (their tall view, ops._library.fold)."""
+        fold = _library.fold
+        offsets = _library.op_offsets(stencil, image)
+        folded = [fold(t) for t in (image, *args)]
         if self.name == "reference":
-            return getattr(reference, op)(image, *args, stencil, cross=cross)
-        return getattr(self._ops(image.device), f"{op}_op")(image, *args, stencil.flat_offsets, cross)
+            out = getattr(reference, op)(*folded, Stencil.from_flat_offsets(offsets), cross=fold(cross))
+        else:
+            out = getattr(self._ops(image.device), f"{op}_op")(*folded, offsets, fold(cross))
+        return _library.unfold(out, image)
 
     def apply_upper(self, r, log_diag, off_diag, stencil, cross=None):
         return self._call("apply_upper", r, log_diag, off_diag, stencil=stencil, cross=cross)
@@ -107,9 +114,11 @@ class Kernels:
         return self._call("precision_diagonal", log_diag, off_diag, stencil=stencil, cross=cross)
 
     def nll(self, x, loc, log_diag, off_diag, stencil, cross=None):
+        offsets = _library.op_offsets(stencil, x)
+        x, loc, log_diag, off_diag, cross = (_library.fold(t) for t in (x, loc, log_diag, off_diag, cross))
         if self.name == "reference":
-            return reference.nll(x, loc, log_diag, off_diag, stencil, cross)
-        return self._ops(x.device).nll_op(x, loc, log_diag, off_diag, None, stencil.flat_offsets, cross)
+            return reference.nll(x, loc, log_diag, off_diag, Stencil.from_flat_offsets(offsets), cross)
+        return self._ops(x.device).nll_op(x, loc, log_diag, off_diag, None, offsets, cross)
 
     def nll_basis(self, x, loc, log_diag, coeffs, basis, stencil):
         if self.name == "reference":

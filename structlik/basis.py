@@ -37,10 +37,11 @@ def expand_basis(coeffs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """(B, C*n_b, H, W) coefficients and (S, n_b) basis -> (B, C*S, H, W) off_diag (materialised)."""
     _checks.check_float_tensor("basis", basis, "(S, n_b)")
     S, n_b = basis.shape
-    _checks.check_float_tensor("coeffs", coeffs, "(B, C*n_b, H, W)")
-    B, CNB, H, W = coeffs.shape
+    layout = "(B, C*n_b, D, H, W)" if isinstance(coeffs, torch.Tensor) and coeffs.dim() == 5 else "(B, C*n_b, H, W)"
+    _checks.check_float_tensor("coeffs", coeffs, layout)
+    CNB = coeffs.shape[1]
     if n_b == 0 or CNB % n_b:
-        raise ValueError(f"coeffs: expected shape (B, C*n_b, H, W) with n_b={n_b} (basis: {tuple(basis.shape)}), "
+        raise ValueError(f"coeffs: expected shape {layout} with n_b={n_b} (basis: {tuple(basis.shape)}), "
                          f"got {tuple(coeffs.shape)}")
     if coeffs.device != basis.device:
         raise ValueError(f"basis: device {basis.device} does not match coeffs' device {coeffs.device}")

@@ -29,6 +29,7 @@ from torch.distributions import Distribution, constraints
 
 from . import _checks, ops, reference
 from ._dtypes import upcast
+from .stencil import Stencil
 
 __all__ = ["ConditionalStructuredNormal"]
 
@@ -79,9 +80,11 @@ class ConditionalStructuredNormal(Distribution):
     def __init__(self, prior, value, mask, *, tol: Optional[float] = None, max_iter: int = 1000,
                  validate_args=None):
         event = tuple(prior.event_shape)
-        _checks.check_float_tensor("value", value, "(*batch, C, H, W)", min_dim=3)
-        if tuple(value.shape[-3:]) != event:
-            raise ValueError(f"value: expected shape (*batch, C, H, W) with (C, H, W) = {event}, "
+        E = len(event)                      # (C, H, W), or a volume's (C, D, H, W)
+        sp = _checks.spatial(prior.stencil)
+        _checks.check_float_tensor("value", value, f"(*batch, C, {sp})", min_dim=E)
+        if tuple(value.shape[-E:]) != event:
+            raise ValueError(f"value: expected shape (*batch, C, {sp}) with (C, {sp}) = {event}, "
                              f"got {tuple(value.shape)}")
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask: expected a bool tensor broadcastable to (*batch, C, H, W), True where observed, "
@@ -95,14 +98,18 @@ class ConditionalStructuredNormal(Distribution):
         except RuntimeError:
             raise ValueError(f"value, mask: shapes {tuple(value.shape)} and {tuple(mask.shape)} do not broadcast with "
                              f"the distribution's {tuple(prior.loc.shape)}") from None
-        if tuple(full[-3:]) != event:
-            raise ValueError(f"mask: shape {tuple(mask.shape)} changes the event (C, H, W) = {event}")
+        if tuple(full[-E:]) != event:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} changes the event (C, {sp}) = {event}")
         if not isinstance(max_iter, int) or max_iter < 1:
             raise ValueError(f"max_iter: expected a positive integer, got {max_iter!r}")
         if tol is not None and not (isinstance(tol, (int, float)) and 0 < tol < 1):
             raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
-        batch = full[:-3]
+        batch = full[:-E]
         self.prior = prior.expand(batch)
+        # the ops' view of the event: an image's (C, H, W), a volume's tall (C, D*H, W) (contract §3)
+        self._event = (event[0], math.prod(event[1:-1]), event[-1])
+        self._offsets = prior.stencil.op_offsets(event[-2])
+        self._stencil = Stencil.from_flat_offsets(self._offsets)
         dtype = torch.promote_types(value.dtype, prior.loc.dtype)
         self.value = value.to(dtype).expand(full)
         self.mask = mask.expand(full)
@@ -119,17 +126,17 @@ class ConditionalStructuredNormal(Distribution):
         """loc, log_diag, off_diag (materialised), value and the missing mask as (N, ...) in the
         compute dtype, and the log_diag that pins the observed pixels."""
         p = self.prior
-        loc = p.loc.reshape(-1, *self.event_shape)
-        ld, od = p._flat_params()
-        value = self.value.reshape(-1, *self.event_shape)
+        loc = p.loc.reshape(-1, *self._event)
+        ld, od = (t.reshape(t.shape[0], t.shape[1], *self._event[1:]) for t in p._flat_params())
+        value = self.value.reshape(-1, *self._event)
         loc, ld, od, value = upcast(*_checks.promote(loc, ld, od, value))
-        missing = (~self.mask).reshape(-1, *self.event_shape)
+        missing = (~self.mask).reshape(-1, *self._event)
         pinned = torch.where(missing, ld, torch.full_like(ld, math.inf))
         return loc, ld, od, value, missing.to(loc.dtype), pinned
 
     def _solve(self, b, ld, od, pinned, m):
         """x with Lambda_MM x = b (b zero on observed pixels), by preconditioned conjugate gradients."""
-        offsets = self.prior.stencil.flat_offsets
+        offsets = self._offsets
         ld_r, od_r, m_r = (_per_sample(t, b.shape[0]) for t in (ld, od, m))
 
         def lam(v):
@@ -172,7 +179,7 @@ class ConditionalStructuredNormal(Distribution):
         """value where observed, loc + Lambda_MM^-1 A^T (z - U[:, O] (value - loc)_O) elsewhere; z: (R*N, C, H, W)
         noise, or None for the conditional mean."""
         loc, ld, od, value, m, pinned = self._flat()
-        offsets = self.prior.stencil.flat_offsets
+        offsets = self._offsets
         # U[:, O] (x_O - mu_O): value's missing pixels are never read (NaN there, the usual "unknown", is fine)
         observed = m == 0
         pull = ops.apply_upper_op(torch.where(observed, value - loc, 0), ld, od, offsets)
@@ -210,7 +217,7 @@ class ConditionalStructuredNormal(Distribution):
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
         z = self.prior._noise(shape, torch.float64 if self.value.dtype == torch.float64 else torch.float32)
-        return self._draw(z.reshape(-1, *self.event_shape)).reshape(shape).to(self.value.dtype)
+        return self._draw(z.reshape(-1, *self._event)).reshape(shape).to(self.value.dtype)
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
@@ -222,17 +229,17 @@ class ConditionalStructuredNormal(Distribution):
         """``log det Lambda_MM`` per image, (\\*batch,): the determinant lemma over the observed rows
         that reach a missing pixel (module docstring)."""
         loc, ld, od, value, m, pinned = self._flat()
-        stencil = self.prior.stencil
+        stencil = self._stencil                  # the ops' (a volume's: its tall view's, contract §3)
         N, C, H, W = ld.shape
         n, S = H * W, stencil.S
         missing = m > 0
         w = reference.weights(od, stencil).reshape(N * C, S, n)          # 0 where pointing outside
         miss = missing.reshape(N * C, n)
         touches = []         # (N*C, S, n): observed p whose offset i lands on a missing pixel
-        for dy, dx in stencil.offsets:
+        for dy, dx in stencil.tall_offsets:
             lands = reference.shift(m, dy, dx).reshape(N * C, n) > 0
             touches.append(lands & ~miss)
-        touch = torch.stack(touches, 1) & reference.read_mask(tuple(stencil.offsets), H, W, ld.device).reshape(1, S, n)
+        touch = torch.stack(touches, 1) & reference.read_mask(stencil, H, W, ld.device).reshape(1, S, n)
         rows = touch.any(1)                                              # R per plane
         count = rows.sum(1)
         R = int(count.max()) if count.numel() else 0
@@ -242,11 +249,11 @@ class ConditionalStructuredNormal(Distribution):
         plane, pos = rows.nonzero(as_tuple=True)
         rank = torch.cumsum(rows.to(torch.int64), 1)[plane, pos] - 1
         rhs = ld.new_zeros(R, N * C, n)
-        for i, (dy, dx) in enumerate(stencil.offsets):
+        for i, (dy, dx) in enumerate(stencil.tall_offsets):
             hit = touch[plane, i, pos]
             p_, q_, r_ = plane[hit], pos[hit] + dy * W + dx, rank[hit]
             rhs = rhs.index_put((r_, p_, q_), w[p_, i, pos[hit]], accumulate=True)
-        K = ops.solve_upper_t_op(rhs.reshape(R * N, C, H, W), pinned, od, stencil.flat_offsets)
+        K = ops.solve_upper_t_op(rhs.reshape(R * N, C, H, W), pinned, od, self._offsets)
         K = K.reshape(R, N * C, n)
         gram = torch.einsum("rpn,spn->prs", K, K)
         eye = torch.eye(R, dtype=gram.dtype, device=gram.device)
@@ -259,12 +266,12 @@ class ConditionalStructuredNormal(Distribution):
         shape (\\*sample, \\*batch, C, H, W): (\\*sample, \\*batch)."""
         lead = self._check_value(value)
         loc, ld, od, _, m, _ = self._flat()
-        mean = upcast(self.mean.reshape(-1, *self.event_shape))[0]
+        mean = upcast(self.mean.reshape(-1, *self._event))[0]
         x = upcast(value.reshape(-1, *mean.shape))[0].to(mean.dtype)           # (R, N, C, H, W)
         R = x.shape[0]
-        e = (m * (x - mean)).reshape(-1, *self.event_shape)
+        e = (m * (x - mean)).reshape(-1, *self._event)
         params = [_per_sample(t, e.shape[0]) for t in (ld, od)]
-        u = ops.apply_upper_op(e, *params, self.prior.stencil.flat_offsets).reshape(R, *mean.shape)
+        u = ops.apply_upper_op(e, *params, self._offsets).reshape(R, *mean.shape)
         k = m.sum((1, 2, 3))
         out = 0.5 * self.log_det_missing().reshape(-1) - 0.5 * k * reference.LOG_2PI - 0.5 * u.square().sum((2, 3, 4))
         return out.reshape(lead)
@@ -273,17 +280,19 @@ class ConditionalStructuredNormal(Distribution):
         """The marginal likelihood log p(x_O) of the observed pixels, (\\*batch,): the prior's density
         at the conditional mean over the conditional's density there."""
         mean = self.mean
-        k = (~self.mask).sum((-3, -2, -1)).to(mean.dtype)
+        k = (~self.mask).flatten(-len(self.event_shape)).sum(-1).to(mean.dtype)
         at_mean = 0.5 * self.log_det_missing() - 0.5 * k * reference.LOG_2PI
         return self.prior.log_prob(mean) - at_mean
 
     def _check_value(self, value) -> torch.Size:
         """value's leading shape, (*sample, *batch), once its trailing shape is (*batch, C, H, W)."""
-        _checks.check_float_tensor("value", value, "(*sample, *batch, C, H, W)", min_dim=3)
+        E = len(self.event_shape)
+        sp = _checks.spatial(self.prior.stencil)
+        _checks.check_float_tensor("value", value, f"(*sample, *batch, C, {sp})", min_dim=E)
         tail = tuple(self.batch_shape + self.event_shape)
         if value.dim() < len(tail) or tuple(value.shape[value.dim() - len(tail):]) != tail:
-            raise ValueError(f"value: expected shape (*sample, *batch, C, H, W) = (*sample, "
+            raise ValueError(f"value: expected shape (*sample, *batch, C, {sp}) = (*sample, "
                              f"{', '.join(map(str, tail))}), got {tuple(value.shape)}")
         if value.device != self.value.device:
             raise ValueError(f"value: expected a tensor on {self.value.device}, got one on {value.device}")
-        return value.shape[:value.dim() - 3]
+        return value.shape[:value.dim() - E]

@@ -77,29 +77,34 @@ class StructuredNormal(Distribution):
     def __init__(self, loc, log_diag, off_diag, stencil: Stencil, validate_args=None, *, basis=None, cross=None):
         _checks.check_stencil(stencil)
         coef = "off_diag"
-        for name, t, layout in (("loc", loc, "(*batch, C, H, W)"), ("log_diag", log_diag, "(*batch, C, H, W)"),
-                                (coef, off_diag, "(*batch, C*S, H, W)" if basis is None else
-                                 "(*batch, C*n_b, H, W)")):
-            _checks.check_float_tensor(name, t, layout, min_dim=3)
+        E = stencil.ndim + 1                       # event dimensions: (C, H, W) or (C, D, H, W)
+        sp = _checks.spatial(stencil)
+        for name, t, layout in (("loc", loc, f"(*batch, C, {sp})"), ("log_diag", log_diag, f"(*batch, C, {sp})"),
+                                (coef, off_diag, f"(*batch, C*S, {sp})" if basis is None else
+                                 f"(*batch, C*n_b, {sp})")):
+            _checks.check_float_tensor(name, t, layout, min_dim=E)
         if basis is not None:
             check_basis(basis, stencil)
         per_channel = stencil.S if basis is None else basis.shape[1]
         what = "C*S" if basis is None else "C*n_b"
-        event = tuple(loc.shape[-3:])
-        C, H, W = event
-        if tuple(log_diag.shape[-3:]) != event:
-            raise ValueError(f"log_diag: expected shape (*batch, C, H, W) with (C, H, W) = {event}, "
+        event = tuple(loc.shape[-E:])
+        C, *space = event
+        space = tuple(space)
+        if tuple(log_diag.shape[-E:]) != event:
+            raise ValueError(f"log_diag: expected shape (*batch, C, {sp}) with (C, {sp}) = {event}, "
                              f"got {tuple(log_diag.shape)}")
-        if tuple(off_diag.shape[-3:]) != (C * per_channel, H, W):
-            raise ValueError(f"{coef}: expected shape (*batch, {what}, H, W) = (*batch, {C * per_channel}, {H}, {W}) "
+        if tuple(off_diag.shape[-E:]) != (C * per_channel, *space):
+            raise ValueError(f"{coef}: expected shape (*batch, {what}, {sp}) = "
+                             f"(*batch, {', '.join(map(str, (C * per_channel, *space)))}) "
                              f"with {what[2:]}={per_channel}, got {tuple(off_diag.shape)}")
         if cross is not None:
-            _checks.check_float_tensor("cross", cross, "(*batch, C(C-1)/2, H, W)", min_dim=3)
-            if tuple(cross.shape[-3:]) != (C * (C - 1) // 2, H, W):
-                raise ValueError(f"cross: expected shape (*batch, C(C-1)/2, H, W) = (*batch, {C * (C - 1) // 2}, "
-                                 f"{H}, {W}) with C={C}, got {tuple(cross.shape)}")
-        shapes = [loc.shape[:-3], log_diag.shape[:-3], off_diag.shape[:-3]] + ([] if cross is None else
-                                                                               [cross.shape[:-3]])
+            _checks.check_float_tensor("cross", cross, f"(*batch, C(C-1)/2, {sp})", min_dim=E)
+            if tuple(cross.shape[-E:]) != (C * (C - 1) // 2, *space):
+                raise ValueError(f"cross: expected shape (*batch, C(C-1)/2, {sp}) = "
+                                 f"(*batch, {', '.join(map(str, (C * (C - 1) // 2, *space)))}) with C={C}, "
+                                 f"got {tuple(cross.shape)}")
+        shapes = [loc.shape[:-E], log_diag.shape[:-E], off_diag.shape[:-E]] + ([] if cross is None else
+                                                                               [cross.shape[:-E]])
         try:
             batch = torch.broadcast_shapes(*shapes)
         except RuntimeError:
@@ -110,16 +115,16 @@ class StructuredNormal(Distribution):
                                  **({} if basis is None else {"basis": basis}),
                                  **({} if cross is None else {"cross": cross}))
         if min(event) == 0:
-            raise ValueError(f"loc: expected a non-empty event (C, H, W), got {tuple(loc.shape)}")
+            raise ValueError(f"loc: expected a non-empty event (C, {sp}), got {tuple(loc.shape)}")
         # one floating dtype, torch.result_type's (a bfloat16 head beside a float32 mean computes in float32)
         loc, log_diag, off_diag, basis, cross = _checks.promote_optional(loc, log_diag, off_diag, basis, cross)
         self.stencil = stencil
         self.basis = basis
         self.loc = loc.expand(batch + event)
         self.log_diag = log_diag.expand(batch + event)
-        self.off_diag = off_diag.expand(batch + off_diag.shape[-3:])
+        self.off_diag = off_diag.expand(batch + off_diag.shape[-E:])
         # one channel has no pairs: a (*batch, 0, H, W) tensor is no coupling
-        self.cross = cross.expand(batch + cross.shape[-3:]) if cross is not None and C > 1 else None
+        self.cross = cross.expand(batch + cross.shape[-E:]) if cross is not None and C > 1 else None
         # Not Distribution's own parameter validation: it reads every parameter and syncs on
         # construction. The ops find NaN/inf from their results instead (structlik._checks).
         super().__init__(batch_shape=batch, event_shape=torch.Size(event), validate_args=False)
@@ -143,6 +148,11 @@ class StructuredNormal(Distribution):
 
     # -- helpers --------------------------------------------------------------
 
+    @property
+    def _E(self) -> int:
+        """The event's dimensions: (C, H, W), or (C, D, H, W) for volumes."""
+        return self.stencil.ndim + 1
+
     def _value_checks(self):
         """This instance's validate_args decides, whatever the global default is now."""
         return _checks.validation(self._validate_args)
@@ -158,7 +168,7 @@ class StructuredNormal(Distribution):
 
     def _flat_cross(self):
         """The cross weights flattened over the batch to (N, C(C-1)/2, H, W), or None."""
-        return None if self.cross is None else self.cross.reshape(-1, *self.cross.shape[-3:])
+        return None if self.cross is None else self.cross.reshape(-1, *self.cross.shape[-self._E:])
 
     def _uncoupled(self, what: str) -> None:
         if self.cross is not None:
@@ -169,8 +179,8 @@ class StructuredNormal(Distribution):
         """log_diag and off_diag flattened over the batch to (N, ...): views, also for
         broadcast batch dims (stride 0); with a basis, off_diag is formed from it
         unless ``materialise`` is False."""
-        ld = self.log_diag.reshape(-1, *self.log_diag.shape[-3:])
-        od = self.off_diag.reshape(-1, *self.off_diag.shape[-3:])
+        ld = self.log_diag.reshape(-1, *self.log_diag.shape[-self._E:])
+        od = self.off_diag.reshape(-1, *self.off_diag.shape[-self._E:])
         if self.basis is not None and materialise:
             od = expand_basis(od, self.basis)
         return ld, od
@@ -184,8 +194,8 @@ class StructuredNormal(Distribution):
         new.basis = self.basis
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         new.log_diag = self.log_diag.expand(batch_shape + self.event_shape)
-        new.off_diag = self.off_diag.expand(batch_shape + self.off_diag.shape[-3:])
-        new.cross = None if self.cross is None else self.cross.expand(batch_shape + self.cross.shape[-3:])
+        new.off_diag = self.off_diag.expand(batch_shape + self.off_diag.shape[-self._E:])
+        new.cross = None if self.cross is None else self.cross.expand(batch_shape + self.cross.shape[-self._E:])
         super(StructuredNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -224,31 +234,33 @@ class StructuredNormal(Distribution):
         return out.reshape(self.batch_shape + out.shape[1:])
 
     def _pixel(self, index):
-        """(y, x) of ``index``, checked against the event."""
-        H, W = self.event_shape[1:]
-        if (not isinstance(index, (tuple, list)) or len(index) != 2
+        """(y, x) of ``index`` ((z, y, x) for volumes), checked against the event."""
+        space = tuple(self.event_shape[1:])
+        names = "(z, y, x)" if len(space) == 3 else "(y, x)"
+        if (not isinstance(index, (tuple, list)) or len(index) != len(space)
                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in index)):
-            raise TypeError(f"index: expected a pixel (y, x) of two integers, got {index!r}")
-        y, x = (i + n if i < 0 else i for i, n in zip(index, (H, W)))
-        if not (0 <= y < H and 0 <= x < W):
-            raise IndexError(f"index: pixel {tuple(index)} is outside the (H, W) = ({H}, {W}) image")
-        return y, x
+            raise TypeError(f"index: expected a pixel {names} of {len(space)} integers, got {index!r}")
+        at = tuple(i + n if i < 0 else i for i, n in zip(index, space))
+        if not all(0 <= i < n for i, n in zip(at, space)):
+            raise IndexError(f"index: pixel {tuple(index)} is outside the {_checks.spatial(self.stencil).join('()')} "
+                             f"= {space} {'volume' if len(space) == 3 else 'image'}")
+        return at
 
     def covariance(self, index):
         """Cov(x_{c,q}, x_{c,index}) for every pixel q of each channel c: the column Sigma e_index as
         an image, batch_shape + (C, H, W) (channel c holds channel c's column). Two solves,
         M^-1 (M^-T e_index); differentiable. With cross weights the C columns are solved as C
         right-hand sides (each channel's column reaches the other channels too)."""
-        y, x = self._pixel(index)
+        at = self._pixel(index)
         ld, od = self._flat_params()
         cross = self._flat_cross()
         N, C = ld.shape[:2]
         if cross is None:
             e = ld.new_zeros(ld.shape)
-            e[..., y, x] = 1
+            e[(..., *at)] = 1
         else:       # right-hand side c*N + b: the unit vector at (c, y, x) of image b
             e = ld.new_zeros(C, N, *ld.shape[1:])
-            e[torch.arange(C), :, torch.arange(C), y, x] = 1
+            e[(torch.arange(C), slice(None), torch.arange(C), *at)] = 1
             e = e.reshape(C * N, *ld.shape[1:])
         with self._value_checks():
             v = ops.image_op(ops.solve_upper_t_op, "solve_upper_t", e, ld, od, self.stencil, cross=cross,
@@ -263,9 +275,9 @@ class StructuredNormal(Distribution):
         """Corr(x_q, x_index) for every pixel q: ``covariance(index)`` over sigma_q sigma_index,
         batch_shape + (C, H, W), 1 at ``index``."""
         self._uncoupled("correlation")
-        y, x = self._pixel(index)
+        at = self._pixel(index)
         std = self.stddev
-        return self.covariance(index) / (std * std[..., y:y + 1, x:x + 1])
+        return self.covariance(index) / (std * std[(..., *(slice(i, i + 1) for i in at))])
 
     def _noise(self, shape, dtype) -> torch.Tensor:
         """z ~ N(0, I) of ``shape`` on this distribution's device (the fast generator on CPU tensors)."""
@@ -326,7 +338,7 @@ class StructuredNormal(Distribution):
             raise TypeError(f"value: expected a torch.Tensor of shape (*sample, *batch, C, H, W), "
                             f"got {type(value).__name__}")
         event = tuple(self.event_shape)
-        if value.dim() < 3 or tuple(value.shape[-3:]) != event:
+        if value.dim() < self._E or tuple(value.shape[-self._E:]) != event:
             raise ValueError(f"value: expected shape (*sample, *batch, C, H, W) with (C, H, W) = {event}, "
                              f"got {tuple(value.shape)}")
         try:
@@ -342,19 +354,19 @@ class StructuredNormal(Distribution):
         """log_prob, with ``name`` for the data in the NaN/inf message (YCbCrStructuredNormal's
         luminance comes from the user's ``rgb``)."""
         self._validate_sample(value)
-        _checks.check_float_tensor("value", value, "(*sample, *batch, C, H, W)", min_dim=3)
+        _checks.check_float_tensor("value", value, "(*sample, *batch, C, H, W)", min_dim=self._E)
         if value.device != self.loc.device:
             raise ValueError(f"value: expected a tensor on {self.loc.device} (the distribution's device) of shape "
                              f"(*sample, *batch, C, H, W) = (*, {', '.join(map(str, self.event_shape))}), "
                              f"got one on {value.device}")
         shape = torch.broadcast_shapes(value.shape, self.loc.shape)
-        lead = shape[:-3]
+        lead = shape[:-self._E]
         ld = self.log_diag.expand(lead + self.event_shape).reshape(-1, *self.event_shape)
-        od = self.off_diag.expand(lead + self.off_diag.shape[-3:]).reshape(-1, *self.off_diag.shape[-3:])
+        od = self.off_diag.expand(lead + self.off_diag.shape[-self._E:]).reshape(-1, *self.off_diag.shape[-self._E:])
         x = value.expand(shape).reshape(-1, *self.event_shape)
         loc = self.loc.expand(shape).reshape(-1, *self.event_shape)
-        cross = None if self.cross is None else self.cross.expand(lead + self.cross.shape[-3:]).reshape(
-            -1, *self.cross.shape[-3:])
+        cross = None if self.cross is None else self.cross.expand(lead + self.cross.shape[-self._E:]).reshape(
+            -1, *self.cross.shape[-self._E:])
         with self._value_checks():
             nll = ops.checked_nll(name, x, loc, ld, od, self.stencil, basis=self.basis, cross=cross)
         return -nll.reshape(lead)
@@ -363,7 +375,7 @@ class StructuredNormal(Distribution):
         """(batch,) in the parameters' dtype, float32 for float16/bfloat16 (like log_prob)."""
         n = self.event_shape.numel()
         dtype = torch.float32 if self.log_diag.dtype in (torch.float16, torch.bfloat16) else self.log_diag.dtype
-        out = 0.5 * n * (1.0 + math.log(2.0 * math.pi)) - self.log_diag.sum((-3, -2, -1), dtype=dtype)
+        out = 0.5 * n * (1.0 + math.log(2.0 * math.pi)) - self.log_diag.sum(tuple(range(-self._E, 0)), dtype=dtype)
         with self._value_checks():
             _checks.check_result(out, {"log_diag": self.log_diag}, op="entropy")
         return out

@@ -34,12 +34,14 @@ def check_bound(bound, name: str = "bound") -> float:
 
 
 def _check_raw(log_diag: torch.Tensor, raw: torch.Tensor) -> int:
-    """log_diag (B, C, H, W) and raw weights (B, C*S, H, W) on its device; returns S."""
-    _checks.check_float_tensor("log_diag", log_diag, "(B, C, H, W)")
-    _checks.check_float_tensor("raw", raw, "(B, C*S, H, W)")
-    B, C, H, W = log_diag.shape
-    if C == 0 or raw.shape[1] % C or tuple(raw.shape[2:]) != (H, W) or raw.shape[0] != B:
-        raise ValueError(f"raw: expected shape (B, C*S, H, W) with (B, C, H, W) = {tuple(log_diag.shape)} "
+    """log_diag (B, C, H, W) and raw weights (B, C*S, H, W) on its device, or a volume's
+    (B, C, D, H, W) and (B, C*S, D, H, W); returns S."""
+    sp = "D, H, W" if isinstance(log_diag, torch.Tensor) and log_diag.dim() == 5 else "H, W"
+    _checks.check_float_tensor("log_diag", log_diag, f"(B, C, {sp})")
+    _checks.check_float_tensor("raw", raw, f"(B, C*S, {sp})")
+    B, C = log_diag.shape[:2]
+    if C == 0 or raw.shape[1] % C or tuple(raw.shape[2:]) != tuple(log_diag.shape[2:]) or raw.shape[0] != B:
+        raise ValueError(f"raw: expected shape (B, C*S, {sp}) with (B, C, {sp}) = {tuple(log_diag.shape)} "
                          f"(log_diag's), got {tuple(raw.shape)}")
     if raw.device != log_diag.device:
         raise ValueError(f"raw: device {raw.device} does not match log_diag's device {log_diag.device}")
@@ -82,10 +84,10 @@ def bound_coupled_weights(log_diag: torch.Tensor, raw: torch.Tensor, raw_cross: 
     """
     bound = check_bound(bound)
     S = _check_raw(log_diag, raw)
-    B, C, H, W = log_diag.shape
-    _checks.check_float_tensor("raw_cross", raw_cross, _checks.cross_layout(C))
-    _checks.check_same("raw_cross", raw_cross, "log_diag", log_diag, (B, C * (C - 1) // 2, H, W),
-                       _checks.cross_layout(C))
+    B, C, *rest = log_diag.shape
+    layout = _checks.cross_layout(C, len(rest))
+    _checks.check_float_tensor("raw_cross", raw_cross, layout)
+    _checks.check_same("raw_cross", raw_cross, "log_diag", log_diag, (B, C * (C - 1) // 2, *rest), layout)
     cs, _ = cross_pairs(C, log_diag.device)
     per_channel = raw.unflatten(1, (C, S))
     row_sum = per_channel.abs().sum(2).index_add(1, cs, raw_cross.abs().to(per_channel.dtype))
@@ -123,7 +125,7 @@ def split_head(head: torch.Tensor, stencil: Stencil, *, weight_bound: Optional[f
     if weight_bound is not None:
         weight_bound = check_bound(weight_bound, "weight_bound")
     S = stencil.S
-    layout = "(B, C*(2+S) + C(C-1)/2, H, W)" if cross else "(B, C*(2+S), H, W)"
+    layout = _checks.layout(stencil, "C*(2+S) + C(C-1)/2" if cross else "C*(2+S)")
     _checks.check_float_tensor("head", head, layout)          # a missing batch dimension: says unsqueeze(0)
     per = 2 + S
     K = head.shape[1]
@@ -147,11 +149,11 @@ def largest_weight_ratio(log_diag: torch.Tensor, off_diag: torch.Tensor, S: int,
     """max over pixels and channels of ``sum_i |w_{p,i}| / d_p`` (one reduction pass and one host
     read; the sampling warning's figure), the cross weights of row (c, p) included when given.
     Rows below 1 are diagonally dominant."""
-    C = log_diag.shape[-3]
+    C = log_diag.shape[1]                # (B, C, H, W) or a volume's (B, C, D, H, W)
     # abs().sum: 0.09 ms at B16 12x64x64 on a 2-core CPU, where vector_norm(ord=1, dim) took 5 ms
-    l1 = off_diag.unflatten(-3, (C, S)).abs().sum(-3)
+    l1 = off_diag.unflatten(1, (C, S)).abs().sum(2)
     if cross is not None and C > 1:
-        l1 = l1.index_add(-3, cross_pairs(C, l1.device)[0], cross.abs().to(l1.dtype))
+        l1 = l1.index_add(1, cross_pairs(C, l1.device)[0], cross.abs().to(l1.dtype))
     ratio = (l1.log() - log_diag).amax()           # log: no overflow of sum|w| / d where d is tiny
     value = float(ratio)
     return math.exp(value) if value < 700 else math.inf

@@ -25,29 +25,33 @@ def _union(p: Stencil, q: Stencil) -> Stencil:
     if p == q:
         return p
     extra = [o for o in q.offsets if o not in set(p.offsets)]
-    return Stencil.from_flat_offsets([v for o in (*p.offsets, *extra) for v in o]) if extra else p
+    return Stencil.of_offsets((*p.offsets, *extra)) if extra else p
 
 
 def _widen(off_diag, C: int, stencil: Stencil, wide: Stencil):
     """off_diag of ``stencil`` as the weights of ``wide`` (its offsets first): zeros for the rest."""
     if wide is stencil:
         return off_diag
-    w = off_diag.unflatten(-3, (C, stencil.S))
-    pad = w.new_zeros(*w.shape[:-3], wide.S - stencil.S, *w.shape[-2:])
-    return torch.cat([w, pad], dim=-3).flatten(-4, -3)
+    w = off_diag.unflatten(1, (C, stencil.S))                 # (B, C, S, H, W) or (B, C, S, D, H, W)
+    pad = w.new_zeros(*w.shape[:2], wide.S - stencil.S, *w.shape[3:])
+    return torch.cat([w, pad], dim=2).flatten(1, 2)
 
 
 def trace_precision_covariance(band, log_diag, off_diag, stencil: Stencil, band_stencil: Stencil):
     """tr(U Sigma U^T) per image, (B,): Sigma from its band (B, C*L, H, W) of ``band_stencil``
     (ops.covariance_band), U from log_diag (B, C, H, W) and off_diag (B, C*S, H, W) of ``stencil``,
-    whose offsets ``band_stencil``'s band must cover."""
+    whose offsets ``band_stencil``'s band must cover. Volumes (B, C, D, H, W) as their tall view."""
+    from .ops import _library
+    stencil = Stencil.from_flat_offsets(_library.op_offsets(stencil, log_diag))   # a volume's: tall offsets
+    band, log_diag, off_diag = (_library.fold(t) for t in (band, log_diag, off_diag))
     B, C, H, W = log_diag.shape
     L = band.shape[1] // C
-    if max(dy * W + dx for dy, dx in stencil.offsets) >= L:
+    if max(dy * W + dx for dy, dx in stencil.tall_offsets) >= L:
         raise ValueError("band: narrower than the stencil's largest offset")
     band = band.unflatten(1, (C, L))
     w = reference.weights(off_diag, stencil)                     # (B, C, S, H, W), 0 outside
-    rows = [((0, 0), log_diag.exp())] + [(o, w[:, :, i]) for i, o in enumerate(stencil.offsets)]
+    rows = [((0, 0), log_diag.exp())] + [(o, w[:, :, i]) for i, o in enumerate(stencil.tall_offsets)
+                                          if stencil.reachable(i)]
     rows.sort(key=lambda r: r[0][0] * W + r[0][1])               # ascending flat offset
     total = 0
     for a, (da, ua) in enumerate(rows):
@@ -69,16 +73,17 @@ def _flat(dist: StructuredNormal, batch):
 def _mahalanobis(dist: StructuredNormal, ld, od, diff):
     """||U (mu_p - mu_q)||^2 per image, with U of ``dist``."""
     u = ops.apply_upper(diff.reshape(ld.shape), ld, od, dist.stencil)
-    return u.square().sum((1, 2, 3))
+    return u.square().flatten(1).sum(1)
 
 
 def _diagonal_normal(dist: Independent, other: StructuredNormal, side: str):
     """The Normal inside ``dist`` when it is a diagonal Gaussian over ``other``'s event (C, H, W)."""
-    if not isinstance(dist.base_dist, Normal) or dist.reinterpreted_batch_ndims != 3 \
+    E = other._E
+    if not isinstance(dist.base_dist, Normal) or dist.reinterpreted_batch_ndims != E \
             or dist.event_shape != other.event_shape:
         raise NotImplementedError(
-            f"kl_divergence: the {side} distribution must be Independent(Normal(loc, scale), 3) with event "
-            f"shape (C, H, W) = {tuple(other.event_shape)}, got {dist}")
+            f"kl_divergence: the {side} distribution must be Independent(Normal(loc, scale), {E}) with event "
+            f"shape ({_checks.spatial(other.stencil).join(('C, ', ''))}) = {tuple(other.event_shape)}, got {dist}")
     return dist.base_dist
 
 
@@ -98,7 +103,7 @@ def _kl_structured_structured(p: StructuredNormal, q: StructuredNormal):
     with q._value_checks():
         maha = _mahalanobis(q, ld_q, od_q, p.loc - q.loc)
     n = p.event_shape.numel()
-    kl = 0.5 * (trace + maha - n) + ld_p.sum((1, 2, 3)) - ld_q.sum((1, 2, 3))
+    kl = 0.5 * (trace + maha - n) + ld_p.flatten(1).sum(1) - ld_q.flatten(1).sum(1)
     return kl.reshape(batch)
 
 
@@ -110,7 +115,7 @@ def _kl_structured_diagonal(p: StructuredNormal, q: Independent):
     precision = normal.scale.expand(batch + p.event_shape).pow(-2)
     diff = (p.loc - normal.loc).expand(batch + p.event_shape)
     n = p.event_shape.numel()
-    dims = (-3, -2, -1)
+    dims = tuple(range(-p._E, 0))
     inner = (p.variance * precision).sum(dims) + (diff.square() * precision).sum(dims) - n
     return 0.5 * inner + normal.scale.log().expand(batch + p.event_shape).sum(dims) + p.log_diag.sum(dims)
 
@@ -121,7 +126,7 @@ def _kl_diagonal_structured(p: Independent, q: StructuredNormal):
     batch = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
     q, ld_q, od_q = _flat(q, batch)
     event = q.event_shape
-    dims = (-3, -2, -1)
+    dims = tuple(range(-q._E, 0))
     variance = normal.scale.expand(batch + event).square()
     with q._value_checks():
         trace = (q.precision_diagonal() * variance).sum(dims)

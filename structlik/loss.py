@@ -26,7 +26,8 @@ def structured_gaussian_nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.
     """Negative log-likelihood of ``x`` under ``StructuredNormal(loc, log_diag, off_diag, stencil)``.
 
     Args:
-        x, loc, log_diag: (B, C, H, W), or all four unbatched, (C, H, W) and (C*S, H, W).
+        x, loc, log_diag: (B, C, H, W), or all four unbatched, (C, H, W) and (C*S, H, W); for
+            volumes (``Stencil(k, ndim=3)``) (B, C, D, H, W), unbatched (C, D, H, W).
         off_diag: (B, C*S, H, W) with S = ``stencil.S``; the raw weights of a decoder head go
             through :func:`structlik.bound_weights` first (or take all three from
             :func:`structlik.split_head`), so that samples stay finite.
@@ -49,7 +50,7 @@ def structured_gaussian_nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.
     tensors = (x, loc, log_diag, off_diag) + (() if cross is None else (cross,))
     # One unbatched image (C, H, W), as StructuredNormal and torch's nn layers take it: the
     # per-image NLL is then a scalar.
-    unbatched = all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in tensors)
+    unbatched = all(isinstance(t, torch.Tensor) and t.dim() == getattr(stencil, "ndim", 2) + 1 for t in tensors)
     if unbatched:
         x, loc, log_diag, off_diag, *rest = (t.unsqueeze(0) for t in tensors)
         cross = rest[0] if rest else None

@@ -7,6 +7,7 @@ import numbers
 import torch
 
 from . import _checks, ops
+from .ops import _library
 from ._dtypes import compute_dtype
 from .stencil import Stencil
 
@@ -35,7 +36,9 @@ def gamma_prior_log_prob(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil
     log_diag, off_diag = _checks.promote(log_diag, off_diag)
     dtype = compute_dtype(log_diag)
     no_diagonal = torch.full_like(log_diag, -math.inf, dtype=dtype)
-    weights = ops.precision_diagonal_op(no_diagonal, off_diag.to(dtype), stencil.flat_offsets)
+    fold = _library.fold
+    weights = _library.unfold(ops.precision_diagonal_op(fold(no_diagonal), fold(off_diag.to(dtype)),
+                                                        _library.op_offsets(stencil, log_diag)), log_diag)
     two_s = 2 * log_diag.to(torch.float64)
     lam = two_s.exp() + weights.to(torch.float64)
     # lam is 0 only where d^2 underflows float64 (log_diag < -372) and no weight reaches the pixel:
@@ -44,7 +47,7 @@ def gamma_prior_log_prob(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil
     log_lam = torch.where(positive, torch.where(positive, lam, 1.0).log(), two_s)
     a, b = float(concentration), float(rate)
     per_pixel = (a - 1) * log_lam - b * lam + (a * math.log(b) - math.lgamma(a))
-    out = per_pixel.sum((1, 2, 3)).to(dtype)
+    out = per_pixel.flatten(1).sum(1).to(dtype)
     _checks.check_result(out, {"log_diag": log_diag, "off_diag": off_diag}, op="gamma_prior_log_prob")
     return out
 
@@ -59,12 +62,13 @@ def variance_minimiser(x: torch.Tensor, loc: torch.Tensor, weight: float, reduct
     _checks.check_reduction(reduction)
     if not (_is_real(weight) and math.isfinite(weight)):
         raise ValueError(f"weight: expected a finite number, got {weight!r}")
-    _checks.check_float_tensor("x", x, "(B, C, H, W)")
-    _checks.check_float_tensor("loc", loc, "(B, C, H, W)")
-    _checks.check_same("loc", loc, "x", x, x.shape, "(B, C, H, W)")
+    layout = "(B, C, D, H, W)" if isinstance(x, torch.Tensor) and x.dim() == 5 else "(B, C, H, W)"   # volumes too
+    _checks.check_float_tensor("x", x, layout)
+    _checks.check_float_tensor("loc", loc, layout)
+    _checks.check_same("loc", loc, "x", x, x.shape, layout)
     # float16/bfloat16 in float32, as every loss (alpha = 5e3 at 64x64 overflowed float16)
     x, loc = ops.upcast(*_checks.promote(x, loc))
-    per_image = weight * (x - loc).square().sum((1, 2, 3))
+    per_image = weight * (x - loc).square().flatten(1).sum(1)
     _checks.check_result(per_image, {"x": x, "loc": loc}, op="variance_minimiser")
     if reduction == "mean":
         return per_image.mean()

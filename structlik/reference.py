@@ -58,12 +58,37 @@ def cached_unless_tracing(maxsize: int):
     return wrap
 
 
+def _coordinates(stencil: Stencil, H: int, device=None):
+    """Each row's slice z and row y in its slice, (H,): (0, y) for images; for a volume's tall
+    view (H = D * slice_height rows) (row // slice_height, row % slice_height)."""
+    rows = torch.arange(H, device=device)
+    hs = stencil.slice_height or H
+    return rows // max(hs, 1), rows % max(hs, 1), max(H // max(hs, 1), 1), hs
+
+
 @cached_unless_tracing(maxsize=64)
-def read_mask(offsets: Tuple[Tuple[int, int], ...], H: int, W: int, device: torch.device) -> torch.Tensor:
-    """(S, H, W): True where offset i of pixel p lands inside the image (a weight of U)."""
-    ys = torch.arange(H, device=device).view(H, 1)
+def read_mask(stencil: Stencil, H: int, W: int, device: torch.device) -> torch.Tensor:
+    """(S, H, W): True where offset i of pixel p lands inside the image (a weight of U). For a
+    volume (H = D * slice_height rows of its tall view) inside the volume: z + dz < D and
+    0 <= y + dy < slice_height, not merely inside the tall image."""
+    z, y, D, hs = _coordinates(stencil, H, device)
+    z, y = z.view(H, 1), y.view(H, 1)
     xs = torch.arange(W, device=device).view(1, W)
-    return torch.stack([(ys + dy < H) & (xs + dx >= 0) & (xs + dx < W) for dy, dx in offsets])
+    masks = []
+    for off in stencil.offsets:
+        dz, dy, dx = (0, *off) if len(off) == 2 else off
+        rows = (y + dy >= 0) & (y + dy < hs) & (z + dz < D)
+        masks.append(rows & (xs + dx >= 0) & (xs + dx < W))
+    return torch.stack(masks)
+
+
+def times(stencil: Stencil, H: int, W: int) -> torch.Tensor:
+    """(H*W,) each pixel's wavefront time, the order of the solves: t = a*(H-1-y) + (W-1-x)
+    (a = wavefront_slope) for images; b*(D-1-z) + a*(h-1-y) + (W-1-x) for a volume's voxel
+    (z, y, x) (b = depth_slope, h the slice height). Every pixel depends only on earlier times."""
+    z, y, D, hs = _coordinates(stencil, H)
+    t_row = stencil.depth_slope * (D - 1 - z) + stencil.wavefront_slope * (hs - 1 - y)
+    return (t_row.view(H, 1) + (W - 1 - torch.arange(W)).view(1, W)).flatten()
 
 
 def weights(off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
@@ -72,7 +97,7 @@ def weights(off_diag: torch.Tensor, stencil: Stencil) -> torch.Tensor:
     hold (a NaN there is 0 here, as in the kernels, which never read it)."""
     B, CS, H, W = off_diag.shape
     w = off_diag.reshape(B, CS // stencil.S, stencil.S, H, W)
-    return torch.where(read_mask(tuple(stencil.offsets), H, W, off_diag.device), w, 0)
+    return torch.where(read_mask(stencil, H, W, off_diag.device), w, 0)
 
 
 # --- coupled channels (docs/contract.md §1): the cross weights xi, (B, C(C-1)/2, H, W) ----------
@@ -124,7 +149,7 @@ def apply_upper(r, log_diag, off_diag, stencil, cross=None):
     """``M r`` (``U r``, plus ``X r`` with cross weights): (B, C, H, W)."""
     w = weights(off_diag, stencil)
     out = log_diag.exp() * r
-    for i, (dy, dx) in enumerate(stencil.offsets):
+    for i, (dy, dx) in enumerate(stencil.tall_offsets):
         out = out + w[:, :, i] * shift(r, dy, dx)
     return out if cross is None else out + cross_apply(r, cross)
 
@@ -133,16 +158,19 @@ def apply_upper_t(y, log_diag, off_diag, stencil, cross=None):
     """``M^T y``: row p gathers ``w_{p-delta_i,i} y_{p-delta_i}`` (and X^T y)."""
     w = weights(off_diag, stencil)
     out = log_diag.exp() * y
-    for i, (dy, dx) in enumerate(stencil.offsets):
+    for i, (dy, dx) in enumerate(stencil.tall_offsets):
         out = out + shift(w[:, :, i] * y, -dy, -dx)
     return out if cross is None else out + cross_apply_t(y, cross)
 
 
 def weight_grad(a, b, stencil):
-    """``out[:, c*S+i, p] = a_p * b_{p+delta_i}``: the gradient of ``a^T U b`` w.r.t. off_diag."""
+    """``out[:, c*S+i, p] = a_p * b_{p+delta_i}``: the gradient of ``a^T U b`` w.r.t. off_diag
+    (0 where p + delta_i is outside: in a volume's tall view, outside the volume)."""
     B, C, H, W = a.shape
-    terms = [a * shift(b, dy, dx) for dy, dx in stencil.offsets]
-    return torch.stack(terms, dim=2).reshape(B, C * stencil.S, H, W)
+    terms = torch.stack([a * shift(b, dy, dx) for dy, dx in stencil.tall_offsets], dim=2)
+    if stencil.ndim == 3:
+        terms = torch.where(read_mask(stencil, H, W, a.device), terms, 0)
+    return terms.reshape(B, C * stencil.S, H, W)
 
 
 def nll_and_u(x, loc, log_diag, off_diag, stencil, cross=None):
@@ -159,11 +187,12 @@ def nll(x, loc, log_diag, off_diag, stencil, cross=None):
 
 
 def expand_basis(coeffs, basis):
-    """off_diag[:, c*S + i] = sum_j basis[i, j] coeffs[:, c*n_b + j]: (B, C*S, H, W) from (B, C*n_b, H, W)."""
-    B, _, H, W = coeffs.shape
+    """off_diag[:, c*S + i] = sum_j basis[i, j] coeffs[:, c*n_b + j]: (B, C*S, H, W) from (B, C*n_b, H, W)
+    (a volume's (B, C*S, D, H, W) from (B, C*n_b, D, H, W))."""
+    B, _, *space = coeffs.shape
     S, n_b = basis.shape
-    w = torch.einsum("ij,bcjhw->bcihw", basis, coeffs.reshape(B, -1, n_b, H, W))
-    return w.reshape(B, -1, H, W)
+    w = torch.einsum("ij,bcj...->bci...", basis, coeffs.reshape(B, -1, n_b, *space))
+    return w.reshape(B, -1, *space)
 
 
 def nll_basis(x, loc, log_diag, coeffs, basis, stencil):
@@ -176,7 +205,7 @@ def precision_diagonal(log_diag, off_diag, stencil, cross=None):
     (B, C, H, W)."""
     w = weights(off_diag, stencil)
     out = (2.0 * log_diag).exp()
-    for i, (dy, dx) in enumerate(stencil.offsets):
+    for i, (dy, dx) in enumerate(stencil.tall_offsets):
         out = out + shift(w[:, :, i].square(), -dy, -dx)
     if cross is not None:
         cs, js = cross_pairs(log_diag.shape[1], log_diag.device)
@@ -189,13 +218,12 @@ def _dense_pattern(stencil: Stencil, H: int, W: int, device: torch.device):
     """Where each weight lands in dense U: (flat index p*n + q in U, flat index i*n + p in the weights)."""
     n = H * W
     slots, sources = [], []
-    for i, (dy, dx) in enumerate(stencil.offsets):
-        # the pixels whose neighbour p + delta_i is inside: a rectangle of rows and columns (from
-        # aranges, not nonzero: fake tensors, under torch.compile and FakeTensorMode, have no values)
-        lo, hi = max(0, -dx), min(W, W - dx)
-        rows, cols = torch.arange(max(H - dy, 0)), torch.arange(lo, max(hi, lo))
-        p = (rows[:, None] * W + cols[None, :]).flatten()
-        slots.append(p * n + p + dy * W + dx)
+    # every pixel, the ones whose neighbour p + delta_i is outside sent to slot n*n (dropped): masks,
+    # not nonzero, because fake tensors (torch.compile, FakeTensorMode) have no values
+    inside = read_mask(stencil, H, W, torch.device("cpu")).reshape(stencil.S, n)
+    p = torch.arange(n)
+    for i, (dy, dx) in enumerate(stencil.tall_offsets):
+        slots.append(torch.where(inside[i], p * n + p + dy * W + dx, n * n))
         sources.append(i * n + p)
     return torch.cat(slots).to(device), torch.cat(sources).to(device)
 
@@ -206,9 +234,9 @@ def to_dense_upper(log_diag, off_diag, stencil, cross=None):
     B, C, H, W = log_diag.shape
     n = H * W
     slots, sources = _dense_pattern(stencil, H, W, log_diag.device)
-    dense = torch.diag_embed(log_diag.exp().reshape(B, C, n)).reshape(B, C, n * n)
+    dense = F.pad(torch.diag_embed(log_diag.exp().reshape(B, C, n)).reshape(B, C, n * n), (0, 1))
     values = weights(off_diag, stencil).reshape(B, C, stencil.S * n)[..., sources]
-    dense = dense.scatter(-1, slots.expand(B, C, -1), values).reshape(B, C, n, n)
+    dense = dense.scatter(-1, slots.expand(B, C, -1), values)[..., :n * n].reshape(B, C, n, n)
     if cross is None:
         return dense
     rows = [[dense[:, c] if c == j else dense.new_zeros(B, n, n) for j in range(C)] for c in range(C)]
@@ -231,15 +259,14 @@ def _schedule(stencil: Stencil, H: int, W: int, device: torch.device):
     indices (P,), and for each offset the flat index of p+delta_i and of
     p-delta_i, (S, P), with n (one past the image, a zero slot) where outside.
     """
-    a = stencil.wavefront_slope
     n = H * W
     ys = torch.arange(H).repeat_interleave(W)
     xs = torch.arange(W).repeat(H)
-    t = a * (H - 1 - ys) + (W - 1 - xs)
+    t = times(stencil, H, W)
 
-    def neighbours(p, sign):
+    def neighbours(p, sign):      # inside the tall image; a volume's weights outside it are 0
         out = []
-        for dy, dx in stencil.offsets:
+        for dy, dx in stencil.tall_offsets:
             qy, qx = ys[p] + sign * dy, xs[p] + sign * dx
             inside = (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
             out.append(torch.where(inside, qy * W + qx, torch.full_like(qy, n)))
@@ -335,7 +362,7 @@ def band_width(stencil: Stencil, W: int) -> int:
     """b, the band's half-width in raster order: the largest flat offset dy*W + dx. The entries
     Sigma_{p,q} with 0 <= q - p <= b are closed under the recurrence U Sigma = U^-T (docs/kernels.md
     §5); the op returns L = b + 1 per pixel."""
-    return max(dy * W + dx for dy, dx in stencil.offsets)
+    return max(dy * W + dx for dy, dx in stencil.tall_offsets)
 
 
 def _upper_blocks(log_diag, off_diag, stencil):
@@ -343,12 +370,12 @@ def _upper_blocks(log_diag, off_diag, stencil):
     R the largest dy), the weights outside the image 0. Built with diag_embed, differentiable."""
     B, C, H, W = log_diag.shape
     w = weights(off_diag, stencil)
-    R = max(dy for dy, _ in stencil.offsets)
+    R = max(dy for dy, _ in stencil.tall_offsets)
     blocks = [[] for _ in range(R + 1)]
     blocks[0].append(torch.diag_embed(log_diag.exp()))
-    for i, (dy, dx) in enumerate(stencil.offsets):
+    for i, (dy, dx) in enumerate(stencil.tall_offsets):
         lo, hi = max(0, -dx), min(W, W - dx)
-        if hi <= lo:                                      # |dx| >= W: never inside the image
+        if hi <= lo or not stencil.reachable(i):         # |dx| >= W (|dy| >= a volume's slice height): never inside
             continue
         blocks[dy].append(torch.diag_embed(w[:, :, i, :, lo:hi], offset=dx))
     zero = log_diag.new_zeros(B, C, H, W, W)
@@ -409,21 +436,24 @@ def _band_levels(stencil: Stencil, H: int, W: int, device: torch.device):
     (i - delta_s, i+k) at band slot k + f_s and (i+k - delta_s, i) at slot f_s - k, as flat band
     indices (L*n where absent: a zero slot) and the index of their factor -w/d (S*n where absent)."""
     n, L, S = H * W, band_width(stencil, W) + 1, stencil.S
-    a_sl = stencil.wavefront_slope
     ys, xs = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
-    t = a_sl * (H - 1 - ys) + (W - 1 - xs)
+    t = times(stencil, H, W)
+    inside = read_mask(stencil, H, W, torch.device("cpu")).reshape(S, n)
     k, i = torch.meshgrid(torch.arange(L), torch.arange(n), indexing="ij")
     keep = i + k < n
     k, i = k[keep], i[keep]
     c = i + k
     level = t[i] + t[c]
     src, fac = [], []
-    for s, (dy, dx) in enumerate(stencil.offsets):
+    def reads(s, r):          # pixel r's offset s lands inside (r + f_s the entry read)
+        return (r >= 0) & (r < n) & inside[s, r.clamp(0, n - 1)]
+
+    for s, (dy, dx) in enumerate(stencil.tall_offsets):
         f = dy * W + dx
         r1 = i - f
-        ok1 = (ys[i] - dy >= 0) & (xs[i] - dx >= 0) & (xs[i] - dx < W) & (k + f < L)
+        ok1 = reads(s, r1) & (k + f < L)
         r2 = c - f
-        ok2 = (k > 0) & (k <= f) & (ys[c] - dy >= 0) & (xs[c] - dx >= 0) & (xs[c] - dx < W)
+        ok2 = (k > 0) & (k <= f) & reads(s, r2)
         src += [torch.where(ok1, (k + f) * n + r1, L * n), torch.where(ok2, (f - k) * n + r2, L * n)]
         fac += [torch.where(ok1, s * n + r1, S * n), torch.where(ok2, s * n + r2, S * n)]
     src, fac = torch.stack(src), torch.stack(fac)
@@ -459,9 +489,9 @@ def covariance_band_backward(grad, log_diag, off_diag, band, stencil):
     k = torch.arange(L, device=grad.device).view(L, 1)
     i = torch.arange(n, device=grad.device).view(1, n)
     flat_sigma = sigma.reshape(planes, L * n)
-    read = read_mask(tuple(stencil.offsets), H, W, grad.device).reshape(S, n)
+    read = read_mask(stencil, H, W, grad.device).reshape(S, n)
     grad_w = []
-    for s, (dy, dx) in enumerate(stencil.offsets):
+    for s, (dy, dx) in enumerate(stencil.tall_offsets):
         f = dy * W + dx
         index = ((k - f).abs() * n + torch.minimum(i + f, i + k)).clamp(max=L * n - 1)   # Sigma_{i+f, i+k}
         term = (A * flat_sigma[:, index.flatten()].reshape(planes, L, n)).sum(1) * -inv

@@ -126,3 +126,64 @@ def opcheck_image_op(backend_name, name):
     """opcheck of torch.ops.structlik.<name>, an image op (r, log_diag, off_diag, offsets)."""
     opcheck(backend_name, name, lambda g: (opcheck_inputs(g)[0], *opcheck_inputs(g)[2:],
                                            OPCHECK_STENCIL.flat_offsets), True)
+
+
+def check_func_and_compile(x, loc, ld, od, xi, stencil, argnum=3):
+    """Per-sample gradients of the NLL (vmap(grad) in argument ``argnum`` of (loc, log_diag, off_diag,
+    cross)) equal autograd's over the batch, and a torch.compile(fullgraph) of the NLL and a solve
+    matches eager: for images and volumes, coupled channels or not."""
+    from structlik import ops
+    per_sample = torch.func.vmap(torch.func.grad(
+        lambda m, s, w, c, v: ops.nll(v[None], m[None], s[None], w[None], stencil, c[None]).sum(), argnums=argnum))(
+        loc, ld, od, xi, x)
+    leaves = [loc, ld, od, xi]
+    leaves[argnum] = leaves[argnum].clone().requires_grad_()
+    full, = torch.autograd.grad(ops.nll(x, *leaves[:3], stencil, leaves[3]).sum(), leaves[argnum])
+    torch.testing.assert_close(per_sample, full)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(m, s, w, c):
+        return ops.nll(x, m, s, w, stencil, c).sum(), ops.solve_upper(x, s, w, stencil, c)
+    value, sol = step(loc, ld, od, xi)
+    torch.testing.assert_close(value, ops.nll(x, loc, ld, od, stencil, xi).sum())
+    torch.testing.assert_close(sol, ops.solve_upper(x, ld, od, stencil, xi))
+
+
+def check_shapes_everywhere(x, loc, ld, od, xi, stencil):
+    """The shapes of every op, the loss and the distribution (validation on): for meta and fake tensors."""
+    from structlik import ops, StructuredNormal, structured_gaussian_nll
+    shape, n = x.shape, x[0].numel()
+    assert structured_gaussian_nll(x, loc, ld, od, stencil, reduction="none", cross=xi).shape == (shape[0],)
+    for op in (ops.apply_upper, ops.apply_upper_t, ops.solve_upper, ops.solve_upper_t):
+        assert op(x, ld, od, stencil, xi).shape == shape
+    assert ops.precision_diagonal(ld, od, stencil, xi).shape == shape
+    assert ops.variance(ld, od, stencil).shape == shape
+    assert ops.to_dense_upper(ld, od, stencil, xi).shape == (shape[0], n, n)
+    dist = StructuredNormal(loc, ld, od, stencil, cross=xi)
+    assert dist.log_prob(x).shape == (shape[0],) and dist.entropy().shape == (shape[0],)
+    assert dist.rsample((3,)).shape == (3, *shape)
+
+
+def assert_ops_match_dense(M, x, loc, ld, od, xi, stencil, tol=dict(rtol=1e-10, atol=1e-10)):
+    """M r, M^T y, both solves, diag(M^T M) and the NLL of images or volumes against the dense M
+    (B, C*n, C*n) built by the test from the formula."""
+    from structlik import ops
+    shape, B = x.shape, x.shape[0]
+
+    def matvec(A, v):
+        return torch.einsum("bij,bj->bi", A, v.reshape(B, -1)).reshape(v.shape)
+    r = x - loc
+    torch.testing.assert_close(ops.apply_upper(r, ld, od, stencil, xi), matvec(M, r), **tol)
+    torch.testing.assert_close(ops.apply_upper_t(r, ld, od, stencil, xi), matvec(M.mT, r), **tol)
+    z = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(ops.solve_upper(z, ld, od, stencil, xi),
+                               torch.linalg.solve_triangular(M, z.reshape(B, -1, 1), upper=True).reshape(shape), **tol)
+    torch.testing.assert_close(ops.solve_upper_t(z, ld, od, stencil, xi),
+                               torch.linalg.solve_triangular(M.mT, z.reshape(B, -1, 1), upper=False).reshape(shape),
+                               **tol)
+    precision = M.mT @ M
+    torch.testing.assert_close(ops.precision_diagonal(ld, od, stencil, xi),
+                               precision.diagonal(dim1=1, dim2=2).reshape(shape), **tol)
+    expected = -torch.distributions.MultivariateNormal(loc.reshape(B, -1), precision_matrix=precision).log_prob(
+        x.reshape(B, -1))
+    torch.testing.assert_close(ops.nll(x, loc, ld, od, stencil, xi), expected, **tol)

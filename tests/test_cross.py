@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from helpers import gradcheck, make_params
+from helpers import assert_ops_match_dense, check_func_and_compile, check_shapes_everywhere, gradcheck, make_params
 import structlik
 from structlik import Stencil, StructuredNormal, backends, ops, reference, split_head, structured_gaussian_nll
 
@@ -85,22 +85,8 @@ def test_every_op_matches_the_dense_formula(request, stencil, shape, backend):
     x, loc, ld, od, xi = make_coupled(shape, stencil)
     M = dense_m(ld, od, xi, stencil)
     B = shape[0]
-    r = x - loc
     tol = dict(rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(ops.apply_upper(r, ld, od, stencil, xi), matvec(M, r), **tol)
-    torch.testing.assert_close(ops.apply_upper_t(r, ld, od, stencil, xi), matvec(M.mT, r), **tol)
-    z = torch.randn(shape, dtype=torch.float64)
-    torch.testing.assert_close(ops.solve_upper(z, ld, od, stencil, xi),
-                               torch.linalg.solve_triangular(M, z.reshape(B, -1, 1), upper=True).reshape(shape), **tol)
-    torch.testing.assert_close(ops.solve_upper_t(z, ld, od, stencil, xi),
-                               torch.linalg.solve_triangular(M.mT, z.reshape(B, -1, 1), upper=False).reshape(shape),
-                               **tol)
-    torch.testing.assert_close(ops.precision_diagonal(ld, od, stencil, xi),
-                               (M.mT @ M).diagonal(dim1=1, dim2=2).reshape(shape), **tol)
-    precision = M.mT @ M
-    expected = -torch.distributions.MultivariateNormal(loc.reshape(B, -1), precision_matrix=precision).log_prob(
-        x.reshape(B, -1))
-    torch.testing.assert_close(ops.nll(x, loc, ld, od, stencil, xi), expected, **tol)
+    assert_ops_match_dense(M, x, loc, ld, od, xi, stencil, tol)
     # a learned basis: the same NLL with the weights formed inside the kernel
     coeffs = torch.randn(B, shape[1] * 2, *shape[2:], dtype=torch.float64) * 0.2
     basis = torch.randn(stencil.S, 2, dtype=torch.float64) * 0.3
@@ -371,40 +357,14 @@ def test_nll_head_opcheck(backend):
 
 def test_torch_func_and_compile(backend):
     stencil, shape = Stencil(1), (3, 2, 3, 4)
-    x, loc, ld, od, xi = make_coupled(shape, stencil)
-    # per-sample gradients of the cross weights through vmap(grad)
-    per_sample = torch.func.vmap(torch.func.grad(
-        lambda m, s, w, c, v: ops.nll(v[None], m[None], s[None], w[None], stencil, c[None]).sum(), argnums=3))(
-        loc, ld, od, xi, x)
-    xi_ = xi.clone().requires_grad_()
-    full, = torch.autograd.grad(ops.nll(x, loc, ld, od, stencil, xi_).sum(), xi_)
-    torch.testing.assert_close(per_sample, full)
-
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def step(m, s, w, c):
-        return ops.nll(x, m, s, w, stencil, c).sum(), ops.solve_upper(x, s, w, stencil, c)
-    value, sol = step(loc, ld, od, xi)
-    torch.testing.assert_close(value, ops.nll(x, loc, ld, od, stencil, xi).sum())
-    torch.testing.assert_close(sol, ops.solve_upper(x, ld, od, stencil, xi))
-
-
-def _coupled_shapes(x, loc, ld, od, xi, stencil):
-    shape, n = x.shape, x[0].numel()
-    assert structured_gaussian_nll(x, loc, ld, od, stencil, reduction="none", cross=xi).shape == (shape[0],)
-    for op in (ops.apply_upper, ops.apply_upper_t, ops.solve_upper, ops.solve_upper_t):
-        assert op(x, ld, od, stencil, xi).shape == shape
-    assert ops.precision_diagonal(ld, od, stencil, xi).shape == shape
-    assert ops.to_dense_upper(ld, od, stencil, xi).shape == (shape[0], n, n)
-    dist = StructuredNormal(loc, ld, od, stencil, cross=xi)
-    assert dist.log_prob(x).shape == (shape[0],) and dist.entropy().shape == (shape[0],)
-    assert dist.rsample((3,)).shape == (3, *shape)
+    check_func_and_compile(*make_coupled(shape, stencil), stencil, argnum=3)     # the cross weights' gradient
 
 
 def test_meta_tensors_with_cross_weights():
     """Shapes through every op and the distribution, validation on, on meta tensors."""
     assert torch.distributions.Distribution._validate_args
     stencil = Stencil(2)
-    _coupled_shapes(*(t.to("meta") for t in make_coupled((2, 3, 5, 4), stencil)), stencil)
+    check_shapes_everywhere(*(t.to("meta") for t in make_coupled((2, 3, 5, 4), stencil)), stencil)
 
 
 def test_fake_tensors_with_cross_weights(backend):
@@ -413,4 +373,4 @@ def test_fake_tensors_with_cross_weights(backend):
     stencil = Stencil(2)
     real = make_coupled((2, 3, 5, 4), stencil)
     with FakeTensorMode() as mode:
-        _coupled_shapes(*(mode.from_tensor(t) for t in real), stencil)
+        check_shapes_everywhere(*(mode.from_tensor(t) for t in real), stencil)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (acc_dtype, block_for, cross_meta, cross_strides, cross_terms, empty, grid, neighbour, plane_start,
+from .common import (acc_dtype, stencil_meta, block_for, cross_meta, cross_strides, cross_terms, empty, grid, neighbour, plane_start,
                      plane_strides, planes_contiguous, tile)
 
 
@@ -22,9 +22,9 @@ def param_plane(k, C, param_batch):
 
 
 @triton.jit
-def apply_upper_kernel(inp, log_diag, off_diag, cross, out, C, H, W, param_batch, isb, isc, ssb, ssc, wsb, wsc,
-                       xsb, xsc, OFFS: tl.constexpr, S: tl.constexpr, TRANSPOSED: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK: tl.constexpr, NCH: tl.constexpr):
+def apply_upper_kernel(inp, log_diag, off_diag, cross, out, C, H, W, HS, param_batch, isb, isc, ssb, ssc, wsb, wsc,
+                       xsb, xsc, OFFS: tl.constexpr, S: tl.constexpr, VOL: tl.constexpr, TRANSPOSED: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK: tl.constexpr, NCH: tl.constexpr):
     _, k, p, y, x, valid = tile(H, W, BLOCK)
     kp = param_plane(k, C, param_batch)
     ib = plane_start(k, C, isb, isc)
@@ -33,10 +33,10 @@ def apply_upper_kernel(inp, log_diag, off_diag, cross, out, C, H, W, param_batch
            * tl.load(inp + ib + p, valid, 0.0).to(ACC))
     for i in tl.static_range(S):
         if TRANSPOSED:   # the weight belongs to row q = p - delta_i of U
-            q, ok = neighbour(y, x, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
+            q, ok = neighbour(y, x, H, W, HS, -OFFS[3 * i], -OFFS[3 * i + 1], -OFFS[3 * i + 2], valid, VOL)
             term = tl.load(off_diag + wb + i * wsc + q, ok, 0.0).to(ACC) * tl.load(inp + ib + q, ok, 0.0).to(ACC)
         else:            # the weight at the pixel itself: a contiguous load under the tile's mask
-            q, ok = neighbour(y, x, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
+            q, ok = neighbour(y, x, H, W, HS, OFFS[3 * i], OFFS[3 * i + 1], OFFS[3 * i + 2], valid, VOL)
             w_i = tl.load(off_diag + wb + i * wsc + p, valid, 0.0).to(ACC)
             term = tl.where(ok, w_i * tl.load(inp + ib + q, ok, 0.0).to(ACC), 0.0)
         acc += term
@@ -53,9 +53,10 @@ def launch(image: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, 
     cross = planes_contiguous(cross) if cross is not None else None
     out = empty(image.shape, image.dtype, image.device)
     block = block_for(H * W)
+    meta = stencil_meta(offsets)
     apply_upper_kernel[grid(B * C, triton.cdiv(H * W, block))](
-        image, log_diag, off_diag, cross_strides(cross, log_diag)[0], out, C, H, W, log_diag.shape[0],
+        image, log_diag, off_diag, cross_strides(cross, log_diag)[0], out, C, H, W, meta.pop("HS"), log_diag.shape[0],
         *plane_strides(image), *plane_strides(log_diag), *plane_strides(off_diag), *cross_strides(cross, log_diag)[1:],
-        OFFS=tuple(offsets), S=len(offsets) // 2, TRANSPOSED=transposed, ACC=acc_dtype(image), BLOCK=block,
+        **meta, TRANSPOSED=transposed, ACC=acc_dtype(image), BLOCK=block,
         NCH=cross_meta(cross, C))
     return out

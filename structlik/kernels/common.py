@@ -52,12 +52,32 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON else out
 
 
+def stencil_meta(offsets) -> dict:
+    """The stencil's constexprs from the ops' offsets: OFFS as (dz, dy, dx) triples (dz = 0 for
+    images), S, and VOL, whether they are a volume's (its tall view, ``[-h, dz0, dy0, dx0, ...]``,
+    docs/contract.md §3); and HS, a volume's slice height h (1 for images), a runtime argument so
+    that one compilation serves every volume size."""
+    offsets = tuple(int(v) for v in offsets)
+    if offsets and offsets[0] < 0:
+        return dict(OFFS=offsets[1:], S=(len(offsets) - 1) // 3, VOL=True, HS=-offsets[0])
+    triples = tuple(v for i in range(0, len(offsets), 2) for v in (0, offsets[i], offsets[i + 1]))
+    return dict(OFFS=triples, S=len(offsets) // 2, VOL=False, HS=1)
+
+
 @triton.jit
-def neighbour(y, x, H, W, dy: tl.constexpr, dx: tl.constexpr, valid):
-    """Flat index of (y + dy, x + dx) and whether it lies inside the image."""
-    ny = y + dy
+def neighbour(y, x, H, W, HS, dz: tl.constexpr, dy: tl.constexpr, dx: tl.constexpr, valid, VOL: tl.constexpr):
+    """Flat index of the neighbour (dz, dy, dx) of row y, column x, and whether it lies inside the
+    image (dz = 0) or, for a volume's tall view (VOL: H = D*HS rows, row y = z*HS + y'), inside
+    the volume: a tall neighbour across a slice boundary is not one."""
     nx = x + dx
-    inside = valid & (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
+    if VOL:
+        ys = y % HS + dy
+        nz = y // HS + dz
+        ny = y + dz * HS + dy
+        inside = valid & (ys >= 0) & (ys < HS) & (nz >= 0) & (nz < H // HS) & (nx >= 0) & (nx < W)
+    else:
+        ny = y + dy
+        inside = valid & (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
     return ny * W + nx, inside
 
 

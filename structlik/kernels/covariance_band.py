@@ -27,11 +27,25 @@ import triton.language as tl
 
 from .common import acc_dtype, block_for, empty, grid, plane_start, plane_strides, planes_contiguous, tile
 from .solve_upper import wavefront_slope
+from .. import reference
 from ..reference import cached_unless_tracing
+from ..stencil import Stencil
 
 
 def band_length(offsets, W: int) -> int:
-    return max(dy * W + dx for dy, dx in zip(offsets[::2], offsets[1::2])) + 1
+    """L = b + 1, b the largest flat offset (of a volume's offsets, in its tall view)."""
+    return max(dy * W + dx for dy, dx in Stencil.from_flat_offsets(offsets).tall_offsets) + 1
+
+
+# The kernels index a plane's band, L*H*W entries, in int32.
+INDEX_LIMIT = 2 ** 31 - 1
+
+
+def _check_size(L: int, H: int, W: int):
+    if L * H * W > INDEX_LIMIT:
+        raise ValueError(f"covariance_band: the band holds L*H*W = {L}*{H}*{W} = {L * H * W} entries a plane, past "
+                         f"the {INDEX_LIMIT} the Triton kernels index (a volume's band is L = H*W + W + 2 a voxel at "
+                         f"radius 1); use smaller volumes or the CPU")
 
 
 @triton.jit
@@ -104,11 +118,33 @@ def covariance_band_kernel(log_diag, off_diag, band, pairs, C, H, W, RW, levels,
 
 
 @triton.jit
-def covariance_band_adjoint_kernel(grad, log_diag, off_diag, adjoint, pairs, C, H, W, RW, levels, lanes_per_level,
-                                   ssb, ssc, wsb, wsc, SLOPE: tl.constexpr, OFFS: tl.constexpr, S: tl.constexpr,
-                                   ACC: tl.constexpr, LANES: tl.constexpr):
+def _reader_terms(adj, s, dy, dx, ok, k, y, x, yj, xj, a, W, L, n, base, wb, sb, wsc, off_diag, log_diag, adjoint,
+                  ACC: tl.constexpr):
+    """adj minus the shares of offset s's two readers of the entry (k, a)."""
+    fl = dy * W + dx
+    # reader (a - delta, c): its entry k + f of the band, if within it
+    r1 = ok & (y - dy >= 0) & (x - dx >= 0) & (x - dx < W) & (k + fl < L)
+    p1 = a - fl
+    w1 = tl.load(off_diag + wb + s * wsc + p1, r1, 0.0).to(ACC)
+    d1 = tl.exp(tl.load(log_diag + sb + p1, r1, 0.0).to(ACC))
+    adj -= tl.load(adjoint + base + (k + fl) * n + p1, r1, 0.0) * (w1 / d1)
+    # reader (c - delta, a), when a != c and a >= c - delta: its entry f - k
+    r2 = ok & (k > 0) & (k <= fl) & (yj - dy >= 0) & (xj - dx >= 0) & (xj - dx < W)
+    p2 = a + k - fl
+    w2 = tl.load(off_diag + wb + s * wsc + p2, r2, 0.0).to(ACC)
+    d2 = tl.exp(tl.load(log_diag + sb + p2, r2, 1.0).to(ACC))
+    adj -= tl.load(adjoint + base + (fl - k) * n + p2, r2, 0.0) * (w2 / d2)
+    return adj
+
+
+@triton.jit
+def covariance_band_adjoint_kernel(grad, log_diag, off_diag, adjoint, pairs, offs, C, H, W, RW, levels,
+                                   lanes_per_level, ssb, ssc, wsb, wsc, SLOPE: tl.constexpr, OFFS: tl.constexpr,
+                                   S: tl.constexpr, ACC: tl.constexpr, LANES: tl.constexpr, UNROLL: tl.constexpr):
     """adjoint_{a,c} = grad_{a,c} + the share of every entry (r, .) that read Sigma_{a,c}: the entry
-    (r = a - delta, c) and, for a != c, (r = c - delta, a), each with factor -w_{r,delta} / d_r."""
+    (r = a - delta, c) and, for a != c, (r = c - delta, a), each with factor -w_{r,delta} / d_r.
+    UNROLL: the offsets unrolled (OFFS); else a loop over them read from ``offs`` (int32 pairs): at
+    S = 62 (a volume at radius 2) the unrolled kernel spilled 1,032 bytes at one lane a thread."""
     plane = tl.program_id(0).to(tl.int64)
     n = H.to(tl.int64) * W            # int64: L*n passes 2^31 from 2048x2048 radius 3
     L = band_length_of(W, OFFS, S)
@@ -124,22 +160,16 @@ def covariance_band_adjoint_kernel(grad, log_diag, off_diag, adjoint, pairs, C, 
             ok, k, y, x, yj, xj = _entry(chunk + lane, T, H, W, RW, lanes_per_level, pairs, SLOPE)
             a = y * W + x
             adj = tl.load(grad + base + k * n + a, ok, 0.0).to(ACC)
-            for s in tl.static_range(S):
-                dy = OFFS[2 * s]
-                dx = OFFS[2 * s + 1]
-                fl = dy * W + dx
-                # reader (a - delta, c): its entry k + f of the band, if within it
-                r1 = ok & (y - dy >= 0) & (x - dx >= 0) & (x - dx < W) & (k + fl < L)
-                p1 = a - fl
-                w1 = tl.load(off_diag + wb + s * wsc + p1, r1, 0.0).to(ACC)
-                d1 = tl.exp(tl.load(log_diag + sb + p1, r1, 0.0).to(ACC))
-                adj -= tl.load(adjoint + base + (k + fl) * n + p1, r1, 0.0) * (w1 / d1)
-                # reader (c - delta, a), when a != c and a >= c - delta: its entry f - k
-                r2 = ok & (k > 0) & (k <= fl) & (yj - dy >= 0) & (xj - dx >= 0) & (xj - dx < W)
-                p2 = a + k - fl
-                w2 = tl.load(off_diag + wb + s * wsc + p2, r2, 0.0).to(ACC)
-                d2 = tl.exp(tl.load(log_diag + sb + p2, r2, 1.0).to(ACC))
-                adj -= tl.load(adjoint + base + (fl - k) * n + p2, r2, 0.0) * (w2 / d2)
+            if UNROLL:
+                for s in tl.static_range(S):
+                    adj = _reader_terms(adj, s, OFFS[2 * s], OFFS[2 * s + 1], ok, k, y, x, yj, xj, a, W, L, n, base,
+                                        wb, sb, wsc, off_diag, log_diag, adjoint, ACC)
+            else:
+                s = 0
+                while s < S:
+                    adj = _reader_terms(adj, s, tl.load(offs + 2 * s), tl.load(offs + 2 * s + 1), ok, k, y, x, yj,
+                                        xj, a, W, L, n, base, wb, sb, wsc, off_diag, log_diag, adjoint, ACC)
+                    s += 1
             tl.store(adjoint + base + k * n + a, adj, ok)
             chunk += LANES
         tl.debug_barrier()
@@ -219,6 +249,11 @@ def _schedule(H: int, W: int, offsets, max_lanes: int = 1024):
 FORWARD_LANES, ADJOINT_LANES = 1024, 512
 
 
+# The adjoint's offsets are unrolled up to S = 40 (radius 4 of an image: 180 registers, no spill);
+# past it they are a loop (S = 62, a volume at radius 2: 1,032 bytes spilled unrolled).
+UNROLLED_ADJOINT = 40
+
+
 def _adjoint_lanes_per_thread(S: int) -> int:
     return 2 if S <= 24 else 1
 
@@ -230,6 +265,7 @@ def _warps(lanes: int, per_thread: int) -> int:
 def _band(log_diag, off_diag, offsets):
     B, C, H, W = log_diag.shape
     slope, L, rows, lanes_per_level, lanes, levels = _schedule(H, W, offsets, FORWARD_LANES)
+    _check_size(L, H, W)
     band = torch.zeros(B, C * L, H, W, dtype=torch.float64 if log_diag.dtype == torch.float64 else torch.float32,
                        device=log_diag.device)
     if B * C:
@@ -240,8 +276,26 @@ def _band(log_diag, off_diag, offsets):
     return band
 
 
+def tall_image(off_diag, offsets):
+    """A volume's band as its tall view's (docs/contract.md §3): the recurrence of this file runs on
+    the tall image with the tall offsets (dz*h + dy, dx) and the weights that would cross a slice
+    boundary set to 0 (one masked copy of off_diag; they are not part of U). An offset that never
+    lands inside the volume (|dy| >= h) and does not point forward in the tall raster order (h = 1)
+    becomes (0, 1), with zero weights; its flat offset is below 1, so the band's length is kept.
+    Returns (off_diag, offsets, mask) with mask None for images."""
+    stencil = Stencil.from_flat_offsets(offsets)
+    if stencil.ndim == 2:
+        return off_diag, list(offsets), None
+    B, CS, H, W = off_diag.shape
+    mask = reference.read_mask(stencil, H, W, off_diag.device)
+    tall = [v for dy, dx in stencil.tall_offsets for v in ((dy, dx) if dy > 0 or (dy == 0 and dx > 0) else (0, 1))]
+    masked = torch.where(mask, off_diag.unflatten(1, (-1, stencil.S)), 0).flatten(1, 2)
+    return masked, tall, mask
+
+
 def launch(log_diag, off_diag, offsets, diagonal_only: bool):
     log_diag, off_diag = planes_contiguous(log_diag), planes_contiguous(off_diag)
+    off_diag, offsets, _ = tall_image(off_diag, offsets)
     B, C, H, W = log_diag.shape
     band = _band(log_diag, off_diag, offsets)
     if diagonal_only:
@@ -251,20 +305,31 @@ def launch(log_diag, off_diag, offsets, diagonal_only: bool):
 
 def launch_backward(grad, log_diag, off_diag, band, offsets):
     log_diag, off_diag = planes_contiguous(log_diag), planes_contiguous(off_diag)
+    off_diag, offsets, mask = tall_image(off_diag, offsets)
+    grad_s, grad_w = _backward(grad, log_diag, off_diag, band, offsets)
+    if mask is not None:         # the weights outside the volume are not part of U: no gradient
+        grad_w = torch.where(mask, grad_w.unflatten(1, (-1, mask.shape[0])), 0).flatten(1, 2)
+    return grad_s, grad_w
+
+
+def _backward(grad, log_diag, off_diag, band, offsets):
     B, C, H, W = log_diag.shape
     S = len(offsets) // 2
     per_thread = _adjoint_lanes_per_thread(S)
     slope, L, rows, lanes_per_level, lanes, levels = _schedule(H, W, offsets, ADJOINT_LANES * per_thread // 2)
+    _check_size(L, H, W)
     work = torch.float64 if log_diag.dtype == torch.float64 else torch.float32
     grad, band = grad.to(work).contiguous(), band.to(work).contiguous()
     adjoint = torch.zeros_like(band)
     grad_s = empty((B, C, H, W), log_diag.dtype, log_diag.device)
     grad_w = empty((B, C * S, H, W), off_diag.dtype, off_diag.device)
     if B * C:
+        offs = torch.tensor(offsets, dtype=torch.int32, device=log_diag.device)
         covariance_band_adjoint_kernel[(B * C,)](
-            grad, log_diag, off_diag, adjoint, _pairs_table(tuple(offsets), W, log_diag.device), C, H, W, rows, levels, lanes_per_level, *plane_strides(log_diag),
-            *plane_strides(off_diag), SLOPE=slope, OFFS=tuple(offsets), S=S, ACC=acc_dtype(log_diag),
-            LANES=lanes, num_warps=_warps(lanes, per_thread))
+            grad, log_diag, off_diag, adjoint, _pairs_table(tuple(offsets), W, log_diag.device), offs, C, H, W, rows,
+            levels, lanes_per_level, *plane_strides(log_diag), *plane_strides(off_diag), SLOPE=slope,
+            OFFS=tuple(offsets), S=S, ACC=acc_dtype(log_diag), LANES=lanes, UNROLL=S <= UNROLLED_ADJOINT,
+            num_warps=_warps(lanes, per_thread))
         block = block_for(H * W)
         covariance_band_grads_kernel[grid(B * C, triton.cdiv(H * W, block))](
             adjoint, band, log_diag, grad_s, grad_w, C, H, W, L, *plane_strides(log_diag), OFFS=tuple(offsets),

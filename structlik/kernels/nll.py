@@ -45,6 +45,7 @@ import triton.language as tl
 
 from .._dtypes import compute_dtype
 from .common import (acc_dtype, block_for, cross_index, cross_meta, cross_strides, cross_terms, empty, finish_nll,
+                     stencil_meta,
                      grid, neighbour, plane_start, plane_strides, planes_contiguous, tile)
 
 
@@ -76,9 +77,9 @@ def _weight(weights, basis, wb, wsc, c, i, q, ok, NB: tl.constexpr, NB_P2: tl.co
 
 
 @triton.jit
-def _residual_and_u(x, loc, log_diag, weights, basis, k, p, y, xx, valid, C, H, W, xsb, xsc, lsb, lsc, ssb, ssc,
-                    wsb, wsc, OFFS: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr,
-                    ACC: tl.constexpr, BASIS: tl.constexpr):
+def _residual_and_u(x, loc, log_diag, weights, basis, k, p, y, xx, valid, C, H, W, HS, xsb, xsc, lsb, lsc, ssb,
+                    ssc, wsb, wsc, OFFS: tl.constexpr, S: tl.constexpr, VOL: tl.constexpr, NB: tl.constexpr,
+                    NB_P2: tl.constexpr, ACC: tl.constexpr, BASIS: tl.constexpr):
     xb = plane_start(k, C, xsb, xsc)
     lb = plane_start(k, C, lsb, lsc)
     wb = plane_start(k, C, wsb, wsc * (NB if BASIS else S))
@@ -88,7 +89,7 @@ def _residual_and_u(x, loc, log_diag, weights, basis, k, p, y, xx, valid, C, H, 
     u = d * r
     c = _coeff_tile(weights, wb, wsc, p, valid, NB, NB_P2, ACC) if BASIS else 0.0
     for i in tl.static_range(S):
-        q, ok = neighbour(y, xx, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
+        q, ok = neighbour(y, xx, H, W, HS, OFFS[3 * i], OFFS[3 * i + 1], OFFS[3 * i + 2], valid, VOL)
         r_q = tl.load(x + xb + q, ok, 0.0).to(ACC) - tl.load(loc + lb + q, ok, 0.0).to(ACC)
         # the weight at the pixel itself, under the tile's mask (contiguous, vectorisable);
         # where the neighbour is outside, the term is dropped rather than multiplied by 0
@@ -113,13 +114,13 @@ def _cross_residual(u, x, loc, cross, k, p, valid, C, xsb, xsc, lsb, lsc, csb, c
 
 
 @triton.jit
-def nll_kernel(x, loc, log_diag, weights, basis, cross, partial, u_out, C, H, W, xsb, xsc, lsb, lsc, ssb, ssc, wsb,
-               wsc, csb, csc, OFFS: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr,
-               ACC: tl.constexpr, BLOCK: tl.constexpr, STORE_U: tl.constexpr, BASIS: tl.constexpr,
+def nll_kernel(x, loc, log_diag, weights, basis, cross, partial, u_out, C, H, W, HS, xsb, xsc, lsb, lsc, ssb, ssc,
+               wsb, wsc, csb, csc, OFFS: tl.constexpr, S: tl.constexpr, VOL: tl.constexpr, NB: tl.constexpr,
+               NB_P2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, STORE_U: tl.constexpr, BASIS: tl.constexpr,
                NCH: tl.constexpr):
     program, k, p, y, xx, valid = tile(H, W, BLOCK)
-    r, s, d, u = _residual_and_u(x, loc, log_diag, weights, basis, k, p, y, xx, valid, C, H, W, xsb, xsc, lsb, lsc,
-                                 ssb, ssc, wsb, wsc, OFFS, S, NB, NB_P2, ACC, BASIS)
+    r, s, d, u = _residual_and_u(x, loc, log_diag, weights, basis, k, p, y, xx, valid, C, H, W, HS, xsb, xsc, lsb,
+                                 lsc, ssb, ssc, wsb, wsc, OFFS, S, VOL, NB, NB_P2, ACC, BASIS)
     if NCH > 1:
         u = _cross_residual(u, x, loc, cross, k, p, valid, C, xsb, xsc, lsb, lsc, csb, csc, NCH, ACC)
     term = tl.where(valid, 0.5 * u * u - s, 0.0)
@@ -130,9 +131,9 @@ def nll_kernel(x, loc, log_diag, weights, basis, cross, partial, u_out, C, H, W,
 
 @triton.jit
 def nll_backward_kernel(grad, x, loc, log_diag, weights, basis, cross, u, grad_loc, grad_s, grad_w, grad_cross,
-                        basis_partial, C, H, W, xsb, xsc, lsb, lsc, ssb, ssc, wsb, wsc, csb, csc, glsb, glsc, gssb,
-                        gssc, gwsb, gwsc, gcsb, gcsc, OFFS: tl.constexpr, S: tl.constexpr, NB: tl.constexpr,
-                        NB_P2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BASIS: tl.constexpr,
+                        basis_partial, C, H, W, HS, xsb, xsc, lsb, lsc, ssb, ssc, wsb, wsc, csb, csc, glsb, glsc,
+                        gssb, gssc, gwsb, gwsc, gcsb, gcsc, OFFS: tl.constexpr, S: tl.constexpr, VOL: tl.constexpr,
+                        NB: tl.constexpr, NB_P2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BASIS: tl.constexpr,
                         NCH: tl.constexpr):
     """All gradients in one pass, from the u the forward stored. With BASIS, grad_w is d/dcoeffs and
     each program writes its partial d/dbasis (summed on the host, deterministically)."""
@@ -156,7 +157,7 @@ def nll_backward_kernel(grad, x, loc, log_diag, weights, basis, cross, u, grad_l
     gc = tl.zeros([NB_P2, BLOCK], ACC) if BASIS else 0.0
     for i in tl.static_range(S):
         # d/dw_{p,i} = g u_p r_{p+delta_i} (residual at the neighbour, through the cache) ...
-        q, ok = neighbour(y, xx, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
+        q, ok = neighbour(y, xx, H, W, HS, OFFS[3 * i], OFFS[3 * i + 1], OFFS[3 * i + 2], valid, VOL)
         r_q = tl.load(x + xb + q, ok, 0.0).to(ACC) - tl.load(loc + lb + q, ok, 0.0).to(ACC)
         gw = g * u_p * r_q
         if BASIS:        # ... into d/dcoeffs_j = sum_i basis_ij gw_i and d/dbasis_ij = sum_p gw_i c_j
@@ -166,7 +167,7 @@ def nll_backward_kernel(grad, x, loc, log_diag, weights, basis, cross, u, grad_l
         else:
             tl.store(grad_w + gwb + i * gwsc + p, gw.to(grad_w.dtype.element_ty), valid)
         # ... and (U^T u)_p gathers w_{p-delta_i,i} u_{p-delta_i}
-        q, ok = neighbour(y, xx, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
+        q, ok = neighbour(y, xx, H, W, HS, -OFFS[3 * i], -OFFS[3 * i + 1], -OFFS[3 * i + 2], valid, VOL)
         c_q = _coeff_tile(weights, wb, wsc, q, ok, NB, NB_P2, ACC) if BASIS else 0.0
         w_q = _weight(weights, basis, wb, wsc, c_q, i, q, ok, NB, NB_P2, ACC, BASIS)
         acc += w_q * tl.load(u + ub + q, ok, 0.0).to(ACC)
@@ -188,14 +189,14 @@ def nll_backward_kernel(grad, x, loc, log_diag, weights, basis, cross, u, grad_l
 
 def _meta(offsets, H, W, x, basis=None):
     if basis is None:
-        return dict(OFFS=tuple(offsets), S=len(offsets) // 2, NB=1, NB_P2=2, ACC=acc_dtype(x),
+        return dict(**stencil_meta(offsets), NB=1, NB_P2=2, ACC=acc_dtype(x),
                     BLOCK=block_for(H * W), BASIS=False)
     # The coefficient tile and its gradient are NB_P2 x BLOCK each. 128 pixels for 4 warps puts one
     # pixel's NB coefficients in one thread (the sums over the basis stay in registers); at 256 pixels
     # the backward spilled at NB=6, and below 128 the basis axis is split across warps (sums through
     # shared memory) and spilled more (tools/triton_aot.py).
     nb = basis.shape[1]
-    return dict(OFFS=tuple(offsets), S=len(offsets) // 2, NB=nb, NB_P2=max(2, triton.next_power_of_2(nb)),
+    return dict(**stencil_meta(offsets), NB=nb, NB_P2=max(2, triton.next_power_of_2(nb)),
                 ACC=acc_dtype(x), BLOCK=min(block_for(H * W), 128), BASIS=True)
 
 
@@ -224,7 +225,7 @@ def nll(x, loc, log_diag, weights, basis, offsets, store_u, cross=None):
     xs = cross_strides(cross, partial)
     nll_kernel[grid(B * C, tiles)](
         x, loc, log_diag, weights, partial if basis is None else basis, xs[0], partial, u if store_u else partial,
-        C, H, W, *_strides(x, loc, log_diag, weights), *xs[1:], STORE_U=store_u, NCH=cross_meta(cross, C), **meta)
+        C, H, W, meta.pop("HS"), *_strides(x, loc, log_diag, weights), *xs[1:], STORE_U=store_u, NCH=cross_meta(cross, C), **meta)
     return finish_nll(partial, x), u
 
 
@@ -249,7 +250,7 @@ def _backward_into(grad, x, loc, log_diag, weights, basis, u, offsets, out, cros
     xs, gxs = cross_strides(cross, u), cross_strides(grad_cross if cross is not None else None, u)
     nll_backward_kernel[grid(B * C, tiles)](
         grad, x, loc, log_diag, weights, u if basis is None else basis, xs[0], u, grad_loc, grad_s, grad_w, gxs[0],
-        basis_partial, C, H, W, *_strides(x, loc, log_diag, weights), *xs[1:],
+        basis_partial, C, H, W, meta.pop("HS"), *_strides(x, loc, log_diag, weights), *xs[1:],
         *_strides(grad_loc, grad_s, grad_w), *gxs[1:], NCH=cross_meta(cross, C), **meta)
     return None if basis is None else basis_partial.sum(0)[:, :meta["NB"]].to(basis.dtype).contiguous()
 
@@ -275,7 +276,7 @@ def nll_head_backward(grad, x, head, c0, u, offsets, cross=False):
     """The op ``structlik::nll_head_backward``: the head's whole gradient, its slices written in
     place, its other channels zero (autograd's backward of head.split, a cat of the slices'
     gradients, never runs)."""
-    C, S = x.shape[1], len(offsets) // 2
+    C, S = x.shape[1], stencil_meta(offsets)["S"]
     used = (2 + S) * C + (C * (C - 1) // 2 if cross else 0)
     grad_head = empty(head.shape, head.dtype, head.device)
     grad_head[:, :c0].zero_()

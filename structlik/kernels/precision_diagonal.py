@@ -3,19 +3,19 @@
 import triton
 import triton.language as tl
 
-from .common import (acc_dtype, block_for, cross_index, cross_meta, cross_strides, empty, grid, neighbour, plane_start,
+from .common import (acc_dtype, stencil_meta, block_for, cross_index, cross_meta, cross_strides, empty, grid, neighbour, plane_start,
                      plane_strides, planes_contiguous, tile)
 
 
 @triton.jit
-def precision_diagonal_kernel(log_diag, off_diag, cross, out, C, H, W, ssb, ssc, wsb, wsc, xsb, xsc,
-                              OFFS: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                              NCH: tl.constexpr):
+def precision_diagonal_kernel(log_diag, off_diag, cross, out, C, H, W, HS, ssb, ssc, wsb, wsc, xsb, xsc,
+                              OFFS: tl.constexpr, S: tl.constexpr, VOL: tl.constexpr, ACC: tl.constexpr,
+                              BLOCK: tl.constexpr, NCH: tl.constexpr):
     _, k, p, y, x, valid = tile(H, W, BLOCK)
     wb = plane_start(k, C, wsb, wsc * S)
     acc = tl.exp(2.0 * tl.load(log_diag + plane_start(k, C, ssb, ssc) + p, valid, 0.0).to(ACC))
     for i in tl.static_range(S):
-        q, ok = neighbour(y, x, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
+        q, ok = neighbour(y, x, H, W, HS, -OFFS[3 * i], -OFFS[3 * i + 1], -OFFS[3 * i + 2], valid, VOL)
         w = tl.load(off_diag + wb + i * wsc + q, ok, 0.0).to(ACC)
         acc += w * w
     if NCH > 1:
@@ -35,7 +35,8 @@ def launch(log_diag, off_diag, offsets, cross=None):
     out = empty(log_diag.shape, log_diag.dtype, log_diag.device)
     block = block_for(H * W)
     xs = cross_strides(cross, log_diag)
+    meta = stencil_meta(offsets)
     precision_diagonal_kernel[grid(B * C, triton.cdiv(H * W, block))](
-        log_diag, off_diag, xs[0], out, C, H, W, *plane_strides(log_diag), *plane_strides(off_diag), *xs[1:],
-        OFFS=tuple(offsets), S=len(offsets) // 2, ACC=acc_dtype(log_diag), BLOCK=block, NCH=cross_meta(cross, C))
+        log_diag, off_diag, xs[0], out, C, H, W, meta.pop("HS"), *plane_strides(log_diag), *plane_strides(off_diag), *xs[1:],
+        **meta, ACC=acc_dtype(log_diag), BLOCK=block, NCH=cross_meta(cross, C))
     return out

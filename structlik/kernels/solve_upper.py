@@ -27,23 +27,24 @@ import triton
 import triton.language as tl
 
 from .apply_upper import param_plane
+from ..stencil import Stencil
 from .common import (acc_dtype, cross_index, cross_meta, cross_strides, empty, neighbour, plane_start, plane_strides,
-                     planes_contiguous)
+                     planes_contiguous, stencil_meta)
 
 
 @triton.jit
-def _solve_plane_at(rhs, log_diag, off_diag, out, k, kp, C, H, W, y, x, p, valid, rsb, rsc, ssb, ssc, wsb, wsc,
-                    OFFS: tl.constexpr, S: tl.constexpr, TRANSPOSED: tl.constexpr, ACC: tl.constexpr):
+def _solve_plane_at(rhs, log_diag, off_diag, out, k, kp, C, H, W, HS, y, x, p, valid, rsb, rsc, ssb, ssc, wsb, wsc,
+                    OFFS: tl.constexpr, S: tl.constexpr, VOL: tl.constexpr, TRANSPOSED: tl.constexpr, ACC: tl.constexpr):
     """Independent channels: plane k (parameters kp) at this step's pixels p."""
     base = k * (H * W)
     wb = plane_start(kp, C, wsb, wsc * S)
     acc = tl.load(rhs + plane_start(k, C, rsb, rsc) + p, valid, 0.0).to(ACC)
     for i in tl.static_range(S):
         if TRANSPOSED:   # row p of U^T: w_{p-delta_i,i} v_{p-delta_i}
-            q, ok = neighbour(y, x, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
+            q, ok = neighbour(y, x, H, W, HS, -OFFS[3 * i], -OFFS[3 * i + 1], -OFFS[3 * i + 2], valid, VOL)
             w = tl.load(off_diag + wb + i * wsc + q, ok, 0.0).to(ACC)
         else:            # row p of U: w_{p,i} eps_{p+delta_i}
-            q, ok = neighbour(y, x, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
+            q, ok = neighbour(y, x, H, W, HS, OFFS[3 * i], OFFS[3 * i + 1], OFFS[3 * i + 2], valid, VOL)
             w = tl.load(off_diag + wb + i * wsc + p, ok, 0.0).to(ACC)
         acc -= w * tl.load(out + base + q, ok, 0.0).to(ACC)
     d = tl.exp(tl.load(log_diag + plane_start(kp, C, ssb, ssc) + p, valid, 0.0).to(ACC))
@@ -51,8 +52,8 @@ def _solve_plane_at(rhs, log_diag, off_diag, out, k, kp, C, H, W, y, x, p, valid
 
 
 @triton.jit
-def _solve_image_at(rhs, log_diag, off_diag, cross, out, b, C, H, W, param_batch, y, x, p, valid, rsb, rsc, ssb,
-                    ssc, wsb, wsc, xsb, xsc, OFFS: tl.constexpr, S: tl.constexpr, TRANSPOSED: tl.constexpr,
+def _solve_image_at(rhs, log_diag, off_diag, cross, out, b, C, H, W, HS, param_batch, y, x, p, valid, rsb, rsc, ssb,
+                    ssc, wsb, wsc, xsb, xsc, OFFS: tl.constexpr, S: tl.constexpr, VOL: tl.constexpr, TRANSPOSED: tl.constexpr,
                     ACC: tl.constexpr, NCH: tl.constexpr, NCH_P2: tl.constexpr):
     """Coupled channels: image b's NCH channels at this step's pixels, as an (NCH_P2, LANES) tile.
     The stencil's terms read only earlier steps, so every channel's are summed at once, one offset
@@ -70,11 +71,11 @@ def _solve_image_at(rhs, log_diag, off_diag, cross, out, b, C, H, W, param_batch
     acc = tl.load(rhs + plane_start(k, C, rsb, rsc)[:, None] + p[None, :], at, 0.0).to(ACC)
     for i in tl.static_range(S):
         if TRANSPOSED:
-            q, ok = neighbour(y, x, H, W, -OFFS[2 * i], -OFFS[2 * i + 1], valid)
+            q, ok = neighbour(y, x, H, W, HS, -OFFS[3 * i], -OFFS[3 * i + 1], -OFFS[3 * i + 2], valid, VOL)
             both = live[:, None] & ok[None, :]
             w = tl.load(off_diag + wb + i * wsc + q[None, :], both, 0.0).to(ACC)
         else:
-            q, ok = neighbour(y, x, H, W, OFFS[2 * i], OFFS[2 * i + 1], valid)
+            q, ok = neighbour(y, x, H, W, HS, OFFS[3 * i], OFFS[3 * i + 1], OFFS[3 * i + 2], valid, VOL)
             both = live[:, None] & ok[None, :]
             w = tl.load(off_diag + wb + i * wsc + p[None, :], both, 0.0).to(ACC)
         acc -= w * tl.load(out + base + q[None, :], both, 0.0).to(ACC)
@@ -99,49 +100,86 @@ def _solve_image_at(rhs, log_diag, off_diag, cross, out, b, C, H, W, param_batch
 
 
 @triton.jit
-def solve_upper_kernel(rhs, log_diag, off_diag, cross, out, C, H, W, param_batch, steps, rsb, rsc, ssb, ssc, wsb,
-                       wsc, xsb, xsc, SLOPE: tl.constexpr, OFFS: tl.constexpr, S: tl.constexpr,
-                       TRANSPOSED: tl.constexpr, ACC: tl.constexpr, LANES: tl.constexpr, NCH: tl.constexpr,
-                       NCH_P2: tl.constexpr):
+def solve_upper_kernel(rhs, log_diag, off_diag, cross, out, C, H, W, HS, param_batch, steps, chunks, rsb, rsc, ssb,
+                       ssc, wsb, wsc, xsb, xsc, SLOPE: tl.constexpr, ZSLOPE: tl.constexpr, OFFS: tl.constexpr,
+                       S: tl.constexpr, VOL: tl.constexpr, TRANSPOSED: tl.constexpr, ACC: tl.constexpr,
+                       LANES: tl.constexpr, YLANES: tl.constexpr, NCH: tl.constexpr, NCH_P2: tl.constexpr):
     program = tl.program_id(0).to(tl.int64)     # a plane (b, c); coupled (NCH > 1): an image b
-    lane = tl.arange(0, LANES)
     # A while loop, not range(steps): Triton's interpreter turns a runtime bound into a
     # one-element array that NumPy >= 2.4 refuses to use as an index.
     step = 0
-    while step < steps:                # steps = SLOPE * (H - 1) + W wavefronts
+    while step < steps:                # steps = ZSLOPE*(D-1) + SLOPE*(HS-1) + W wavefronts
         if TRANSPOSED:
             t = steps - 1 - step
         else:
             t = step
-        # Wavefront t holds the pixels with SLOPE*(H-1-y) + (W-1-x) = t: rows from
-        # H-1-floor(t/SLOPE) down, at most ceil(W/SLOPE) of them. Lane j takes the j-th.
-        y = tl.maximum(H - 1 - t // SLOPE, 0) + lane
-        x = (W - 1) - (t - SLOPE * (H - 1 - y))
-        valid = (y < H) & (x >= 0) & (x < W)
-        p = y * W + x
-        if NCH > 1:
-            _solve_image_at(rhs, log_diag, off_diag, cross, out, program, C, H, W, param_batch, y, x, p, valid, rsb,
-                            rsc, ssb, ssc, wsb, wsc, xsb, xsc, OFFS, S, TRANSPOSED, ACC, NCH, NCH_P2)
-        else:
-            _solve_plane_at(rhs, log_diag, off_diag, out, program, param_plane(program, C, param_batch), C, H, W, y,
-                            x, p, valid, rsb, rsc, ssb, ssc, wsb, wsc, OFFS, S, TRANSPOSED, ACC)
+        # a wavefront's pixels in ``chunks`` passes of LANES lanes (1 for images): they read only
+        # earlier wavefronts, so the passes need no barrier between them
+        chunk = 0
+        while chunk < chunks:
+            lane = chunk * LANES + tl.arange(0, LANES)
+            if VOL:
+                # a volume (tall view: H = D*HS rows): wavefront t holds the voxels with
+                # ZSLOPE*(D-1-z) + SLOPE*(HS-1-y) + (W-1-x) = t. Lanes are a (slice, row) grid, YLANES
+                # rows in each slice from D-1-floor(t/ZSLOPE) down; in slice z the time left,
+                # tz = t - ZSLOPE*(D-1-z), places the rows as for an image.
+                D = H // HS
+                z = tl.maximum(D - 1 - t // ZSLOPE, 0) + lane // YLANES
+                tz = t - ZSLOPE * (D - 1 - z)
+                yz = tl.maximum(HS - 1 - tz // SLOPE, 0) + lane % YLANES
+                x = (W - 1) - (tz - SLOPE * (HS - 1 - yz))
+                valid = (z < D) & (tz >= 0) & (yz < HS) & (x >= 0) & (x < W)
+                y = z * HS + yz
+            else:
+                # Wavefront t holds the pixels with SLOPE*(H-1-y) + (W-1-x) = t: rows from
+                # H-1-floor(t/SLOPE) down, at most ceil(W/SLOPE) of them. Lane j takes the j-th.
+                y = tl.maximum(H - 1 - t // SLOPE, 0) + lane
+                x = (W - 1) - (t - SLOPE * (H - 1 - y))
+                valid = (y < H) & (x >= 0) & (x < W)
+            p = y * W + x
+            if NCH > 1:
+                _solve_image_at(rhs, log_diag, off_diag, cross, out, program, C, H, W, HS, param_batch, y, x, p,
+                                valid, rsb, rsc, ssb, ssc, wsb, wsc, xsb, xsc, OFFS, S, VOL, TRANSPOSED, ACC, NCH,
+                                NCH_P2)
+            else:
+                _solve_plane_at(rhs, log_diag, off_diag, out, program, param_plane(program, C, param_batch), C, H, W,
+                                HS, y, x, p, valid, rsb, rsc, ssb, ssc, wsb, wsc, OFFS, S, VOL, TRANSPOSED, ACC)
+            chunk += 1
         tl.debug_barrier()
         step += 1
 
 
+def wavefront_slopes(offsets) -> tuple:
+    """(a, b): the solves' slopes in rows and slices, Stencil.wavefront_slope and depth_slope
+    (b = 1 for images): every offset has b*dz + a*dy + dx >= 1."""
+    stencil = Stencil.from_flat_offsets(offsets)
+    return stencil.wavefront_slope, stencil.depth_slope
+
+
 def wavefront_slope(offsets) -> int:
-    """Smallest a >= 1 with a*dy + dx >= 1 for every offset (see Stencil.wavefront_slope)."""
-    slope = 1
-    for dy, dx in zip(offsets[::2], offsets[1::2]):
-        if dy > 0:
-            slope = max(slope, math.ceil((1 - dx) / dy))
-    return slope
+    """Smallest a >= 1 with a*dy + dx >= 1 for every in-slice offset (Stencil.wavefront_slope)."""
+    return wavefront_slopes(offsets)[0]
 
 
-def lanes_for(H: int, W: int, slope: int) -> int:
-    """Lanes per program: the most pixels one wavefront holds, min(H, ceil(W / slope)), rounded
-    up to a power of two (at least 16, Triton's smallest block)."""
-    return max(16, triton.next_power_of_2(min(H, -(-W // slope))))
+def wavefront_steps(H: int, W: int, offsets) -> int:
+    """Sequential steps of a solve: b*(D-1) + a*(h-1) + W for a volume of D slices of h rows (its tall
+    view has H = D*h rows), a*(H-1) + W for an image."""
+    meta = stencil_meta(offsets)
+    a, b = wavefront_slopes(offsets)
+    hs = meta["HS"] if meta["VOL"] else H
+    return b * (H // hs - 1) + a * (hs - 1) + W
+
+
+def lanes_for(H: int, W: int, slope: int, depth: int = 1, depth_slope: int = 1) -> tuple:
+    """(lanes per program, lanes per slice): the most pixels one wavefront holds. An image's,
+    min(H, ceil(W / slope)), rounded up to a power of two (at least 16, Triton's smallest block);
+    a volume (slices of H rows) holds that many rows in each of at most
+    min(depth, ceil((slope*(H-1) + W) / depth_slope)) slices at once."""
+    rows = triton.next_power_of_2(min(H, -(-W // slope)))
+    if depth == 1:
+        return max(16, rows), rows
+    slices = triton.next_power_of_2(min(depth, -(-(slope * (H - 1) + W) // depth_slope)))
+    return max(16, rows * slices), rows
 
 
 def warps_for(lanes: int) -> int:
@@ -152,18 +190,33 @@ def warps_for(lanes: int) -> int:
     return max(1, min(4, lanes // 32)) if lanes <= 1024 else lanes // 256
 
 
+def volume_lanes(total: int, S: int, nch: int) -> tuple:
+    """(lanes a pass, warps) for a volume's wavefront of ``total`` lanes: its 3-D lane index and
+    neighbour test hold more registers a lane than an image's. At 8 lanes a thread (the image
+    policy) the 64^3 radius-1 solve sat at 255 registers and spilled 28 bytes, and 128^3 (8,192
+    lanes on 32 warps, 64 registers a thread at most) spilled 1,096; so 4 lanes a thread, or 1
+    with coupled channels or S > 24 (2 a thread spilled 96 bytes at 32^3 radius 2, C = 2), on at
+    most 8 warps, the rest of the wavefront in further passes (tools/triton_aot.py, sm_90)."""
+    per_thread = 1 if nch > 1 or S > 24 else 4
+    lanes = min(total, 256 * per_thread)
+    return lanes, max(1, min(8, lanes // (32 * per_thread)))
+
+
 def launch(rhs, log_diag, off_diag, offsets, transposed: bool, cross=None):
     B, C, H, W = rhs.shape
     rhs, log_diag, off_diag = (planes_contiguous(t) for t in (rhs, log_diag, off_diag))
     cross = planes_contiguous(cross) if cross is not None else None
     out = empty(rhs.shape, rhs.dtype, rhs.device)
-    slope = wavefront_slope(offsets)
-    lanes = lanes_for(H, W, slope)
+    meta = stencil_meta(offsets)
+    slope, zslope = wavefront_slopes(offsets)
+    hs = meta["HS"] if meta["VOL"] else H
     nch = cross_meta(cross, C)
+    total, ylanes = lanes_for(hs, W, slope, H // hs, zslope)
+    lanes, warps = (total, warps_for(total)) if not meta["VOL"] else volume_lanes(total, meta["S"], nch)
     xs = cross_strides(cross, log_diag)
     solve_upper_kernel[(B * C // nch,)](
-        rhs, log_diag, off_diag, xs[0], out, C, H, W, log_diag.shape[0], slope * (H - 1) + W, *plane_strides(rhs),
-        *plane_strides(log_diag), *plane_strides(off_diag), *xs[1:], SLOPE=slope, OFFS=tuple(offsets),
-        S=len(offsets) // 2, TRANSPOSED=transposed, ACC=acc_dtype(rhs), LANES=lanes, NCH=nch,
-        NCH_P2=triton.next_power_of_2(nch), num_warps=warps_for(lanes))
+        rhs, log_diag, off_diag, xs[0], out, C, H, W, meta.pop("HS"), log_diag.shape[0],
+        wavefront_steps(H, W, offsets), total // lanes, *plane_strides(rhs), *plane_strides(log_diag), *plane_strides(off_diag),
+        *xs[1:], SLOPE=slope, ZSLOPE=zslope, **meta, TRANSPOSED=transposed, ACC=acc_dtype(rhs), LANES=lanes,
+        YLANES=ylanes, NCH=nch, NCH_P2=triton.next_power_of_2(nch), num_warps=warps)
     return out

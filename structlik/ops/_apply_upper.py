@@ -66,8 +66,10 @@ def image_op(op, name: str, image, log_diag, off_diag, stencil, *, cross=None, p
     cross = _checks.check_cross(cross, image_name, image, params_repeat)
     _forced.prepare(image.device)
     image, log_diag, off_diag, cross = _checks.promote_optional(image, log_diag, off_diag, cross)
-    out = op(*upcast(image, log_diag, off_diag), stencil.flat_offsets,
-             None if cross is None else upcast(image, cross)[1]).to(image.dtype)
+    folded = [_library.fold(t) for t in upcast(image, log_diag, off_diag)]
+    out = op(*folded, _library.op_offsets(stencil, image),
+             None if cross is None else _library.fold(upcast(image, cross)[1]))
+    out = _library.unfold(out, image).to(image.dtype)
     solve = name.startswith("solve")
     inputs = {image_name: image, "log_diag": log_diag, "off_diag": off_diag,
               **({} if cross is None else {"cross": cross})}

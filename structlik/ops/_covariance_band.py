@@ -25,8 +25,9 @@ from . import _forced, _library
 
 
 def band_length(offsets: List[int], W: int) -> int:
-    """L = b + 1, the band entries per pixel: b is the largest flat offset dy*W + dx."""
-    return max(dy * W + dx for dy, dx in zip(offsets[::2], offsets[1::2])) + 1
+    """L = b + 1, the band entries per pixel: b is the largest flat offset dy*W + dx (of a volume:
+    dz*H*W + dy*W + dx, its tall view's)."""
+    return max(dy * W + dx for dy, dx in Stencil.from_flat_offsets(offsets).tall_offsets) + 1
 
 
 def _reference(log_diag: Tensor, off_diag: Tensor, offsets: List[int], diagonal_only: bool) -> Tensor:
@@ -106,7 +107,9 @@ def _checked(log_diag, off_diag, stencil, diagonal_only, op):
     _checks.check_params(log_diag, off_diag, stencil)
     _forced.prepare(log_diag.device)
     log_diag, off_diag = _checks.promote(log_diag, off_diag)
-    out = covariance_band_op(*upcast(log_diag, off_diag), stencil.flat_offsets, diagonal_only).to(log_diag.dtype)
+    folded = [_library.fold(t) for t in upcast(log_diag, off_diag)]
+    out = covariance_band_op(*folded, _library.op_offsets(stencil, log_diag), diagonal_only)
+    out = _library.unfold(out, log_diag).to(log_diag.dtype)
     _checks.check_result(out, {"log_diag": log_diag, "off_diag": off_diag}, op=op)
     return out
 

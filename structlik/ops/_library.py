@@ -167,4 +167,23 @@ def save_inputs(ctx, inputs, output):
 
 
 def offsets_count(offsets) -> int:
-    return len(offsets) // 2
+    """S, from the ops' offsets: pairs for images, [-H, triples...] for volumes (Stencil.from_flat_offsets)."""
+    return (len(offsets) - 1) // 3 if len(offsets) and offsets[0] < 0 else len(offsets) // 2
+
+
+# --- volumes (docs/contract.md §3): the ops see a volume (B, K, D, H, W) as its tall view ---------
+
+def fold(t):
+    """(B, K, D, H, W) -> (B, K, D*H, W), a view of the same memory (a copy only where a volume's
+    (H, W) slices are not laid out one after another); images and None as they are."""
+    return t.flatten(2, 3) if t is not None and t.dim() == 5 else t
+
+
+def unfold(t, like):
+    """An op's (B, K, D*H, W) output back to the volume ``like``'s (B, K, D, H, W)."""
+    return t.unflatten(2, tuple(like.shape[2:4])) if like.dim() == 5 else t
+
+
+def op_offsets(stencil: Stencil, like) -> list:
+    """The ops' offsets for ``like``, an image or a volume (its slice height H): Stencil.op_offsets."""
+    return stencil.op_offsets(like.shape[-2])

@@ -302,12 +302,12 @@ def head_of(loc, log_diag, off_diag, cross=None):
         # must see that slice's own gradient, which the head path never forms.
         return None
     head = loc._base
-    if (head is None or any(t._base is not head for t in parts[1:]) or head.dim() != 4
-            or not head.requires_grad or not torch.is_grad_enabled()
+    if (head is None or any(t._base is not head for t in parts[1:]) or head.dim() != loc.dim()
+            or head.dim() not in (4, 5) or not head.requires_grad or not torch.is_grad_enabled()
             or head.dtype not in (torch.float32, torch.float64)):
         return None
-    B, C, H, W = loc.shape
-    if head.shape[0] != B or tuple(head.shape[2:]) != (H, W) or any(
+    B, C = loc.shape[:2]
+    if head.shape[0] != B or tuple(head.shape[2:]) != tuple(loc.shape[2:]) or any(
             t.stride() != head.stride() for t in parts):
         return None
     step = head.stride(1)
@@ -317,7 +317,7 @@ def head_of(loc, log_diag, off_diag, cross=None):
             or (cross is not None
                 and cross.storage_offset() != off_diag.storage_offset() + off_diag.shape[1] * step)):
         return None
-    return head, c0
+    return _library.fold(head), c0          # a volume's head: its tall view (a view of the head)
 
 
 def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None, cross=None):
@@ -327,13 +327,14 @@ def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None,
     _checks.check_stencil(stencil)
     off_name = "off_diag" if basis is None else "coeffs"
     if basis is None:
-        per_channel, layout = stencil.S, f"(B, C*S, H, W) with S={stencil.S}"
+        per_channel, layout = stencil.S, f"{_checks.layout(stencil, 'C*S')} with S={stencil.S}"
     else:
-        _checks.check_float_tensor(x_name, x, "(B, C, H, W)")
+        _checks.check_float_tensor(x_name, x, _checks.layout(stencil))
         per_channel = check_basis(basis, stencil, device=x.device)
-        layout = f"(B, C*n_b, H, W) with n_b={per_channel}"
-    _checks.check_against_image(x_name, x, stencil, (("loc", loc, 1, "(B, C, H, W)"),
-                                                     ("log_diag", log_diag, 1, "(B, C, H, W)"),
+        layout = f"{_checks.layout(stencil, 'C*n_b')} with n_b={per_channel}"
+    image_layout = _checks.layout(stencil)
+    _checks.check_against_image(x_name, x, stencil, (("loc", loc, 1, image_layout),
+                                                     ("log_diag", log_diag, 1, image_layout),
                                                      (off_name, off_diag, per_channel, layout)))
     cross = _checks.check_cross(cross, x_name, x)
     _forced.prepare(x.device)
@@ -341,10 +342,12 @@ def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None,
               **({} if basis is None else {"basis": basis}), **({} if cross is None else {"cross": cross})}
     x, loc, log_diag, off_diag, basis, cross = _checks.promote_optional(x, loc, log_diag, off_diag, basis, cross)
     head = head_of(loc, log_diag, off_diag, cross) if basis is None else None
+    offsets = _library.op_offsets(stencil, x)
     if head is not None:
-        out = nll_head_op(x, *head, stencil.flat_offsets, cross is not None)
+        out = nll_head_op(_library.fold(x), *head, offsets, cross is not None)
     else:
-        out = nll_op(x, loc, log_diag, off_diag, basis, stencil.flat_offsets, cross)
+        fold = _library.fold
+        out = nll_op(fold(x), fold(loc), fold(log_diag), fold(off_diag), basis, offsets, fold(cross))
     _checks.check_result(out, inputs, op="nll" if basis is None else "nll_basis")
     return out
 

@@ -46,7 +46,7 @@ def _backward(ctx, G):
     grad_w = None
     if need[1]:
         B, CS, H, W = off_diag.shape
-        read = reference.read_mask(Stencil.from_flat_offsets(ctx.offsets).offsets, H, W, off_diag.device)
+        read = reference.read_mask(Stencil.from_flat_offsets(ctx.offsets), H, W, off_diag.device)
         w = torch.where(read, off_diag.unflatten(1, (-1, read.shape[0])), 0).flatten(1, 2)
         grad_w = 2 * w * weight_grad_op(torch.ones_like(G), G, ctx.offsets)
     grad_cross = None
@@ -70,8 +70,9 @@ def precision_diagonal(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: 
     _forced.prepare(log_diag.device)
     log_diag, off_diag, cross = _checks.promote_optional(log_diag, off_diag, cross)
     args = upcast(log_diag, off_diag, *(() if cross is None else (cross,)))
-    out = precision_diagonal_op(*args[:2], stencil.flat_offsets, args[2] if cross is not None else None)
-    out = out.to(log_diag.dtype)
+    args = [_library.fold(t) for t in args]
+    out = precision_diagonal_op(*args[:2], _library.op_offsets(stencil, log_diag), args[2] if cross is not None else None)
+    out = _library.unfold(out, log_diag).to(log_diag.dtype)
     inputs = {"log_diag": log_diag, "off_diag": off_diag, **({} if cross is None else {"cross": cross})}
     _checks.check_result(out, blame or inputs, op="precision_diagonal")
     return out

@@ -7,6 +7,7 @@ import torch
 
 from .. import _checks, reference
 from ..stencil import Stencil
+from . import _library
 
 
 def to_dense_upper(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Stencil,
@@ -20,5 +21,7 @@ def to_dense_upper(log_diag: torch.Tensor, off_diag: torch.Tensor, stencil: Sten
     coupled = cross is not None
     cross = _checks.check_cross(cross, "log_diag", log_diag)
     log_diag, off_diag, cross = _checks.promote_optional(log_diag, off_diag, cross)
-    dense = reference.to_dense_upper(log_diag, off_diag, stencil, cross)
+    op_stencil = Stencil.from_flat_offsets(_library.op_offsets(stencil, log_diag))     # a volume's: its tall view
+    fold = _library.fold
+    dense = reference.to_dense_upper(fold(log_diag), fold(off_diag), op_stencil, fold(cross))
     return dense.flatten(1, 2) if coupled and cross is None else dense    # one channel: (B, n, n)
