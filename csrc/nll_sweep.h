@@ -40,10 +40,11 @@ inline void u_row(const scalar_t* __restrict__ r, const scalar_t* __restrict__ s
   exp_row(s + y * W, d, W);
   const scalar_t* __restrict__ rrow = r + y * W;
   for (int64_t x = 0; x < W; ++x) u[x] = d[x] * rrow[x];
+  const RowPlace at = row_place(y, offsets);
   for (size_t i = 0; i < offsets.size(); ++i) {
     const Offset& o = offsets[i];
     const int64_t dy = o.dy, dx = o.dx;
-    if (!o.reaches(y, H)) continue;
+    if (!o.reaches_at(y, at.z, at.ys, H)) continue;
     const scalar_t* __restrict__ wrow = w_row + i * w_stride;
     const scalar_t* __restrict__ rn = r + (y + dy) * W + dx;
     for (int64_t x = col_lo(dx), hi = col_hi(dx, W); x < hi; ++x) u[x] += wrow[x] * rn[x];
@@ -174,13 +175,14 @@ void nll_backward_sweep(const scalar_t* g_p, const Planes<const scalar_t>& X, co
             for (int64_t x = 0; x < W; ++x) gxi[x] = g * uy[x] * (xj[x] - lj[x]);
           }
         }
+        const RowPlace at = row_place(y, offsets);
         for (int64_t i = 0; i < S; ++i) {
           const Offset& o = offsets[i];
           const int64_t dy = o.dy, dx = o.dx;
           const int64_t lo = col_lo(dx), hi = col_hi(dx, W);
           scalar_t* __restrict__ gwrow = gwbuf.data() + i * W;   // formed in L1, then handed on
           std::fill(gwrow, gwrow + W, scalar_t(0));
-          if (o.reaches(y, H) && lo < hi) {
+          if (o.reaches_at(y, at.z, at.ys, H) && lo < hi) {
             const scalar_t* __restrict__ wrow = wk + i * ws;
             const scalar_t* __restrict__ rn = r.data() + (y + dy) * W + dx;
             scalar_t* __restrict__ gxn = gx + (y + dy) * W + dx;
