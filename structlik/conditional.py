@@ -74,8 +74,11 @@ class ConditionalStructuredNormal(Distribution):
     """
 
     arg_constraints = {}
-    support = constraints.independent(constraints.real, 3)
     has_rsample = True
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.real, len(self.event_shape))
 
     def __init__(self, prior, value, mask, *, tol: Optional[float] = None, max_iter: int = 1000,
                  validate_args=None):

@@ -61,18 +61,22 @@ class StructuredNormal(Distribution):
             ``kl_divergence`` do not take cross weights yet (they raise).
 
     ``batch_shape`` is the broadcast of the three leading shapes and
-    ``event_shape`` is (C, H, W): ``log_prob`` and ``entropy`` return
-    ``batch_shape``, ``rsample(sample_shape)`` returns
-    ``sample_shape + batch_shape + (C, H, W)``.
+    ``event_shape`` is (C, H, W) (a volume's (C, D, H, W) with ``Stencil(k, ndim=3)``): ``log_prob``
+    and ``entropy`` return ``batch_shape``, ``rsample(sample_shape)`` returns
+    ``sample_shape + batch_shape + event_shape``.
     """
 
-    arg_constraints = {
-        "loc": constraints.independent(constraints.real, 3),
-        "log_diag": constraints.independent(constraints.real, 3),
-        "off_diag": constraints.independent(constraints.real, 3),
-    }
-    support = constraints.independent(constraints.real, 3)
     has_rsample = True
+
+    @property
+    def arg_constraints(self):
+        """Real tensors over the event: (C, H, W), or a volume's (C, D, H, W)."""
+        real = constraints.independent(constraints.real, self._E)
+        return {"loc": real, "log_diag": real, "off_diag": real}
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.real, self._E)
 
     def __init__(self, loc, log_diag, off_diag, stencil: Stencil, validate_args=None, *, basis=None, cross=None):
         _checks.check_stencil(stencil)

@@ -37,17 +37,6 @@ def band_length(offsets, W: int) -> int:
     return max(dy * W + dx for dy, dx in Stencil.from_flat_offsets(offsets).tall_offsets) + 1
 
 
-# The kernels index a plane's band, L*H*W entries, in int32.
-INDEX_LIMIT = 2 ** 31 - 1
-
-
-def _check_size(L: int, H: int, W: int):
-    if L * H * W > INDEX_LIMIT:
-        raise ValueError(f"covariance_band: the band holds L*H*W = {L}*{H}*{W} = {L * H * W} entries a plane, past "
-                         f"the {INDEX_LIMIT} the Triton kernels index (a volume's band is L = H*W + W + 2 a voxel at "
-                         f"radius 1); use smaller volumes or the CPU")
-
-
 @triton.jit
 def _entry(e, T, H, W, RW, lanes_per_level, pairs, SLOPE: tl.constexpr):
     """Lane e's entry of level T: (ok, k, i's y and x, j's y and x). ``pairs`` (2, P): for each parity
@@ -265,7 +254,6 @@ def _warps(lanes: int, per_thread: int) -> int:
 def _band(log_diag, off_diag, offsets):
     B, C, H, W = log_diag.shape
     slope, L, rows, lanes_per_level, lanes, levels = _schedule(H, W, offsets, FORWARD_LANES)
-    _check_size(L, H, W)
     band = torch.zeros(B, C * L, H, W, dtype=torch.float64 if log_diag.dtype == torch.float64 else torch.float32,
                        device=log_diag.device)
     if B * C:
@@ -317,7 +305,6 @@ def _backward(grad, log_diag, off_diag, band, offsets):
     S = len(offsets) // 2
     per_thread = _adjoint_lanes_per_thread(S)
     slope, L, rows, lanes_per_level, lanes, levels = _schedule(H, W, offsets, ADJOINT_LANES * per_thread // 2)
-    _check_size(L, H, W)
     work = torch.float64 if log_diag.dtype == torch.float64 else torch.float32
     grad, band = grad.to(work).contiguous(), band.to(work).contiguous()
     adjoint = torch.zeros_like(band)

@@ -100,6 +100,20 @@ def _solve_image_at(rhs, log_diag, off_diag, cross, out, b, C, H, W, HS, param_b
 
 
 @triton.jit
+def _solve_pixels(rhs, log_diag, off_diag, cross, out, program, C, H, W, HS, param_batch, y, x, valid, rsb, rsc, ssb,
+                  ssc, wsb, wsc, xsb, xsc, OFFS: tl.constexpr, S: tl.constexpr, VOL: tl.constexpr,
+                  TRANSPOSED: tl.constexpr, ACC: tl.constexpr, NCH: tl.constexpr, NCH_P2: tl.constexpr):
+    """Solve this step's pixels (row y, column x) of the program's plane, or of its image's NCH channels."""
+    p = y * W + x
+    if NCH > 1:
+        _solve_image_at(rhs, log_diag, off_diag, cross, out, program, C, H, W, HS, param_batch, y, x, p, valid, rsb,
+                        rsc, ssb, ssc, wsb, wsc, xsb, xsc, OFFS, S, VOL, TRANSPOSED, ACC, NCH, NCH_P2)
+    else:
+        _solve_plane_at(rhs, log_diag, off_diag, out, program, param_plane(program, C, param_batch), C, H, W, HS, y,
+                        x, p, valid, rsb, rsc, ssb, ssc, wsb, wsc, OFFS, S, VOL, TRANSPOSED, ACC)
+
+
+@triton.jit
 def solve_upper_kernel(rhs, log_diag, off_diag, cross, out, C, H, W, HS, param_batch, steps, chunks, rsb, rsc, ssb,
                        ssc, wsb, wsc, xsb, xsc, SLOPE: tl.constexpr, ZSLOPE: tl.constexpr, OFFS: tl.constexpr,
                        S: tl.constexpr, VOL: tl.constexpr, TRANSPOSED: tl.constexpr, ACC: tl.constexpr,
@@ -113,38 +127,33 @@ def solve_upper_kernel(rhs, log_diag, off_diag, cross, out, C, H, W, HS, param_b
             t = steps - 1 - step
         else:
             t = step
-        # a wavefront's pixels in ``chunks`` passes of LANES lanes (1 for images): they read only
-        # earlier wavefronts, so the passes need no barrier between them
-        chunk = 0
-        while chunk < chunks:
-            lane = chunk * LANES + tl.arange(0, LANES)
-            if VOL:
-                # a volume (tall view: H = D*HS rows): wavefront t holds the voxels with
-                # ZSLOPE*(D-1-z) + SLOPE*(HS-1-y) + (W-1-x) = t. Lanes are a (slice, row) grid, YLANES
-                # rows in each slice from D-1-floor(t/ZSLOPE) down; in slice z the time left,
-                # tz = t - ZSLOPE*(D-1-z), places the rows as for an image.
-                D = H // HS
+        if VOL:
+            # a volume (tall view: H = D*HS rows): wavefront t holds the voxels with
+            # ZSLOPE*(D-1-z) + SLOPE*(HS-1-y) + (W-1-x) = t, in ``chunks`` passes of LANES lanes (they
+            # read only earlier wavefronts: no barrier between passes). Lanes are a (slice, row) grid,
+            # YLANES rows in each slice from D-1-floor(t/ZSLOPE) down; in slice z the time left,
+            # tz = t - ZSLOPE*(D-1-z), places the rows as for an image.
+            D = H // HS
+            chunk = 0
+            while chunk < chunks:
+                lane = chunk * LANES + tl.arange(0, LANES)
                 z = tl.maximum(D - 1 - t // ZSLOPE, 0) + lane // YLANES
                 tz = t - ZSLOPE * (D - 1 - z)
                 yz = tl.maximum(HS - 1 - tz // SLOPE, 0) + lane % YLANES
                 x = (W - 1) - (tz - SLOPE * (HS - 1 - yz))
                 valid = (z < D) & (tz >= 0) & (yz < HS) & (x >= 0) & (x < W)
-                y = z * HS + yz
-            else:
-                # Wavefront t holds the pixels with SLOPE*(H-1-y) + (W-1-x) = t: rows from
-                # H-1-floor(t/SLOPE) down, at most ceil(W/SLOPE) of them. Lane j takes the j-th.
-                y = tl.maximum(H - 1 - t // SLOPE, 0) + lane
-                x = (W - 1) - (t - SLOPE * (H - 1 - y))
-                valid = (y < H) & (x >= 0) & (x < W)
-            p = y * W + x
-            if NCH > 1:
-                _solve_image_at(rhs, log_diag, off_diag, cross, out, program, C, H, W, HS, param_batch, y, x, p,
-                                valid, rsb, rsc, ssb, ssc, wsb, wsc, xsb, xsc, OFFS, S, VOL, TRANSPOSED, ACC, NCH,
-                                NCH_P2)
-            else:
-                _solve_plane_at(rhs, log_diag, off_diag, out, program, param_plane(program, C, param_batch), C, H, W,
-                                HS, y, x, p, valid, rsb, rsc, ssb, ssc, wsb, wsc, OFFS, S, VOL, TRANSPOSED, ACC)
-            chunk += 1
+                _solve_pixels(rhs, log_diag, off_diag, cross, out, program, C, H, W, HS, param_batch, z * HS + yz, x,
+                              valid, rsb, rsc, ssb, ssc, wsb, wsc, xsb, xsc, OFFS, S, VOL, TRANSPOSED, ACC, NCH,
+                              NCH_P2)
+                chunk += 1
+        else:
+            # Wavefront t holds the pixels with SLOPE*(H-1-y) + (W-1-x) = t: rows from
+            # H-1-floor(t/SLOPE) down, at most ceil(W/SLOPE) of them. Lane j takes the j-th.
+            y = tl.maximum(H - 1 - t // SLOPE, 0) + tl.arange(0, LANES)
+            x = (W - 1) - (t - SLOPE * (H - 1 - y))
+            valid = (y < H) & (x >= 0) & (x < W)
+            _solve_pixels(rhs, log_diag, off_diag, cross, out, program, C, H, W, HS, param_batch, y, x, valid, rsb,
+                          rsc, ssb, ssc, wsb, wsc, xsb, xsc, OFFS, S, VOL, TRANSPOSED, ACC, NCH, NCH_P2)
         tl.debug_barrier()
         step += 1
 
