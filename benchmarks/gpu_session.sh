@@ -72,6 +72,7 @@ rest() {
   box 60 bench_nll_basis $PY -m benchmarks.bench_nll_basis
   box 60 bench_vae_step $PY -m benchmarks.bench_vae_step
   box 60 bench_cross $PY -m benchmarks.bench_cross
+  box 60 bench_volume $PY -m benchmarks.bench_volume
   $PY -m tools.targets --device cuda
   $PY -m tools.collect_results
   box 90 memcheck compute-sanitizer --tool memcheck --target-processes all --error-exitcode 9 \

@@ -15,6 +15,7 @@ the device it names; nothing here is edited by hand but the notes. Re-run with
     python -m benchmarks.bench_nll && python -m benchmarks.bench_solve_upper
     python -m benchmarks.bench_nll_basis && python -m benchmarks.bench_vae_step
     python -m benchmarks.bench_cross          # coupled channels at supn_base's client size
+    python -m benchmarks.bench_volume         # volumes: against one-hot conv3d and scipy
     python -m tools.targets --device cpu      # or --device cuda
     python -m tools.collect_results
 

@@ -81,7 +81,14 @@ CPU = [Target("NLL fwd+bwd >= 5x faster than the one-hot convolution", "nll", ca
     Target("coupled NLL fwd+bwd >= 8x faster than one-hot conv + cross term (supn_base)", "cross",
            "B32-C2-128x128-r4", "fwd+bwd", _column("onehot_over_public", "public"), lambda v: v >= 8),
     Target("coupled sampling <= 1.2x the same solve without cross weights", "cross", "B32-C2-128x128-r4", "sample",
-           _column("over_no_cross", "public"), lambda v: v <= 1.2)]
+           _column("over_no_cross", "public"), lambda v: v <= 1.2)] + [
+    # Volumes (#27), the public path on split-head views:
+    Target("volume NLL fwd+bwd >= 8x faster than one-hot conv3d (supn_base's use_3d)", "volume", case, "fwd+bwd",
+           _column("onehot_over_public", "public"), lambda v: v >= 8)
+    for case in ("B4-C1-32x32x32-r1", "B2-C1-24x24x24-r2")] + [
+    Target("volume sampling >= 20x faster than scipy's spsolve_triangular per volume, float64", "volume", case,
+           "sample", _column("scipy_over_public", "public"), lambda v: v >= 20)
+    for case in ("B4-C1-32x32x32-r1", "B2-C1-24x24x24-r2")]
 
 CUDA = [
     Target("NLL fwd+bwd >= 80% of the copy bandwidth (fewest-bytes model)", "nll", "B16-C1-256x256-r3", "fwd+bwd",
