@@ -18,7 +18,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize("script", ["bench_nll.py", "bench_solve_upper.py", "bench_nll_basis.py", "bench_vae_step.py",
-                                    "bench_cross.py"])
+                                    "bench_cross.py", "bench_volume.py"])
 def test_benchmark_script_runs(script, tmp_path):
     pytest.importorskip("scipy")
     env = dict(os.environ, STRUCTLIK_BENCH_RESULTS=str(tmp_path), STRUCTLIK_BACKEND="", **ONE_THREAD)
