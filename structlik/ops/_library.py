@@ -180,8 +180,9 @@ def fold(t):
 
 
 def unfold(t, like):
-    """An op's (B, K, D*H, W) output back to the volume ``like``'s (B, K, D, H, W)."""
-    return t.unflatten(2, tuple(like.shape[2:4])) if like.dim() == 5 else t
+    """An op's (B, K, D*H, W) output back to the volume ``like``'s (B, K, D, H, W). (reshape, not
+    unflatten: under torch.set_default_device, Dynamo cannot trace Tensor.unflatten's Python.)"""
+    return t.reshape(*t.shape[:2], *like.shape[2:4], t.shape[3]) if like.dim() == 5 else t
 
 
 def op_offsets(stencil: Stencil, like) -> list:
