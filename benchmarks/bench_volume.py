@@ -21,7 +21,7 @@ import torch
 
 from benchmarks import common, harness, peers
 import structlik
-from structlik import Stencil, reference
+from structlik import Stencil
 
 SIZES = {"B4-C1-32x32x32-r1": (4, 1, 32, 32, 32, Stencil(1, ndim=3)),
          "B2-C1-24x24x24-r2": (2, 1, 24, 24, 24, Stencil(2, ndim=3))}

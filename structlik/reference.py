@@ -436,7 +436,6 @@ def _band_levels(stencil: Stencil, H: int, W: int, device: torch.device):
     (i - delta_s, i+k) at band slot k + f_s and (i+k - delta_s, i) at slot f_s - k, as flat band
     indices (L*n where absent: a zero slot) and the index of their factor -w/d (S*n where absent)."""
     n, L, S = H * W, band_width(stencil, W) + 1, stencil.S
-    ys, xs = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
     t = times(stencil, H, W)
     inside = read_mask(stencil, H, W, torch.device("cpu")).reshape(S, n)
     k, i = torch.meshgrid(torch.arange(L), torch.arange(n), indexing="ij")

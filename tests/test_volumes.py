@@ -161,7 +161,7 @@ def test_band_gradient_matches_the_dense_formula(backend):
     got = torch.autograd.grad((band * G).sum(), (ld, od))
     M = dense_m(ld, od, None, stencil)[0]
     sigma = torch.linalg.inv(M.mT @ M)
-    n, L = 18, band.shape[1]
+    L = band.shape[1]
     flat = torch.stack([torch.nn.functional.pad(sigma.diagonal(offset=k), (0, k)) for k in range(L)])
     want = torch.autograd.grad((flat.reshape(band.shape) * G).sum(), (ld, od))
     for g, e in zip(got, want):

@@ -21,7 +21,6 @@ same wavefront step (``_solve_image_at``): as many steps and barriers as one pla
 terms of all C channels are summed at once as a (NCH_P2, LANES) tile; then the channels are
 solved in M's order (last to first; M^T first to last) in registers.
 """
-import math
 
 import triton
 import triton.language as tl
