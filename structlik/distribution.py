@@ -10,6 +10,7 @@ from torch.distributions import Distribution, constraints
 from . import _checks, ops
 from .basis import check_basis, expand_basis
 from .conditional import ConditionalStructuredNormal
+from .interleave import interleave, interleave_weights, interleaved_stencil
 from .head import DEFAULT_WEIGHT_BOUND, ILL_CONDITIONED, split_head, largest_weight_ratio, warn_ill_conditioned
 from .stencil import Stencil
 
@@ -57,8 +58,9 @@ class StructuredNormal(Distribution):
             pixel (supn_base's ``cross_ch``): U becomes M with
             ``(M r)_{c,p} = (U r)_{c,p} + sum_{j>c} cross_{kappa(c,j),p} r_{j,p}``, pairs in the
             order (0,1), (0,2), ..., (1,2), ... (docs/contract.md §1). The log-determinant, and so
-            the entropy, is unchanged; ``variance``, ``covariance_band``, ``condition`` and
-            ``kl_divergence`` do not take cross weights yet (they raise).
+            the entropy, is unchanged; ``variance``, ``stddev``, ``correlation`` and
+            ``kl_divergence`` take them (through ``_interleaved``), ``covariance_band`` and
+            ``condition`` do not yet (they raise ``NotImplementedError``).
 
     ``batch_shape`` is the broadcast of the three leading shapes and
     ``event_shape`` is (C, H, W) (a volume's (C, D, H, W) with ``Stencil(k, ndim=3)``): ``log_prob``
@@ -177,7 +179,26 @@ class StructuredNormal(Distribution):
     def _uncoupled(self, what: str) -> None:
         if self.cross is not None:
             raise NotImplementedError(f"StructuredNormal.{what}: not implemented with cross weights (coupled "
-                                      f"channels) yet; covariance(index) is exact with them")
+                                      f"channels) yet; variance, stddev, covariance(index), correlation(index) "
+                                      f"and kl_divergence are exact with them")
+
+    def _interleaved(self) -> "StructuredNormal":
+        """This distribution with its C channels laid out as one channel of width C*W (column
+        C*x + c holds channel c of pixel x; :mod:`structlik.interleave`): the same Gaussian up to
+        a permutation of its pixels, with cross weights as a one-channel stencil's weights. Its
+        ``log_prob`` of ``interleave(value)`` equals this ``log_prob(value)``, and so do its KL,
+        entropy and (interleaved) variances."""
+        ld, od = self._flat_params()
+        C, nd = self.event_shape[0], self.stencil.ndim
+        lead = self.batch_shape
+
+        def batched(t):
+            return t.reshape(lead + t.shape[1:])
+
+        loc = self.loc.reshape(-1, *self.event_shape)
+        return StructuredNormal(batched(interleave(loc, nd)), batched(interleave(ld, nd)),
+                                batched(interleave_weights(od, self._flat_cross(), C, self.stencil)),
+                                interleaved_stencil(self.stencil, C), validate_args=self._validate_args)
 
     def _flat_params(self, materialise: bool = True):
         """log_diag and off_diag flattened over the batch to (N, ...): views, also for
@@ -217,10 +238,9 @@ class StructuredNormal(Distribution):
         """The exact marginal variances diag(Lambda^-1), batch_shape + (C, H, W), differentiable: one
         sweep of the band recurrence (docs/kernels.md §4), not 1 / precision_diagonal() (the variance
         of a pixel given all the others: smaller)."""
-        self._uncoupled("variance")
         ld, od = self._flat_params()
         with self._value_checks():
-            out = ops.variance(ld, od, self.stencil)
+            out = ops.variance(ld, od, self.stencil, self._flat_cross())
         return out.reshape(self.batch_shape + self.event_shape)
 
     @property
@@ -278,7 +298,6 @@ class StructuredNormal(Distribution):
     def correlation(self, index):
         """Corr(x_q, x_index) for every pixel q: ``covariance(index)`` over sigma_q sigma_index,
         batch_shape + (C, H, W), 1 at ``index``."""
-        self._uncoupled("correlation")
         at = self._pixel(index)
         std = self.stddev
         return self.covariance(index) / (std * std[(..., *(slice(i, i + 1) for i in at))])

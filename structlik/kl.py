@@ -7,6 +7,9 @@ with log|U| = sum(log_diag). tr(Lambda_q Sigma_p) = sum_k (U_q Sigma_p U_q^T)_kk
 pairs (k + f_a, k + f_b) of U_q's row k, all within Sigma_p's band (structlik.ops.covariance_band)
 of a stencil holding both distributions' offsets; against a diagonal q it needs Sigma_p's diagonal
 (ops.variance), and a diagonal p against a structured q needs Lambda_q's (ops.precision_diagonal).
+Coupled channels (cross weights, M = U + X): between two structured distributions the KL of their
+one-channel interleaved forms (structlik.interleave: the same Gaussians, pixels permuted); with a
+diagonal side, the coupled variances and precision diagonal and ||M (mu_p - mu_q)||^2.
 """
 from __future__ import annotations
 
@@ -50,8 +53,9 @@ def trace_precision_covariance(band, log_diag, off_diag, stencil: Stencil, band_
         raise ValueError("band: narrower than the stencil's largest offset")
     band = band.unflatten(1, (C, L))
     w = reference.weights(off_diag, stencil)                     # (B, C, S, H, W), 0 outside
+    # an offset with |dx| >= W never lands inside (its flat offset dy*W + dx can be <= 0: no band entry)
     rows = [((0, 0), log_diag.exp())] + [(o, w[:, :, i]) for i, o in enumerate(stencil.tall_offsets)
-                                          if stencil.reachable(i)]
+                                          if stencil.reachable(i) and abs(o[1]) < W]
     rows.sort(key=lambda r: r[0][0] * W + r[0][1])               # ascending flat offset
     total = 0
     for a, (da, ua) in enumerate(rows):
@@ -71,8 +75,8 @@ def _flat(dist: StructuredNormal, batch):
 
 
 def _mahalanobis(dist: StructuredNormal, ld, od, diff):
-    """||U (mu_p - mu_q)||^2 per image, with U of ``dist``."""
-    u = ops.apply_upper(diff.reshape(ld.shape), ld, od, dist.stencil)
+    """||M (mu_p - mu_q)||^2 per image, with M of ``dist`` (its cross weights too)."""
+    u = ops.apply_upper(diff.reshape(ld.shape), ld, od, dist.stencil, dist._flat_cross())
     return u.square().flatten(1).sum(1)
 
 
@@ -91,6 +95,10 @@ def _diagonal_normal(dist: Independent, other: StructuredNormal, side: str):
 def _kl_structured_structured(p: StructuredNormal, q: StructuredNormal):
     if p.event_shape != q.event_shape:
         raise ValueError(f"kl_divergence: event shapes {tuple(p.event_shape)} and {tuple(q.event_shape)} differ")
+    if p.cross is not None or q.cross is not None:
+        # The KL is invariant under a permutation of the pixels applied to both: coupled channels
+        # as one channel of width C*W (structlik.interleave), where M is a plain stencil factor.
+        return _kl_structured_structured(p._interleaved(), q._interleaved())
     batch = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
     p, ld_p, od_p = _flat(p, batch)
     q, ld_q, od_q = _flat(q, batch)

@@ -64,8 +64,10 @@ def structured_gaussian_nll(x: torch.Tensor, loc: torch.Tensor, log_diag: torch.
 class StructuredGaussianNLLLoss(nn.Module):
     """Module form of :func:`structured_gaussian_nll`.
 
-    ``forward(x, loc, log_diag, off_diag, basis=None, cross=None)`` with shapes (B, C, H, W),
-    (B, C, H, W), (B, C, H, W), (B, C*S, H, W) (and cross (B, C(C-1)/2, H, W)). A decoder that
+    ``forward(x, loc, log_diag, off_diag, *, basis=None, cross=None)`` with shapes (B, C, H, W),
+    (B, C, H, W), (B, C, H, W), (B, C*S, H, W) (and cross (B, C(C-1)/2, H, W)); ``basis`` and
+    ``cross`` are keyword-only, as in :func:`structured_gaussian_nll`, so neither can be taken for
+    the other. A decoder that
     ends in a convolution with ``C * (2 + S)`` output channels (``+ C(C-1)/2`` with cross
     weights) splits into them without reshaping.
     """
@@ -75,7 +77,7 @@ class StructuredGaussianNLLLoss(nn.Module):
         self.stencil = _checks.check_stencil(stencil)
         self.reduction = _checks.check_reduction(reduction)
 
-    def forward(self, x, loc, log_diag, off_diag, basis=None, cross=None):
+    def forward(self, x, loc, log_diag, off_diag, *, basis=None, cross=None):
         return structured_gaussian_nll(x, loc, log_diag, off_diag, self.stencil, self.reduction, basis=basis,
                                        cross=cross)
 

@@ -63,3 +63,17 @@ def test_one_unbatched_image_gives_a_scalar_nll():
     assert out.shape == ()
     torch.testing.assert_close(out, -structlik.StructuredNormal(loc, s, w, st).log_prob(x))
     torch.testing.assert_close(structlik.StructuredGaussianNLLLoss(st)(x, loc, s, w), out)
+
+
+def test_module_takes_basis_and_cross_by_keyword_only():
+    """Issue #39 item 7: forward(x, loc, log_diag, off_diag, *, basis=None, cross=None): cross weights
+    passed as a fifth positional argument were taken as the basis; now a TypeError, by keyword exact."""
+    st = structlik.Stencil(1)
+    x, loc, s = (torch.randn(1, 2, 3, 4, dtype=torch.float64) for _ in range(3))
+    w = 0.1 * torch.randn(1, 2 * st.S, 3, 4, dtype=torch.float64)
+    xi = 0.2 * torch.randn(1, 1, 3, 4, dtype=torch.float64)
+    loss = structlik.StructuredGaussianNLLLoss(st)
+    with pytest.raises(TypeError):
+        loss(x, loc, s, w, xi)
+    torch.testing.assert_close(loss(x, loc, s, w, cross=xi), structlik.structured_gaussian_nll(x, loc, s, w, st,
+                                                                                               cross=xi))

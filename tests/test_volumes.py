@@ -6,41 +6,17 @@ in every op and entry point, against a dense float64 M built here from the formu
 with p = (z, y, x) in raster order z*H*W + y*W + x and p + delta_i = (z+dz, y+dy, x+dx) taken only
 inside the volume (never across a slice boundary, where the tall view's flat neighbour is another
 voxel). Nothing of structlik builds the matrix; ``reference.to_dense_upper`` is checked against it."""
-import itertools
 import math
 
 import pytest
 import torch
 
+from oracle import dense_m
 from helpers import assert_ops_match_dense, check_func_and_compile, check_shapes_everywhere, gradcheck
 import structlik
 from structlik import Stencil, StructuredNormal, backends, ops, reference, structured_gaussian_nll
 
 LOG_2PI = math.log(2 * math.pi)
-
-
-def dense_m(log_diag, off_diag, cross, stencil):
-    """M of each volume from the formula: (B, C*n, C*n), float64, differentiable in the parameters."""
-    B, C, D, H, W = log_diag.shape
-    n, S = D * H * W, stencil.S
-    rows, cols, params = [], [], []        # M[row, col] = the parameter at flat index params (in one list)
-    flat_w = off_diag.reshape(B, -1)
-    for c, (z, y, x) in itertools.product(range(C), itertools.product(range(D), range(H), range(W))):
-        p = (z * H + y) * W + x
-        for i, (dz, dy, dx) in enumerate(stencil.offsets):
-            qz, qy, qx = z + dz, y + dy, x + dx
-            if 0 <= qz < D and 0 <= qy < H and 0 <= qx < W:
-                rows.append(c * n + p)
-                cols.append(c * n + (qz * H + qy) * W + qx)
-                params.append((c * S + i) * n + p)
-    M = torch.diag_embed(log_diag.reshape(B, -1).exp())
-    index = torch.tensor(rows, dtype=torch.long) * (C * n) + torch.tensor(cols, dtype=torch.long)
-    M = M.reshape(B, -1).index_add(1, index, flat_w[:, torch.tensor(params, dtype=torch.long)]).reshape(B, C * n, C * n)
-    if cross is not None and C > 1:
-        for k, (c, j) in enumerate((c, j) for c in range(C) for j in range(c + 1, C)):
-            block = torch.diag_embed(cross[:, k].reshape(B, n))
-            M = M + torch.nn.functional.pad(block, (j * n, (C - 1 - j) * n, c * n, (C - 1 - c) * n))
-    return M
 
 
 def make_volume(shape, stencil, scale=0.3, requires_grad=False, cross=True):

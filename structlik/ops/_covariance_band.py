@@ -13,13 +13,14 @@ Kernels: the reference (block-Takahashi, ``structlik.reference.covariance_band``
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from .. import _checks, reference
 from .._dtypes import upcast
+from ..interleave import deinterleave, interleave, interleave_weights, interleaved_stencil
 from ..stencil import Stencil
 from . import _forced, _library
 
@@ -114,10 +115,24 @@ def _checked(log_diag, off_diag, stencil, diagonal_only, op):
     return out
 
 
-def variance(log_diag: Tensor, off_diag: Tensor, stencil: Stencil) -> Tensor:
+def variance(log_diag: Tensor, off_diag: Tensor, stencil: Stencil, cross: Optional[Tensor] = None) -> Tensor:
     """The exact marginal variances Sigma_pp of Sigma = (U^T U)^-1: (B, C, H, W). One sweep of
-    n*b*S multiply-adds per plane (b = stencil's largest flat offset), a window of (b+1)^2 values."""
-    return _checked(log_diag, off_diag, stencil, True, "variance")
+    n*b*S multiply-adds per plane (b = stencil's largest flat offset), a window of (b+1)^2 values.
+    With ``cross`` (B, C(C-1)/2, H, W), of Sigma = (M^T M)^-1: the sweep runs on the coupled
+    channels laid out as one channel of width C*W (structlik.interleave: the same matrix, its
+    unknowns permuted), whose band is C times wider."""
+    _checks.check_params(log_diag, off_diag, stencil, cross)
+    C = log_diag.shape[1]
+    if cross is None or C == 1:
+        return _checked(log_diag, off_diag, stencil, True, "variance")
+    log_diag, off_diag, cross = _checks.promote(log_diag, off_diag, cross)
+    nd = stencil.ndim
+    with _checks.validation(False):      # named below, against the caller's tensors
+        out = _checked(interleave(log_diag, nd), interleave_weights(off_diag, cross, C, stencil),
+                       interleaved_stencil(stencil, C), True, "variance")
+    out = deinterleave(out, C, nd)
+    _checks.check_result(out, {"log_diag": log_diag, "off_diag": off_diag, "cross": cross}, op="variance")
+    return out
 
 
 def covariance_band(log_diag: Tensor, off_diag: Tensor, stencil: Stencil) -> Tensor:
