@@ -182,6 +182,8 @@ class ConditionalStructuredNormal(Distribution):
         """value where observed, loc + Lambda_MM^-1 A^T (z - U[:, O] (value - loc)_O) elsewhere; z: (R*N, C, H, W)
         noise, or None for the conditional mean."""
         loc, ld, od, value, m, pinned = self._flat()
+        if z is not None and loc.shape[0] == 0:         # an empty batch: empty samples
+            return z.reshape(0, *loc.shape[1:]).to(loc.dtype)
         offsets = self._offsets
         # U[:, O] (x_O - mu_O): value's missing pixels are never read (NaN there, the usual "unknown", is fine)
         observed = m == 0
@@ -268,16 +270,31 @@ class ConditionalStructuredNormal(Distribution):
         """log p(x_M | x_O) of ``value``'s missing pixels (its observed ones are ignored), for value of
         shape (\\*sample, \\*batch, C, H, W): (\\*sample, \\*batch)."""
         lead = self._check_value(value)
+        dtype = torch.promote_types(value.dtype, self.value.dtype)
+        if dtype != self.value.dtype:      # a float64 value of a float32 conditional: solved in float64
+            return self._in(dtype).log_prob(value)
+        if self.batch_shape.numel() == 0:
+            return value.new_zeros(lead)
         loc, ld, od, _, m, _ = self._flat()
         mean = upcast(self.mean.reshape(-1, *self._event))[0]
         x = upcast(value.reshape(-1, *mean.shape))[0].to(mean.dtype)           # (R, N, C, H, W)
         R = x.shape[0]
-        e = (m * (x - mean)).reshape(-1, *self._event)
+        missing = m > 0
+        # the observed pixels of value are ignored, NaN there too (0 * NaN would not be)
+        e = torch.where(missing, x - mean, 0).reshape(-1, *self._event)
         params = [_per_sample(t, e.shape[0]) for t in (ld, od)]
         u = ops.apply_upper_op(e, *params, self._offsets).reshape(R, *mean.shape)
         k = m.sum((1, 2, 3))
         out = 0.5 * self.log_det_missing().reshape(-1) - 0.5 * k * reference.LOG_2PI - 0.5 * u.square().sum((2, 3, 4))
-        return out.reshape(lead)
+        with self.prior._value_checks():
+            _checks.check_result(out, {"value (missing pixels)": torch.where(missing, x, 0)}, op="log_prob")
+        return out.reshape(lead).to(dtype)
+
+    def _in(self, dtype) -> "ConditionalStructuredNormal":
+        """This conditional computed in ``dtype`` (its value cast; the prior's parameters promote to it)."""
+        tol = None if self.tol == (1e-10 if self.value.dtype == torch.float64 else 1e-5) else self.tol
+        return ConditionalStructuredNormal(self.prior, self.value.to(dtype), self.mask, tol=tol,
+                                           max_iter=self.max_iter, validate_args=self._validate_args)
 
     def observed_log_prob(self):
         """The marginal likelihood log p(x_O) of the observed pixels, (\\*batch,): the prior's density

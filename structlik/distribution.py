@@ -283,16 +283,19 @@ class StructuredNormal(Distribution):
             e = ld.new_zeros(ld.shape)
             e[(..., *at)] = 1
         else:       # right-hand side c*N + b: the unit vector at (c, y, x) of image b
-            e = ld.new_zeros(C, N, *ld.shape[1:])
-            e[(torch.arange(C), slice(None), torch.arange(C), *at)] = 1
-            e = e.reshape(C * N, *ld.shape[1:])
+            # built from the identity, not by index assignment, which vmap's batched tensors refuse
+            space = ld.shape[2:]
+            pixel = torch.zeros(space, dtype=ld.dtype, device=ld.device)
+            pixel[at] = 1
+            eye = torch.eye(C, dtype=ld.dtype, device=ld.device).reshape(C, 1, C, *(1,) * len(space))
+            e = (eye * pixel).expand(C, N, C, *space).reshape(C * N, C, *space)
         with self._value_checks():
             v = ops.image_op(ops.solve_upper_t_op, "solve_upper_t", e, ld, od, self.stencil, cross=cross,
                              params_repeat=True)
             out = ops.image_op(ops.solve_upper_op, "solve_upper", v, ld, od, self.stencil, cross=cross,
                                params_repeat=True)
         if cross is not None:    # channel c of right-hand side c
-            out = out.reshape(C, N, C, *ld.shape[2:])[torch.arange(C), :, torch.arange(C)].transpose(0, 1)
+            out = out.reshape(C, N, C, *ld.shape[2:]).diagonal(dim1=0, dim2=2).movedim(-1, 1)
         return out.reshape(self.batch_shape + self.event_shape)
 
     def correlation(self, index):

@@ -74,9 +74,11 @@ def _flat(dist: StructuredNormal, batch):
     return d, ld, od
 
 
-def _mahalanobis(dist: StructuredNormal, ld, od, diff):
-    """||M (mu_p - mu_q)||^2 per image, with M of ``dist`` (its cross weights too)."""
-    u = ops.apply_upper(diff.reshape(ld.shape), ld, od, dist.stencil, dist._flat_cross())
+def _mahalanobis(dist: StructuredNormal, ld, od, diff, blame):
+    """||M (mu_p - mu_q)||^2 per image, with M of ``dist`` (its cross weights too); ``blame``: the
+    user's tensors to name when it is not finite (the difference of the means is no argument)."""
+    u = ops.image_op(ops.apply_upper_op, "apply_upper", diff.reshape(ld.shape), ld, od, dist.stencil,
+                     cross=dist._flat_cross(), blame=blame)
     return u.square().flatten(1).sum(1)
 
 
@@ -108,11 +110,19 @@ def _kl_structured_structured(p: StructuredNormal, q: StructuredNormal):
     with p._value_checks():
         band = ops.covariance_band(ld_p, _widen(od_p, C, p.stencil, wide), wide)
     trace = trace_precision_covariance(band, ld_q, od_q, q.stencil, wide)
+    blame = {"p.loc": p.loc, "q.loc": q.loc, "q.log_diag": q.log_diag, "q.off_diag": q.off_diag}
     with q._value_checks():
-        maha = _mahalanobis(q, ld_q, od_q, p.loc - q.loc)
+        maha = _mahalanobis(q, ld_q, od_q, p.loc - q.loc, blame)
     n = p.event_shape.numel()
     kl = 0.5 * (trace + maha - n) + ld_p.flatten(1).sum(1) - ld_q.flatten(1).sum(1)
     return kl.reshape(batch)
+
+
+def _checked_kl(kl, dist: StructuredNormal, inputs: dict):
+    """NaN/inf in the KL named by the input that holds them (the structured side's validate_args)."""
+    with dist._value_checks():
+        _checks.check_result(kl, inputs, op="kl_divergence")
+    return kl
 
 
 @register_kl(StructuredNormal, Independent)
@@ -125,7 +135,8 @@ def _kl_structured_diagonal(p: StructuredNormal, q: Independent):
     n = p.event_shape.numel()
     dims = tuple(range(-p._E, 0))
     inner = (p.variance * precision).sum(dims) + (diff.square() * precision).sum(dims) - n
-    return 0.5 * inner + normal.scale.log().expand(batch + p.event_shape).sum(dims) + p.log_diag.sum(dims)
+    kl = 0.5 * inner + normal.scale.log().expand(batch + p.event_shape).sum(dims) + p.log_diag.sum(dims)
+    return _checked_kl(kl, p, {"p.loc": p.loc, "q.loc": normal.loc, "q.scale": normal.scale})
 
 
 @register_kl(Independent, StructuredNormal)
@@ -138,6 +149,9 @@ def _kl_diagonal_structured(p: Independent, q: StructuredNormal):
     variance = normal.scale.expand(batch + event).square()
     with q._value_checks():
         trace = (q.precision_diagonal() * variance).sum(dims)
-        maha = _mahalanobis(q, ld_q, od_q, (normal.loc - q.loc).expand(batch + event)).reshape(batch)
+        maha = _mahalanobis(q, ld_q, od_q, (normal.loc - q.loc).expand(batch + event),
+                            {"p.loc": normal.loc, "q.loc": q.loc, "q.log_diag": q.log_diag,
+                             "q.off_diag": q.off_diag}).reshape(batch)
     n = event.numel()
-    return 0.5 * (trace + maha - n) - q.log_diag.sum(dims) - normal.scale.log().expand(batch + event).sum(dims)
+    kl = 0.5 * (trace + maha - n) - q.log_diag.sum(dims) - normal.scale.log().expand(batch + event).sum(dims)
+    return _checked_kl(kl, q, {"p.scale": normal.scale})

@@ -74,11 +74,16 @@ def _save(ctx, inputs, output):
 def _composed(ctx, G, log_diag, off_diag):
     """The gradient as a graph (create_graph: second order): autograd through the reference."""
     need = ctx.needs_input_grad[:2]
-    wrt = [t for t, n in zip((log_diag, off_diag), need) if n]
-    out = reference.covariance_band(*upcast(log_diag, off_diag), Stencil.from_flat_offsets(ctx.offsets),
-                                    ctx.diagonal_only)
-    grads = iter(torch.autograd.grad(out, wrt, G.to(out.dtype), create_graph=True))
-    return tuple(next(grads).to(t.dtype) if n else None for t, n in zip((log_diag, off_diag), need))
+    stencil = Stencil.from_flat_offsets(ctx.offsets)
+
+    def band(s, w):
+        return reference.covariance_band(*upcast(s, w), stencil, ctx.diagonal_only)
+    # torch.func.vjp, not torch.autograd.grad of a recomputed graph: it composes with the outer
+    # autograd (second order) and with torch.func's transforms (jacrev, vmap(grad)), under which the
+    # saved tensors are another level's and autograd.grad finds no graph to them.
+    out, pullback = torch.func.vjp(band, log_diag, off_diag)
+    grads = pullback(G.to(out.dtype))
+    return tuple(g.to(t.dtype) if n else None for g, t, n in zip(grads, (log_diag, off_diag), need))
 
 
 def _formula(ctx, G):
