@@ -2,8 +2,9 @@
 //
 // U is Lambda's Cholesky factor already, so the Takahashi recurrence U Sigma = U^-T gives row p
 // of the band from the rows after it, in reverse raster order (b the largest flat offset):
-//   Sigma_pj = -(1/d_p) sum_i w_{p,i} Sigma_{p+f_i, j}            j = p+1 .. p+b
-//   Sigma_pp =  (1/d_p) (1/d_p - sum_i w_{p,i} Sigma_{p, p+f_i})
+//   Sigma_pj = -sum_i (w_{p,i}/d_p) Sigma_{p+f_i, j}            j = p+1 .. p+b
+//   Sigma_pp =  1/d_p^2 - sum_i (w_{p,i}/d_p) Sigma_{p, p+f_i}
+// (w/d first: what fits the dtype is computed in it, issue #39 item 2).
 // Every Sigma_{a,c} read has a, c in [p+1, p+b]: a dense symmetric window of L = b+1 rows and
 // columns, indexed by pixel mod L, holds them (L^2 values per plane, 0.5 MB at 128x128 radius 2
 // in float64: it stays in L2), so the inner loop over j is contiguous (two pieces where it wraps).
@@ -87,9 +88,12 @@ Tensor covariance_band(const Tensor& log_diag_in, const Tensor& off_diag_in, Int
         for (int64_t p = g.n - 1; p >= 0; --p) {
           const int64_t count = std::min(g.b, g.n - 1 - p), start = (p + 1) % g.L;
           const int64_t m = row_weights(Wt, k, offsets, g, p, w.data(), f.data(), idx.data());
+          // w/d before it meets Sigma: |w/d| <= 1 for bounded weights, while w * Sigma overflows
+          // float32 where d spans e^+-30 although every entry of Sigma fits (issue #39 item 2)
+          const scalar_t inv = scalar_t(1) / std::exp(sk[p]);
           std::fill(acc.begin(), acc.begin() + count, scalar_t(0));
           for (int64_t i = 0; i < m; ++i) {
-            const scalar_t wi = w[i];
+            const scalar_t wi = w[i] * inv;
             const scalar_t* row = win + ((p + f[i]) % g.L) * g.L;
             ring(start, count, g.L, [&](int64_t t0, int64_t t1, int64_t slot0) {
               const scalar_t* r = row + slot0 - t0;
@@ -97,19 +101,18 @@ Tensor covariance_band(const Tensor& log_diag_in, const Tensor& off_diag_in, Int
               for (int64_t t = t0; t < t1; ++t) acc[t] += wi * r[t];
             });
           }
-          const scalar_t inv = scalar_t(1) / std::exp(sk[p]);
           const int64_t self = p % g.L;
           scalar_t* own = win + self * g.L;
           ring(start, count, g.L, [&](int64_t t0, int64_t t1, int64_t slot0) {
             for (int64_t t = t0; t < t1; ++t) {
-              const scalar_t v = -acc[t] * inv;
+              const scalar_t v = -acc[t];
               own[slot0 - t0 + t] = v;
               win[(slot0 - t0 + t) * g.L + self] = v;
             }
           });
           scalar_t sum = 0;
-          for (int64_t i = 0; i < m; ++i) sum += w[i] * own[(p + f[i]) % g.L];
-          const scalar_t diag = inv * (inv - sum);
+          for (int64_t i = 0; i < m; ++i) sum += (w[i] * inv) * own[(p + f[i]) % g.L];
+          const scalar_t diag = inv * inv - sum;
           own[self] = diag;
           o[p] = diag;
           if (!diagonal_only) {
@@ -117,7 +120,7 @@ Tensor covariance_band(const Tensor& log_diag_in, const Tensor& off_diag_in, Int
             // row by row (stores straight to the L planes, n apart, took 41 ms against 34 at 128x128
             // radius 2, one thread; the variances alone take 11).
             const int64_t x = p % g.W;
-            for (int64_t t = 0; t < count; ++t) tile[(t + 1) * g.W + x] = -acc[t] * inv;
+            for (int64_t t = 0; t < count; ++t) tile[(t + 1) * g.W + x] = -acc[t];
             for (int64_t t = count; t < g.b; ++t) tile[(t + 1) * g.W + x] = 0;
             if (x == 0)
               for (int64_t t = 1; t < g.L; ++t) std::copy_n(tile.data() + t * g.W, g.W, o + t * g.n + p);

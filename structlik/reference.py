@@ -365,14 +365,17 @@ def band_width(stencil: Stencil, W: int) -> int:
     return max(dy * W + dx for dy, dx in stencil.tall_offsets)
 
 
-def _upper_blocks(log_diag, off_diag, stencil):
+def _upper_blocks(log_diag, off_diag, stencil, scaled=False):
     """U as block rows of image rows: (B, C, H, M, W, W) with block [y, m] = U_{y, y+m} (m = 0..R,
-    R the largest dy), the weights outside the image 0. Built with diag_embed, differentiable."""
+    R the largest dy), the weights outside the image 0. Built with diag_embed, differentiable.
+    ``scaled``: V = D^-1 U instead (unit diagonal, weights w/d; a pinned pixel's row, d = inf, is e_p)."""
     B, C, H, W = log_diag.shape
     w = weights(off_diag, stencil)
+    if scaled:
+        w = w * (-log_diag).exp().unsqueeze(2)
     R = max(dy for dy, _ in stencil.tall_offsets)
     blocks = [[] for _ in range(R + 1)]
-    blocks[0].append(torch.diag_embed(log_diag.exp()))
+    blocks[0].append(torch.diag_embed(torch.ones_like(log_diag) if scaled else log_diag.exp()))
     for i, (dy, dx) in enumerate(stencil.tall_offsets):
         lo, hi = max(0, -dx), min(W, W - dx)
         if hi <= lo or not stencil.reachable(i):         # |dx| >= W (|dy| >= a volume's slice height): never inside
@@ -392,7 +395,10 @@ def covariance_band(log_diag, off_diag, stencil, diagonal_only=False):
     Sigma_{y,y+m} for m = 0..M (M = R + 1 because a band entry of the last columns reaches one row
     further; more on images narrower than the stencil); each step is a batch of W x W triangular solves."""
     B, C, H, W = log_diag.shape
-    U = _upper_blocks(log_diag, off_diag, stencil)
+    # V = D^-1 U (each row over its diagonal): V Sigma = D^-2 V^-T, so w/d meets Sigma, never w alone
+    # (w * Sigma overflows float32 where d spans e^+-30 although Sigma fits: issue #39 item 2)
+    inv_d = (-log_diag).exp()
+    U = _upper_blocks(log_diag, off_diag, stencil, scaled=True)
     R = U.shape[3] - 1
     L = band_width(stencil, W) + 1
     # blocks kept per row, Sigma_{y, y+m} for m <= M: the band's entries reach (W - 1 + b) // W rows
@@ -412,6 +418,7 @@ def covariance_band(log_diag, off_diag, stencil, diagonal_only=False):
             rhs = sum(U[:, :, y, k] @ block(y + k, y + m) for k in ks)
             row[m] = -torch.linalg.solve_triangular(D, rhs, upper=True) if ks else torch.zeros_like(D)
         inv_t = torch.linalg.solve_triangular(D.transpose(-1, -2), eye.expand_as(D), upper=False)
+        inv_t = inv_t * inv_d[:, :, y, :, None].square()       # D^-2 V_yy^-T
         rhs = inv_t - sum(U[:, :, y, k] @ row[k].transpose(-1, -2) for k in ks) if ks else inv_t
         row[0] = torch.linalg.solve_triangular(D, rhs, upper=True)
         rows[y] = row

@@ -90,6 +90,9 @@ def covariance_band_kernel(log_diag, off_diag, band, pairs, C, H, W, RW, levels,
             i = y * W + x
             j = i + k
             acc = tl.zeros([LANES], ACC)
+            # w/d before it meets Sigma (|w/d| <= 1 when bounded): w * Sigma overflows float32 where d
+            # spans e^+-30 although every entry of Sigma fits (issue #39 item 2)
+            inv = 1.0 / tl.exp(tl.load(log_diag + sb + i, ok, 0.0).to(ACC))
             for s in tl.static_range(S):
                 dy = OFFS[2 * s]
                 dx = OFFS[2 * s + 1]
@@ -97,9 +100,8 @@ def covariance_band_kernel(log_diag, off_diag, band, pairs, C, H, W, RW, levels,
                 w = tl.load(off_diag + wb + s * wsc + i, inside, 0.0).to(ACC)
                 a = i + dy * W + dx                 # Sigma_{a, j}, stored at (|j - a|, min(a, j))
                 sig = tl.load(band + base + tl.abs(j - a) * n + tl.minimum(a, j), inside, 0.0)
-                acc += w * sig
-            inv = 1.0 / tl.exp(tl.load(log_diag + sb + i, ok, 0.0).to(ACC))
-            value = tl.where(k == 0, inv * (inv - acc), -acc * inv)
+                acc += (w * inv) * sig
+            value = tl.where(k == 0, inv * inv - acc, -acc)
             tl.store(band + base + k * n + i, value, ok)
             chunk += LANES
         tl.debug_barrier()
