@@ -140,9 +140,15 @@ std::tuple<Tensor, Tensor> covariance_band_backward(const Tensor& grad_in, const
   const auto& [offsets, s, wts, B, C, planes, S, g] = args;
   const Tensor grad = torch::stable::contiguous(cast_like(grad_in, s));
   const Tensor band = torch::stable::contiguous(cast_like(band_in, s));
-  STD_TORCH_CHECK(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == C * g.L && band.dim() == 4 &&
-                      band.size(0) == B && band.size(1) == C * g.L,
-                  "covariance_band_backward: grad and band must be (B, C*L, H, W) with L = ", g.L);
+  // H and W too: the sweep reads g.n values a plane (a band a row short was read past its end)
+  STD_TORCH_CHECK(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == C * g.L && grad.size(2) == g.H &&
+                      grad.size(3) == g.W,
+                  "grad: expected shape (B, C*L, H, W) with L=", g.L, " = (", B, ", ", C * g.L, ", ", g.H, ", ", g.W,
+                  "), got ", shape(grad_in));
+  STD_TORCH_CHECK(band.dim() == 4 && band.size(0) == B && band.size(1) == C * g.L && band.size(2) == g.H &&
+                      band.size(3) == g.W,
+                  "band: expected shape (B, C*L, H, W) with L=", g.L, " = (", B, ", ", C * g.L, ", ", g.H, ", ", g.W,
+                  "), got ", shape(band_in));
   auto grad_s = empty(shape(s).dims, s), grad_w = empty({B, C * S, g.H, g.W}, s);
   dispatch_floating(s.scalar_type(), "covariance_band_backward", [&](auto tag_) {
     using scalar_t = decltype(tag_);

@@ -18,6 +18,11 @@ The log-determinant ``log det Lambda_MM`` (for ``log_prob`` and ``observed_log_p
 by the matrix determinant lemma: ``2 sum_M log d_p + log det(I + K K^T)`` with
 ``K = U[R, M] U_MM^-1`` over the rows R of observed pixels whose stencil reaches a missing pixel
 (a hole's rim; every observed row near a missing one for scattered masks), R solves in one call.
+The variances diag(Lambda_MM^-1) reuse them by Woodbury (``variance``): the band recurrence of
+U_MM (U without the weights that touch an observed pixel) less the rim's rank-R correction.
+
+Coupled channels (cross weights) are conditioned as the one-channel model of width C*W that is the
+same Gaussian up to a permutation (``structlik.interleave``): a mask per channel and pixel.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from torch.distributions import Distribution, constraints
 
 from . import _checks, ops, reference
 from ._dtypes import upcast
+from .interleave import deinterleave, interleave
 from .stencil import Stencil
 
 __all__ = ["ConditionalStructuredNormal"]
@@ -109,6 +115,14 @@ class ConditionalStructuredNormal(Distribution):
             raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
         batch = full[:-E]
         self.prior = prior.expand(batch)
+        # coupled channels: the same Gaussian as one channel of width C*W (structlik.interleave), whose
+        # conditional this one's is up to the permutation of the pixels; every public method delegates
+        self._inner = None
+        if prior.cross is not None and event[0] > 1:
+            nd = prior.stencil.ndim
+            self._inner = ConditionalStructuredNormal(
+                self.prior._interleaved(), interleave(value.expand(full), nd), interleave(mask.expand(full), nd),
+                tol=tol, max_iter=max_iter, validate_args=validate_args)
         # the ops' view of the event: an image's (C, H, W), a volume's tall (C, D*H, W) (contract §3)
         self._event = (event[0], math.prod(event[1:-1]), event[-1])
         self._offsets = prior.stencil.op_offsets(event[-2])
@@ -200,10 +214,18 @@ class ConditionalStructuredNormal(Distribution):
 
     # -- Distribution API -----------------------------------------------------
 
+    def _coupled(self, t: torch.Tensor) -> torch.Tensor:
+        """An interleaved result of the inner conditional in this one's layout (C channels); its
+        solve's iterations and residual too."""
+        self.iterations, self.residual = self._inner.iterations, self._inner.residual
+        return deinterleave(t, self.prior.event_shape[0], self.prior.stencil.ndim)
+
     @property
     def mean(self):
         """The conditional mean (``value`` where observed), (\\*batch, C, H, W); one solve, kept when
         no parameter needs a gradient."""
+        if self._inner is not None:
+            return self._coupled(self._inner.mean)
         if self._mean is not None:
             return self._mean
         mean = self._draw(None).reshape(self.batch_shape + self.event_shape).to(self.value.dtype)
@@ -220,6 +242,8 @@ class ConditionalStructuredNormal(Distribution):
         return self.mean
 
     def rsample(self, sample_shape=torch.Size()):
+        if self._inner is not None:
+            return self._coupled(self._inner.rsample(sample_shape))
         shape = self._extended_shape(sample_shape)
         z = self.prior._noise(shape, torch.float64 if self.value.dtype == torch.float64 else torch.float32)
         return self._draw(z.reshape(-1, *self._event)).reshape(shape).to(self.value.dtype)
@@ -230,9 +254,10 @@ class ConditionalStructuredNormal(Distribution):
                                            self.mask.expand(batch_shape + self.event_shape), tol=self.tol,
                                            max_iter=self.max_iter, validate_args=self._validate_args)
 
-    def log_det_missing(self):
-        """``log det Lambda_MM`` per image, (\\*batch,): the determinant lemma over the observed rows
-        that reach a missing pixel (module docstring)."""
+    def _rim(self):
+        """The rim's part of Lambda_MM = U_MM^T U_MM + V^T V, V = U[R, M] over the rows R of observed
+        pixels whose stencil reaches a missing pixel: K = U_MM^-T V^T as (R, N*C, n) (zero off M)
+        and the Cholesky factor of I + K^T K per plane, (N*C, R, R); None, None when R = 0."""
         loc, ld, od, value, m, pinned = self._flat()
         stencil = self._stencil                  # the ops' (a volume's: its tall view's, contract §3)
         N, C, H, W = ld.shape
@@ -248,9 +273,8 @@ class ConditionalStructuredNormal(Distribution):
         rows = touch.any(1)                                              # R per plane
         count = rows.sum(1)
         R = int(count.max()) if count.numel() else 0
-        logdet = (2 * ld * m).sum((1, 2, 3))
         if R == 0:
-            return logdet.reshape(self.batch_shape)
+            return None, None
         plane, pos = rows.nonzero(as_tuple=True)
         rank = torch.cumsum(rows.to(torch.int64), 1)[plane, pos] - 1
         rhs = ld.new_zeros(R, N * C, n)
@@ -262,14 +286,73 @@ class ConditionalStructuredNormal(Distribution):
         K = K.reshape(R, N * C, n)
         gram = torch.einsum("rpn,spn->prs", K, K)
         eye = torch.eye(R, dtype=gram.dtype, device=gram.device)
-        L = torch.linalg.cholesky(eye + gram)
+        return K, torch.linalg.cholesky(eye + gram)
+
+    def log_det_missing(self):
+        """``log det Lambda_MM`` per image, (\\*batch,): the determinant lemma over the observed rows
+        that reach a missing pixel (module docstring)."""
+        if self._inner is not None:
+            return self._inner.log_det_missing()
+        _, ld, _, _, m, _ = self._flat()
+        logdet = (2 * ld * m).sum((1, 2, 3))
+        K, L = self._rim()
+        if K is None:
+            return logdet.reshape(self.batch_shape)
         extra = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
-        return (logdet + extra.reshape(N, C).sum(1)).reshape(self.batch_shape)
+        return (logdet + extra.reshape(ld.shape[:2]).sum(1)).reshape(self.batch_shape)
+
+    @property
+    def variance(self):
+        """The exact conditional variances diag(Lambda_MM^-1) of the missing pixels (0 where observed),
+        batch_shape + event_shape, differentiable. Woodbury over the rim (module docstring):
+        Lambda_MM^-1 = A^-1 - A^-1 V^T (I + K^T K)^-1 V A^-1 with A = U_MM^T U_MM, whose diagonal is
+        the band recurrence's variance of U_MM (U with every weight that touches an observed pixel
+        dropped and the observed pixels' d = 1: U_MM plus an identity block), and the correction
+        sum_r (L^-1 U_MM^-1 K)_rp^2 from the R rim solves the log-determinant makes anyway."""
+        if self._inner is not None:
+            return self._coupled(self._inner.variance)
+        loc, ld, od, value, m, pinned = self._flat()
+        N, C, H, W = ld.shape
+        stencil = self._stencil
+        if N == 0:
+            return self.value.new_zeros(self.batch_shape + self.event_shape)
+        # weight i of pixel p is U_MM's when both p and p + offset_i are missing
+        keep = torch.stack([(m * reference.shift(m, dy, dx)) > 0 for dy, dx in stencil.tall_offsets], 2)
+        od_mm = torch.where(keep, od.reshape(N, C, stencil.S, H, W), 0).reshape(od.shape)
+        with _checks.validation(False):
+            out = ops.covariance_band_op(ld * m, od_mm, self._offsets, True)
+        K, L = self._rim()
+        if K is not None:
+            R = K.shape[0]
+            a = ops.solve_upper_op(K.reshape(R * N, C, H, W), pinned, od, self._offsets)     # A^-1 V^T
+            a = a.reshape(R, N * C, H * W).permute(1, 0, 2)                               # (N*C, R, n)
+            y = torch.linalg.solve_triangular(L, a, upper=False)
+            out = out - y.square().sum(1).reshape(N, C, H, W)
+        out = out * m
+        with self.prior._value_checks():
+            _checks.check_result(out, {"loc": loc, "log_diag": ld, "off_diag": od}, op="variance")
+        return out.reshape(self.batch_shape + self.event_shape).to(self.value.dtype)
+
+    @property
+    def stddev(self):
+        return self.variance.sqrt()
+
+    def entropy(self):
+        """The differential entropy of the missing pixels, (\\*batch,): k/2 (1 + log 2 pi) - log det(Lambda_MM)/2
+        over the k missing pixels (the observed ones are fixed: no entropy)."""
+        if self._inner is not None:
+            return self._inner.entropy()
+        log_det = self.log_det_missing()
+        k = (~self.mask).flatten(-len(self.event_shape)).sum(-1).to(log_det.dtype)
+        out = 0.5 * k * (1.0 + reference.LOG_2PI) - 0.5 * log_det
+        return out.to(self.value.dtype)
 
     def log_prob(self, value):
         """log p(x_M | x_O) of ``value``'s missing pixels (its observed ones are ignored), for value of
         shape (\\*sample, \\*batch, C, H, W): (\\*sample, \\*batch)."""
         lead = self._check_value(value)
+        if self._inner is not None:
+            return self._inner.log_prob(interleave(value, self.prior.stencil.ndim))
         dtype = torch.promote_types(value.dtype, self.value.dtype)
         if dtype != self.value.dtype:      # a float64 value of a float32 conditional: solved in float64
             return self._in(dtype).log_prob(value)
@@ -299,6 +382,8 @@ class ConditionalStructuredNormal(Distribution):
     def observed_log_prob(self):
         """The marginal likelihood log p(x_O) of the observed pixels, (\\*batch,): the prior's density
         at the conditional mean over the conditional's density there."""
+        if self._inner is not None:
+            return self._inner.observed_log_prob()
         mean = self.mean
         k = (~self.mask).flatten(-len(self.event_shape)).sum(-1).to(mean.dtype)
         at_mean = 0.5 * self.log_det_missing() - 0.5 * k * reference.LOG_2PI

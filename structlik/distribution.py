@@ -58,9 +58,9 @@ class StructuredNormal(Distribution):
             pixel (supn_base's ``cross_ch``): U becomes M with
             ``(M r)_{c,p} = (U r)_{c,p} + sum_{j>c} cross_{kappa(c,j),p} r_{j,p}``, pairs in the
             order (0,1), (0,2), ..., (1,2), ... (docs/contract.md §1). The log-determinant, and so
-            the entropy, is unchanged; ``variance``, ``stddev``, ``correlation`` and
-            ``kl_divergence`` take them (through ``_interleaved``), ``covariance_band`` and
-            ``condition`` do not yet (they raise ``NotImplementedError``).
+            the entropy, is unchanged; ``variance``, ``stddev``, ``correlation``,
+            ``kl_divergence`` and ``condition`` take them (through ``_interleaved``);
+            ``covariance_band`` does not yet (it raises ``NotImplementedError``).
 
     ``batch_shape`` is the broadcast of the three leading shapes and
     ``event_shape`` is (C, H, W) (a volume's (C, D, H, W) with ``Stencil(k, ndim=3)``): ``log_prob``
@@ -179,8 +179,8 @@ class StructuredNormal(Distribution):
     def _uncoupled(self, what: str) -> None:
         if self.cross is not None:
             raise NotImplementedError(f"StructuredNormal.{what}: not implemented with cross weights (coupled "
-                                      f"channels) yet; variance, stddev, covariance(index), correlation(index) "
-                                      f"and kl_divergence are exact with them")
+                                      f"channels) yet; variance, stddev, covariance(index), correlation(index), "
+                                      f"kl_divergence and condition are exact with them")
 
     def _interleaved(self) -> "StructuredNormal":
         """This distribution with its C channels laid out as one channel of width C*W (column
@@ -314,7 +314,6 @@ class StructuredNormal(Distribution):
         is True: a :class:`structlik.ConditionalStructuredNormal` over whole images (inpainting,
         posterior samples), with the conditional ``mean``, exact ``rsample``/``sample`` (observed pixels
         equal to ``value``), ``log_prob`` of the missing pixels and ``observed_log_prob``, log p(x_O)."""
-        self._uncoupled("condition")
         return ConditionalStructuredNormal(self, value, mask, tol=tol, max_iter=max_iter)
 
     def rsample(self, sample_shape=torch.Size()):

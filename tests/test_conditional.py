@@ -102,6 +102,21 @@ def check_against_dense(mask):
         assert got[b].item() == pytest.approx(total, abs=1e-9)
     stacked = cond.log_prob(torch.stack([point, x]))                  # (*sample, *batch, C, H, W)
     assert stacked.shape == (2, SHAPE[0]) and torch.equal(stacked[0], got)
+    # the conditional's uncertainty (issue #40): diag(Lambda_MM^-1), 0 where observed, and its entropy
+    variance, entropy = cond.variance, cond.entropy()
+    for k, (M, O, _, L_mm, _) in enumerate(planes):
+        b, c = divmod(k, SHAPE[1])
+        if len(M):
+            torch.testing.assert_close(variance[b, c].flatten()[M], torch.linalg.inv(L_mm).diagonal(),
+                                       rtol=0, atol=1e-9)
+        assert torch.equal(variance[b, c].flatten()[O], torch.zeros(len(O), dtype=variance.dtype))
+    torch.testing.assert_close(cond.stddev, variance.sqrt())
+    for b in range(SHAPE[0]):
+        group = planes[b * SHAPE[1]:(b + 1) * SHAPE[1]]
+        want = sum(float(torch.distributions.MultivariateNormal(torch.zeros(len(M), dtype=torch.float64),
+                                                                precision_matrix=L).entropy())
+                   for M, _, _, L, _ in group if len(M))
+        assert entropy[b].item() == pytest.approx(want, abs=1e-9)
 
 
 @pytest.mark.not_interpreted

@@ -252,8 +252,6 @@ def test_distribution_api(backend):
     torch.testing.assert_close(dist.variance, sigma.diagonal(dim1=1, dim2=2).reshape(shape))
     with pytest.raises(NotImplementedError, match="cross weights"):
         dist.covariance_band()
-    with pytest.raises(NotImplementedError, match="cross weights"):
-        dist.condition(x, torch.zeros(shape, dtype=torch.bool))
 
 
 def test_rsample_is_reparameterised_through_the_cross_weights(backend):

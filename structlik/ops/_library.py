@@ -28,7 +28,7 @@ import torch
 
 from .._dtypes import upcast
 from ..stencil import Stencil
-from . import _vmap
+from . import _raw_checks, _vmap
 
 NAMESPACE = "structlik"
 LIBRARY = torch.library.Library(NAMESPACE, "DEF")
@@ -105,6 +105,10 @@ def define(schema: str, *, reference: Callable, fake: Callable, triton: Optional
     torch.compile when it has a formula, else the op itself."""
     name = schema.split("(", 1)[0]
     qualname = f"{NAMESPACE}::{name}"
+    # the kernels without bounds checks of their own get the C++ kernels' argument checks (issue #39)
+    if "offsets" in schema:
+        reference = _raw_checks.checked(name, schema, reference)
+        triton = None if triton is None else _raw_checks.checked(name, schema, triton)
     LIBRARY.define(schema)
     LIBRARY.impl(name, reference, "CompositeExplicitAutograd")
     REFERENCE_KERNELS[name] = reference
