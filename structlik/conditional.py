@@ -254,11 +254,12 @@ class ConditionalStructuredNormal(Distribution):
                                            self.mask.expand(batch_shape + self.event_shape), tol=self.tol,
                                            max_iter=self.max_iter, validate_args=self._validate_args)
 
-    def _rim(self):
+    def _rim(self, flat):
         """The rim's part of Lambda_MM = U_MM^T U_MM + V^T V, V = U[R, M] over the rows R of observed
         pixels whose stencil reaches a missing pixel: K = U_MM^-T V^T as (R, N*C, n) (zero off M)
-        and the Cholesky factor of I + K^T K per plane, (N*C, R, R); None, None when R = 0."""
-        loc, ld, od, value, m, pinned = self._flat()
+        and the Cholesky factor of I + K^T K per plane, (N*C, R, R); None, None when R = 0. ``flat``:
+        what :meth:`_flat` returned (the caller's, not formed twice)."""
+        loc, ld, od, value, m, pinned = flat
         stencil = self._stencil                  # the ops' (a volume's: its tall view's, contract §3)
         N, C, H, W = ld.shape
         n, S = H * W, stencil.S
@@ -293,9 +294,10 @@ class ConditionalStructuredNormal(Distribution):
         that reach a missing pixel (module docstring)."""
         if self._inner is not None:
             return self._inner.log_det_missing()
-        _, ld, _, _, m, _ = self._flat()
+        flat = self._flat()
+        _, ld, _, _, m, _ = flat
         logdet = (2 * ld * m).sum((1, 2, 3))
-        K, L = self._rim()
+        K, L = self._rim(flat)
         if K is None:
             return logdet.reshape(self.batch_shape)
         extra = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
@@ -311,7 +313,8 @@ class ConditionalStructuredNormal(Distribution):
         sum_r (L^-1 U_MM^-1 K)_rp^2 from the R rim solves the log-determinant makes anyway."""
         if self._inner is not None:
             return self._coupled(self._inner.variance)
-        loc, ld, od, value, m, pinned = self._flat()
+        flat = self._flat()
+        loc, ld, od, value, m, pinned = flat
         N, C, H, W = ld.shape
         stencil = self._stencil
         if N == 0:
@@ -321,7 +324,7 @@ class ConditionalStructuredNormal(Distribution):
         od_mm = torch.where(keep, od.reshape(N, C, stencil.S, H, W), 0).reshape(od.shape)
         with _checks.validation(False):
             out = ops.covariance_band_op(ld * m, od_mm, self._offsets, True)
-        K, L = self._rim()
+        K, L = self._rim(flat)
         if K is not None:
             R = K.shape[0]
             a = ops.solve_upper_op(K.reshape(R * N, C, H, W), pinned, od, self._offsets)     # A^-1 V^T

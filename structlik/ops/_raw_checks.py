@@ -31,7 +31,7 @@ import torch
 from ..stencil import Stencil
 
 _REPEATED = ("r", "y", "z", "g")          # image operands whose batch may be a multiple of the parameters'
-_IMAGES = ("x", "loc")
+_IMAGES = ("x", "loc", "b")
 
 
 def _shape(t) -> str:
@@ -115,7 +115,7 @@ def check_raw_call(op_name: str, args: dict) -> None:
             if value.numel():
                 half = ref.dtype in (torch.float16, torch.bfloat16) and value.dtype == torch.float32
                 _check_like(name, value, ref_name, ref, (B, C, H, W), "(B, C, H, W)", cast=half)
-        elif name in _IMAGES or name == "b":
+        elif name in _IMAGES:
             _check_like(name, value, ref_name, ref, (B, C, H, W), "(B, C, H, W)")
         elif name == "grad":
             if L is not None:
