@@ -31,7 +31,29 @@ def split_head(loc, log_diag, off_diag):
     return head, lambda h: h.split([C, C, CS], dim=1)
 
 
-def contenders_for(nll_fns, inputs, mode):
+def from_head_contender(x, head, stencil, mode):
+    """The quick start's path: StructuredNormal.from_head with its default weight bound (0.9), the
+    head's off_diag channels taken as raw weights. A different function of the head than the
+    others (bounded weights), so not compared with the reference here: tests/test_bound_fused.py
+    checks it against a dense float64 NLL."""
+    def run():
+        if mode == "fwd":
+            with torch.no_grad():
+                return structlik.StructuredNormal.from_head(head, stencil).log_prob(x)
+        out = -structlik.StructuredNormal.from_head(head, stencil).log_prob(x).sum()
+        return out, torch.autograd.grad(out, head)[0]
+    return harness.Contender("from_head (bound 0.9)", run, "the quick start: from_head's default bound, in the kernel",
+                             validated=True, checked=False)
+
+
+def bound_over_public(rows):
+    """from_head's default bound against the unbounded split views (issue #41: at most 1.15x)."""
+    public, bounded = (rows.get(n, {}).get("ms") for n in ("public", "from_head (bound 0.9)"))
+    if public and bounded:
+        rows["from_head (bound 0.9)"]["over_public"] = bounded / public
+
+
+def contenders_for(nll_fns, inputs, mode, stencil):
     x, loc, log_diag, off_diag = inputs
     params = [t.detach().clone().requires_grad_() for t in (loc, log_diag, off_diag)]
     head, split = split_head(loc, log_diag, off_diag)
@@ -55,6 +77,7 @@ def contenders_for(nll_fns, inputs, mode):
 
     out = [harness.Contender(name, wrap(fn, name != "fused"), note, validated=name == "public",
                              compiles=name == "compiled reference") for name, fn, note in nll_fns]
+    out.append(from_head_contender(x, head, stencil, mode))
     if mode == "fwd+bwd":
         grads = [torch.randn_like(t) for t in (loc, log_diag, off_diag)]
         out.append(harness.Contender(
@@ -64,10 +87,12 @@ def contenders_for(nll_fns, inputs, mode):
 
 
 def onehot_over_public(rows):
-    """How many times slower the one-hot convolution is than the public path, both on split views."""
+    """How many times slower the one-hot convolution is than the public path, both on split views;
+    and from_head's bound against the public path."""
     public, onehot = (rows.get(n, {}).get("ms") for n in ("public", "one-hot conv"))
     if public and onehot:
         rows["public"]["onehot_over_public"] = onehot / public
+    bound_over_public(rows)
 
 
 def main():
@@ -97,14 +122,15 @@ def main():
                          "fwd+bwd": nll_bytes + (2 + stencil.S) * plane}    # and the gradients but x's
         for mode in ("fwd", "fwd+bwd"):
             cases.append(harness.Case(
-                label=label, mode=mode, contenders=contenders_for(nll_fns, inputs, mode),
+                label=label, mode=mode, contenders=contenders_for(nll_fns, inputs, mode, stencil),
                 check=lambda got, exp, tol=tol: harness.assert_close_report(got, exp, **tol),
                 fused="fused", reference="reference", input_bytes=inputs_bytes, output_bytes=outputs_bytes[mode]))
     harness.run("nll", cases, device, min_run_time=args.min_run_time, derive=onehot_over_public,
                 notes="Every contender but \"fused\" reads loc, log_diag and off_diag as views of one head "
                       "(head.split); \"public\" ran with Distribution validation on (asserted); its ratio is to the "
                       "fused kernel on contiguous inputs, nothing subtracted. onehot_over_public: one-hot conv / "
-                      "public.")
+                      "public. \"from_head (bound 0.9)\": the quick start's StructuredNormal.from_head(head, stencil) "
+                      "with its default weight bound, bounded inside the kernel; over_public: its time / public's.")
 
 
 if __name__ == "__main__":

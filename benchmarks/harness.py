@@ -31,6 +31,8 @@ import torch
 # STRUCTLIK_BENCH_RESULTS redirects the output (the test that smoke-runs the scripts uses it).
 RESULTS_DIR = os.environ.get("STRUCTLIK_BENCH_RESULTS",
                              os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+# alternating timing rounds per contender (README figures: the median of at least 5, with the range)
+ROUNDS = int(os.environ.get("STRUCTLIK_BENCH_ROUNDS", "5"))
 
 
 @dataclasses.dataclass
@@ -168,32 +170,51 @@ def run(family: str, cases: List[Case], device: torch.device, min_run_time: floa
             row_of[(case.label, case.mode, c.name)] = {"family": family, "case": case.label, "mode": case.mode,
                                                       "contender": c.name, "note": c.note}
     expected = {}
-    for case, c in _phases(cases):
+
+    def prepare(case, c):
+        """Check c against the reference (this also warms it up: compiles, caches); False if skipped."""
         row = row_of[(case.label, case.mode, c.name)]
         if c.skip:
             row.update(status=f"skipped: {c.skip}")
-            continue
+            return False
         key = (case.label, case.mode)
         if key not in expected:
             expected[key] = next(r for r in case.contenders if r.name == case.reference).fn()
         _assert_validation_on(c)
-        got = c.fn()                                   # also warms up (compiles, caches)
-        error = "-"
+        got = c.fn()
+        row["error"] = "-"
         if c.checked:
             try:
-                error = case.check(got, expected[key])
+                row["error"] = case.check(got, expected[key])
             except AssertionError as err:
                 raise AssertionError(f"{family} {case.label}: {c.name} disagrees with {case.reference}: {err}")
-        ms = median_ms(c.fn, device, min_run_time)
-        _assert_validation_on(c)
-        row.update(status="ok", ms=ms, error=error)
-        if case.min_bytes and c.checked:
-            gbs = case.min_bytes / (ms * 1e-3) / 1e9
-            row.update(GBps=gbs, of_copy=gbs / copy_gbs)
-        if extra_columns:
-            row.update(extra_columns(case, c, ms))
-        timed.append((row, c))
-        print(f"  {case.label:24s} {case.mode:8s} {c.name:26s} {ms:10.3f} ms", file=sys.stderr, flush=True)
+        return True
+
+    # Timings move by 20% between runs and more within one: each case's contenders are timed in
+    # ROUNDS alternating rounds (a, b, c, a, b, c, ...), each round a median of blocked_autorange;
+    # ms is the median round, ms_min and ms_max the range. The contenders that compile form a
+    # second phase (validation is off after the first torch.compile).
+    for compiles in (False, True):
+        for case in cases:
+            group = [c for c in case.contenders if c.compiles == compiles and prepare(case, c)]
+            samples = {c.name: [] for c in group}
+            for _ in range(ROUNDS):
+                for c in group:
+                    samples[c.name].append(median_ms(c.fn, device, min_run_time / ROUNDS))
+                    _assert_validation_on(c)
+            for c in group:
+                row = row_of[(case.label, case.mode, c.name)]
+                times = sorted(samples[c.name])
+                ms = times[len(times) // 2]
+                row.update(status="ok", ms=ms, ms_min=times[0], ms_max=times[-1], rounds=len(times))
+                if case.min_bytes and c.checked:
+                    gbs = case.min_bytes / (ms * 1e-3) / 1e9
+                    row.update(GBps=gbs, of_copy=gbs / copy_gbs)
+                if extra_columns:
+                    row.update(extra_columns(case, c, ms))
+                timed.append((row, c))
+                print(f"  {case.label:24s} {case.mode:8s} {c.name:26s} {ms:10.3f} ms "
+                      f"({times[0]:.3f}-{times[-1]:.3f}, {len(times)} rounds)", file=sys.stderr, flush=True)
     rows = []
     for case in cases:
         case_rows = {c.name: row_of[(case.label, case.mode, c.name)] for c in case.contenders}
@@ -291,7 +312,7 @@ def _write(family: str, rows: List[dict], device: torch.device, notes: str = "")
     os.makedirs(RESULTS_DIR, exist_ok=True)
     meta = {"device": device_name(device), "date": datetime.date.today().isoformat(), **versions(),
             "command": command()}
-    columns = ["case", "mode", "contender", "ms", "ratio", "GBps", "of_copy", "peak_mb", "mem_of_io", "error", "status",
+    columns = ["case", "mode", "contender", "ms", "ms_min", "ms_max", "rounds", "ratio", "GBps", "of_copy", "peak_mb", "mem_of_io", "error", "status",
                "note"]
     present = {k for r in rows for k in r}
     columns = [c for c in columns if c in present] + sorted(present - set(columns) - {"family"})
@@ -305,7 +326,8 @@ def _write(family: str, rows: List[dict], device: torch.device, notes: str = "")
     table = markdown(rows, columns)
     with open(os.path.join(RESULTS_DIR, f"{tag}.md"), "w") as f:
         f.write(f"## {family} on {device.type}\n\n{header}\n\n"
-                "ms: median time; ratio: time / the fused kernel's (higher is slower); peak_mb: memory one call "
+                "ms: the median of `rounds` alternating rounds (each a blocked_autorange median), ms_min-ms_max "
+                "their range; ratio: time / the fused kernel's (higher is slower); peak_mb: memory one call "
                 "allocates beyond its inputs (MiB); mem_of_io: (inputs + peak) / (inputs + outputs, gradients "
                 "included), 1 when nothing but the outputs is allocated; error: max abs deviation from the reference "
                 "contender / that relative to the reference's largest entry.\n\n"

@@ -1,10 +1,10 @@
 // The NLL's sweep (nll.cpp), for every weight source: where a row's S weights come from,
 // a template parameter (PlainWeights: off_diag's planes; BasisWeights: a learned basis
-// times coefficients) with
+// times coefficients; BoundedWeights: raw weights bounded on the fly) with
 //   int64_t buffer_size(S, W)      scratch values a task needs for one row of weights
 //   const scalar_t* row(k, y, buf) row y of plane k's weights, offset i at + i * row_stride()
 //   int64_t row_stride()
-//   void take_weight_grad(k, y, gw)  the row's d/dw (S rows of W at gw)
+//   void take_weight_grad(k, y, gw, buf)  the row's d/dw (S rows of W at gw; buf: row()'s buffer)
 // Coupled channels and 3-D volumes (docs/kernels.md §3) are further sources and offsets of
 // this sweep, not copies of it.
 //
@@ -192,7 +192,7 @@ void nll_backward_sweep(const scalar_t* g_p, const Planes<const scalar_t>& X, co
             }
           }
         }
-        source.take_weight_grad(k, y, gwbuf.data());
+        source.take_weight_grad(k, y, gwbuf.data(), wbuf.data());
         for (int64_t x = 0; x < W; ++x) gxrow[x] *= -g;   // row y of U^T u is complete: d/dloc
       }
     }

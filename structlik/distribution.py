@@ -11,7 +11,8 @@ from . import _checks, ops
 from .basis import check_basis, expand_basis
 from .conditional import ConditionalStructuredNormal
 from .interleave import interleave, interleave_weights, interleaved_stencil
-from .head import DEFAULT_WEIGHT_BOUND, ILL_CONDITIONED, split_head, largest_weight_ratio, warn_ill_conditioned
+from .head import (DEFAULT_WEIGHT_BOUND, ILL_CONDITIONED, bound_weights, check_bound, split_head,
+                   largest_weight_ratio, warn_ill_conditioned)
 from .stencil import Stencil
 
 __all__ = ["StructuredNormal", "standard_normal"]
@@ -129,6 +130,7 @@ class StructuredNormal(Distribution):
         self.loc = loc.expand(batch + event)
         self.log_diag = log_diag.expand(batch + event)
         self.off_diag = off_diag.expand(batch + off_diag.shape[-E:])
+        self._raw, self._weight_bound = None, None       # from_head's raw weights, bounded when read
         # one channel has no pairs: a (*batch, 0, H, W) tensor is no coupling
         self.cross = cross.expand(batch + cross.shape[-E:]) if cross is not None and C > 1 else None
         # Not Distribution's own parameter validation: it reads every parameter and syncs on
@@ -149,8 +151,33 @@ class StructuredNormal(Distribution):
         zero-initialised head starts at a diagonal Gaussian); ``None`` takes the raw weights as
         they are.
         """
-        parts = split_head(head, stencil, weight_bound=weight_bound, cross=cross)
-        return cls(*parts[:3], stencil, validate_args=validate_args, cross=parts[3] if cross else None)
+        if cross or weight_bound is None:
+            parts = split_head(head, stencil, weight_bound=weight_bound, cross=cross)
+            return cls(*parts[:3], stencil, validate_args=validate_args, cross=parts[3] if cross else None)
+        # The raw weights as the head's views: log_prob bounds them inside the NLL kernel (the
+        # head's gradient written in one piece); .off_diag forms the bounded weights when read.
+        loc, log_diag, raw = split_head(head, stencil, weight_bound=None)
+        bound = check_bound(weight_bound, "weight_bound")
+        out = cls(loc, log_diag, raw, stencil, validate_args=validate_args)
+        out._raw, out._weight_bound, out._bounded = out._off_diag, bound, None
+        return out
+
+    @property
+    def off_diag(self) -> torch.Tensor:
+        """U's off-diagonal weights (*batch, C*S, H, W) (a basis's coefficients with a basis); from
+        ``from_head``'s default bound, formed from the raw weights at the first read."""
+        if self._weight_bound is None:
+            return self._off_diag
+        if self._bounded is None:
+            E = self._E
+            ld, raw = self.log_diag, self._raw
+            self._bounded = bound_weights(ld.reshape(-1, *ld.shape[-E:]), raw.reshape(-1, *raw.shape[-E:]),
+                                          self._weight_bound).reshape(raw.shape)
+        return self._bounded
+
+    @off_diag.setter
+    def off_diag(self, value: torch.Tensor) -> None:
+        self._off_diag, self._weight_bound = value, None
 
     # -- helpers --------------------------------------------------------------
 
@@ -219,7 +246,9 @@ class StructuredNormal(Distribution):
         new.basis = self.basis
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         new.log_diag = self.log_diag.expand(batch_shape + self.event_shape)
-        new.off_diag = self.off_diag.expand(batch_shape + self.off_diag.shape[-self._E:])
+        new.off_diag = self._off_diag.expand(batch_shape + self._off_diag.shape[-self._E:])
+        new._raw, new._weight_bound, new._bounded = (None, None, None) if self._weight_bound is None else (
+            new._off_diag, self._weight_bound, None)
         new.cross = None if self.cross is None else self.cross.expand(batch_shape + self.cross.shape[-self._E:])
         super(StructuredNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
@@ -387,13 +416,16 @@ class StructuredNormal(Distribution):
         shape = torch.broadcast_shapes(value.shape, self.loc.shape)
         lead = shape[:-self._E]
         ld = self.log_diag.expand(lead + self.event_shape).reshape(-1, *self.event_shape)
-        od = self.off_diag.expand(lead + self.off_diag.shape[-self._E:]).reshape(-1, *self.off_diag.shape[-self._E:])
+        raw = self._weight_bound is not None            # from_head's raw weights, bounded in the kernel
+        weights = self._raw if raw else self.off_diag
+        od = weights.expand(lead + weights.shape[-self._E:]).reshape(-1, *weights.shape[-self._E:])
         x = value.expand(shape).reshape(-1, *self.event_shape)
         loc = self.loc.expand(shape).reshape(-1, *self.event_shape)
         cross = None if self.cross is None else self.cross.expand(lead + self.cross.shape[-self._E:]).reshape(
             -1, *self.cross.shape[-self._E:])
         with self._value_checks():
-            nll = ops.checked_nll(name, x, loc, ld, od, self.stencil, basis=self.basis, cross=cross)
+            nll = ops.checked_nll(name, x, loc, ld, od, self.stencil, basis=self.basis, cross=cross,
+                                  weight_bound=self._weight_bound if raw else None)
         return -nll.reshape(lead)
 
     def entropy(self):

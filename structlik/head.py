@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _checks
+from . import _bound, _checks
 from .reference import cross_pairs
 from .stencil import Stencil
 
@@ -64,11 +64,8 @@ def bound_weights(log_diag: torch.Tensor, raw: torch.Tensor, bound: float = DEFA
         bound: in (0, 1); 0.9 is what the reference VAE trained with.
     """
     bound = check_bound(bound)
-    S = _check_raw(log_diag, raw)
-    C = log_diag.shape[1]
-    per_channel = raw.unflatten(1, (C, S))
-    scale = bound * log_diag.exp() / (1 + per_channel.abs().sum(2))
-    return (per_channel * scale.unsqueeze(2)).flatten(1, 2)
+    _check_raw(log_diag, raw)
+    return _bound.bounded(log_diag, raw, bound)
 
 
 def bound_coupled_weights(log_diag: torch.Tensor, raw: torch.Tensor, raw_cross: torch.Tensor,

@@ -205,9 +205,10 @@ def basis_inputs(grad):
     return coeffs, basis
 
 
-def stored_u(x, loc, log_diag, off_diag, basis=None):
+def stored_u(x, loc, log_diag, off_diag, basis=None, bound=0.0):
     """What the training forward returns as u, for the backward that reads it."""
-    return torch.ops.structlik.nll(x, loc, log_diag, off_diag, basis, OPCHECK_STENCIL.flat_offsets, True)[1].detach()
+    return torch.ops.structlik.nll(x, loc, log_diag, off_diag, basis, OPCHECK_STENCIL.flat_offsets, True, None,
+                                   bound)[1].detach()
 
 
 def nll_op_cases():
@@ -219,6 +220,11 @@ def nll_op_cases():
         yield (f"nll-basis-store_u={store_u}",
                lambda g, s=store_u: (*sample_inputs(g)[:3], *basis_inputs(g), offsets, s), True)
         yield f"nll_head-store_u={store_u}", lambda g, s=store_u: (*head_inputs(g), offsets, s), True
+        # the bound flag: raw weights bounded inside the kernel (from_head's default)
+        yield (f"nll-bound-store_u={store_u}", lambda g, s=store_u: (*sample_inputs(g), None, offsets, s, None, 0.9),
+               True)
+        yield (f"nll_head-bound-store_u={store_u}", lambda g, s=store_u: (*head_inputs(g), offsets, s, False, 0.9),
+               True)
 
     def backward_inputs(basis, stored):
         x, loc, log_diag, off_diag = sample_inputs(False)
@@ -226,16 +232,25 @@ def nll_op_cases():
         u = stored_u(x, loc, log_diag, coeffs, b) if stored else empty
         return torch.rand(2, dtype=torch.float64), x, loc, log_diag, coeffs, b, u, offsets
 
-    def head_backward_inputs(stored):
+    def head_backward_inputs(stored, bound=0.0):
         x, head, c0 = head_inputs(False)
         S = OPCHECK_STENCIL.S
-        u = stored_u(x, *head.narrow(1, c0, 4 + 2 * S).split([2, 2, 2 * S], 1)) if stored else empty
+        u = stored_u(x, *head.narrow(1, c0, 4 + 2 * S).split([2, 2, 2 * S], 1), bound=bound) if stored else empty
         return torch.rand(2, dtype=torch.float64), x, head, c0, u, offsets
+
+    def bounded_backward_inputs(stored):
+        x, loc, log_diag, raw = sample_inputs(False)
+        u = stored_u(x, loc, log_diag, raw, bound=0.9) if stored else empty
+        return torch.rand(2, dtype=torch.float64), x, loc, log_diag, raw, None, u, offsets
 
     for stored in (False, True):
         yield f"nll_backward-u={stored}", lambda g, u=stored: backward_inputs(False, u), False
         yield f"nll_backward-basis-u={stored}", lambda g, u=stored: backward_inputs(True, u), False
         yield f"nll_head_backward-u={stored}", lambda g, u=stored: head_backward_inputs(u), False
+        yield (f"nll_backward-bound-u={stored}", lambda g, u=stored: (*bounded_backward_inputs(u), None, 0.9),
+               False)
+        yield (f"nll_head_backward-bound-u={stored}", lambda g, u=stored: (*head_backward_inputs(u, 0.9), False, 0.9),
+               False)
 
 
 @pytest.mark.parametrize("backend_name", available_backends(TEST_DEVICE))

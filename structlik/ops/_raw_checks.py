@@ -86,6 +86,12 @@ def check_raw_call(op_name: str, args: dict) -> None:
         ref_name, ref = "a", args["a"]
         _check_floating("a", ref)
     B, C, H, W = ref.shape
+    bound = args.get("bound", 0.0)
+    if bound and not 0.0 < bound < 1.0:
+        _fail(f"bound: expected 0 (weights as given) or a weight bound in (0, 1), got {bound}")
+    if bound and (args.get("basis") is not None or _given(args.get("cross"), C)):
+        _fail("bound: the weights are bounded inside the kernel only without a basis and without cross weights; "
+              "bound them first (structlik.bound_coupled_weights) and pass bound=0")
     if stencil is not None and stencil.slice_height and H % stencil.slice_height:
         _fail(f"offsets: a volume's tall view has D*H rows, a multiple of its slice height H = "
               f"{stencil.slice_height}, got {H} rows")
@@ -131,6 +137,11 @@ def check_raw_call(op_name: str, args: dict) -> None:
                       f"{c0 + used} on {ref.device}, got {_shape(value)} on {value.device}")
             if value.dtype != ref.dtype:
                 _fail(f"x: dtype {ref.dtype} does not match head's {value.dtype}")
+
+
+def _given(cross, C: int) -> bool:
+    """Cross weights present: a tensor with entries, or a head op's ``cross=True`` for C > 1 channels."""
+    return (cross is True and C > 1) or (isinstance(cross, torch.Tensor) and cross.numel() > 0)
 
 
 def _check_grad_vector(value, ref, B):
