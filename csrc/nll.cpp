@@ -32,31 +32,32 @@ struct PlainWeights {
   int64_t buffer_size(int64_t, int64_t) const { return 0; }
   const scalar_t* row(int64_t k, int64_t y, scalar_t*) const { return weights(k) + y * W; }
   int64_t row_stride() const { return weights.weight_stride(); }
+  scalar_t* scale(scalar_t*) const { return nullptr; }
   void take_weight_grad(int64_t k, int64_t y, const scalar_t* gw, const scalar_t*) const {
     for (int64_t i = 0; i < S; ++i) stream_row(grad->weight(k, i) + y * W, gw + i * W, W);
   }
 };
 
 // Raw weights a bounded on the fly (head.py's bound_weights, the quick start's default):
-//   w_{p,i} = a_{p,i} f_p,  f_p = bound d_p / A_p,  A_p = 1 + sum_i |a_{p,i}|,
-// formed one row at a time in a buffer (S rows of w, then f, 1/A and T), so the bounded
-// (B, C*S, H, W) tensor and its autograd never exist. From the sweep's gw_i = d/dw_i:
-//   d/da_i = f (gw_i - sign(a_i) T / A),  T = sum_j a_j gw_j;   d/ds += f T  (w is proportional to d).
-// Measured on a 2-core EPYC, one thread, from_head's loss forward+backward: the PyTorch bound
-// took 2.3-3.2x the unbounded call (B64 64x64 r1/r3, B8 C3 128x128 r2).
+//   w_{p,i} = a_{p,i} f_p,  f_p = bound d_p / A_p,  A_p = 1 + sum_i |a_{p,i}|:
+// the sweep reads the raw rows in place and scales by f (scale(): u = d r + f sum a r, and U^T u
+// scatters a (f u)), so neither the bounded (B, C*S, H, W) tensor nor a row of it exists. From the
+// sweep's gw_i = d/dw_i:  d/da_i = f (gw_i - sign(a_i) T / A),  T = sum_j a_j gw_j;  d/ds += f T
+// (w is proportional to d). The buffer holds the row's g = bound / A (f once the sweep has d), 1/A and T.
+// Measured on a 2-core EPYC, one thread, from_head's loss forward+backward: the PyTorch bound took
+// 2.3-3.2x the unbounded call (B64 64x64 r1/r3, B8 C3 128x128 r2).
 template <typename scalar_t>
 struct BoundedWeights {
-  Planes<const scalar_t> raw, log_diag;
+  Planes<const scalar_t> raw;
   scalar_t bound;
   int64_t S, W;
   const Planes<scalar_t>* grad = nullptr;     // backward only: d/da
   const Planes<scalar_t>* grad_s = nullptr;   // backward only: d/dlog_diag, which gets f T
 
-  int64_t buffer_size(int64_t S_, int64_t W_) const { return (S_ + 3) * W_; }   // w, f, 1/A, T
+  int64_t buffer_size(int64_t, int64_t W_) const { return 3 * W_; }   // g (then f), 1/A, T
   const scalar_t* row(int64_t k, int64_t y, scalar_t* buf) const {
-    scalar_t* __restrict__ f = buf + S * W;
-    scalar_t* __restrict__ inv = f + W;
-    exp_row(log_diag(k) + y * W, f, W);
+    scalar_t* __restrict__ g = buf;
+    scalar_t* __restrict__ inv = g + W;
     std::fill(inv, inv + W, scalar_t(1));
     for (int64_t i = 0; i < S; ++i) {
       const scalar_t* __restrict__ a = raw.weight(k, i) + y * W;
@@ -64,23 +65,19 @@ struct BoundedWeights {
     }
     for (int64_t x = 0; x < W; ++x) {
       inv[x] = scalar_t(1) / inv[x];
-      f[x] *= bound * inv[x];
+      g[x] = bound * inv[x];     // the sweep multiplies by d: f = bound d / A
     }
-    for (int64_t i = 0; i < S; ++i) {
-      const scalar_t* __restrict__ a = raw.weight(k, i) + y * W;
-      scalar_t* __restrict__ w = buf + i * W;
-      for (int64_t x = 0; x < W; ++x) w[x] = a[x] * f[x];
-    }
-    return buf;
+    return raw(k) + y * W;
   }
-  int64_t row_stride() const { return W; }
+  scalar_t* scale(scalar_t* buf) const { return buf; }
+  int64_t row_stride() const { return raw.weight_stride(); }
   // gw (the sweep's row buffer) becomes d/da in place, then streams out as PlainWeights' rows do
   // (no read of the destination): 16.6 ms against 12.3 unbounded at B64 64x64 r3 with plain
   // stores from a stack chunk, before.
   void take_weight_grad(int64_t k, int64_t y, scalar_t* gw, scalar_t* buf) const {
-    const scalar_t* __restrict__ f = buf + S * W;
+    const scalar_t* __restrict__ f = buf;
     const scalar_t* __restrict__ inv = f + W;
-    scalar_t* __restrict__ t = buf + (S + 2) * W;
+    scalar_t* __restrict__ t = buf + 2 * W;
     scalar_t* __restrict__ gs = (*grad_s)(k) + y * W;
     std::fill(t, t + W, scalar_t(0));
     for (int64_t j = 0; j < S; ++j) {
@@ -134,6 +131,7 @@ struct BasisWeights {
     return buf;
   }
   int64_t row_stride() const { return W; }
+  scalar_t* scale(scalar_t*) const { return nullptr; }
   void take_weight_grad(int64_t k, int64_t y, const scalar_t* gw, const scalar_t*) const {
     const scalar_t* ck = coeffs(k);
     double* bacc = basis_acc + k * S * nb;
@@ -231,7 +229,7 @@ static void nll_forward_into(const NllInputs& in, const Tensor& out, const Tenso
                                           in.S, in.nb, in.W};
       nll_forward_sweep(X, L, Sd, source, Xc, in.offsets, in.B, in.C, in.H, in.W, data<scalar_t>(out), u_out);
     } else if (in.bound > 0) {
-      const BoundedWeights<scalar_t> source{Planes<const scalar_t>(in.weights, in.C, in.S), Sd,
+      const BoundedWeights<scalar_t> source{Planes<const scalar_t>(in.weights, in.C, in.S),
                                             static_cast<scalar_t>(in.bound), in.S, in.W};
       nll_forward_sweep(X, L, Sd, source, Xc, in.offsets, in.B, in.C, in.H, in.W, data<scalar_t>(out), u_out);
     } else {
@@ -286,7 +284,7 @@ static void nll_backward_into(const Tensor& grad, const NllInputs& in, const Ten
         gb_p[e] = static_cast<scalar_t>(total);
       }
     } else if (in.bound > 0) {
-      BoundedWeights<scalar_t> source{Planes<const scalar_t>(in.weights, in.C, in.S), Sd,
+      BoundedWeights<scalar_t> source{Planes<const scalar_t>(in.weights, in.C, in.S),
                                       static_cast<scalar_t>(in.bound), in.S, in.W, &GW, &GS};
       nll_backward_sweep(data<scalar_t>(gc), X, L, Sd, source, Xc, in.offsets, u_in, GL, GS, GX, in.B, in.C, in.H,
                          in.W);

@@ -4,6 +4,9 @@
 //   int64_t buffer_size(S, W)      scratch values a task needs for one row of weights
 //   const scalar_t* row(k, y, buf) row y of plane k's weights, offset i at + i * row_stride()
 //   int64_t row_stride()
+//   scalar_t* scale(buf)           nullptr, or a row g of per-pixel factors (in row()'s buf): every weight
+//                                  of the row is its raw weight times f = g d, which the sweep forms
+//                                  in place once d = exp(s) is known (one exp per pixel, not two)
 //   void take_weight_grad(k, y, gw, buf)  the row's d/dw (S rows of W at gw; buf: row()'s buffer)
 // Coupled channels and 3-D volumes (docs/kernels.md §3) are further sources and offsets of
 // this sweep, not copies of it.
@@ -33,13 +36,23 @@ namespace structlik {
 // Row y of u = U r, given the whole plane of r (rows below y are read). The
 // weights of offset i for this row are at w_row + i * w_stride: the off_diag
 // plane's row (stride H*W), or a row formed from a learned basis (stride W).
+// f: nullptr, or the source's scale row g (raw weights bounded on the fly): multiplied by d in
+// place, it is every weight's factor f (w_{p,i} = a_{p,i} f_p), and u = d r + f sum_i a_i r_{p+delta_i},
+// no row of w formed.
 template <typename scalar_t>
 inline void u_row(const scalar_t* __restrict__ r, const scalar_t* __restrict__ s, const scalar_t* __restrict__ w_row,
                   int64_t w_stride, int64_t y, int64_t H, int64_t W, const std::vector<Offset>& offsets,
-                  scalar_t* __restrict__ d, scalar_t* __restrict__ u) {
+                  scalar_t* __restrict__ d, scalar_t* __restrict__ u, scalar_t* __restrict__ f = nullptr) {
   exp_row(s + y * W, d, W);
+  if (f) {
+    for (int64_t x = 0; x < W; ++x) f[x] *= d[x];
+  }
   const scalar_t* __restrict__ rrow = r + y * W;
-  for (int64_t x = 0; x < W; ++x) u[x] = d[x] * rrow[x];
+  if (f) {
+    std::fill(u, u + W, scalar_t(0));
+  } else {
+    for (int64_t x = 0; x < W; ++x) u[x] = d[x] * rrow[x];
+  }
   const RowPlace at = row_place(y, offsets);
   for (size_t i = 0; i < offsets.size(); ++i) {
     const Offset& o = offsets[i];
@@ -48,6 +61,9 @@ inline void u_row(const scalar_t* __restrict__ r, const scalar_t* __restrict__ s
     const scalar_t* __restrict__ wrow = w_row + i * w_stride;
     const scalar_t* __restrict__ rn = r + (y + dy) * W + dx;
     for (int64_t x = col_lo(dx), hi = col_hi(dx, W); x < hi; ++x) u[x] += wrow[x] * rn[x];
+  }
+  if (f) {
+    for (int64_t x = 0; x < W; ++x) u[x] = d[x] * rrow[x] + f[x] * u[x];
   }
 }
 
@@ -114,8 +130,8 @@ void nll_forward_sweep(const Planes<const scalar_t>& X, const Planes<const scala
       residual(X(k), L(k), r.data(), n);
       acc_t quad = 0, logdet = 0;
       for (int64_t y = 0; y < H; ++y) {
-        u_row(r.data(), sk, source.row(k, y, wbuf.data()), source.row_stride(), y, H, W, offsets, d.data(),
-              u.data());
+        const scalar_t* wk = source.row(k, y, wbuf.data());
+        u_row(r.data(), sk, wk, source.row_stride(), y, H, W, offsets, d.data(), u.data(), source.scale(wbuf.data()));
         if (Xc.given()) add_cross_residual_row(Xc, X, L, k / C, k % C, y, W, u.data());
         reduce_row(u.data(), sk + y * W, W, quad, logdet);
         if (u_out) std::copy(u.begin(), u.end(), u_out + k * n + y * W);
@@ -139,7 +155,7 @@ void nll_backward_sweep(const scalar_t* g_p, const Planes<const scalar_t>& X, co
   parallel_cloned(B * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
     // One sweep over the rows: row y of u gives row y of d/ds and d/dw, and scatters
     // w_{p,i} u_p into rows y + dy_i of U^T u; row y of d/dloc is complete once row y is done.
-    std::vector<scalar_t> r(n), u(W), d(W), wbuf(source.buffer_size(S, W)), gwbuf(S * W);
+    std::vector<scalar_t> r(n), u(W), d(W), wbuf(source.buffer_size(S, W)), gwbuf(S * W), fu(W);
     for (int64_t k = begin; k < end; ++k) {
       const scalar_t g = g_p[k / C];
       const scalar_t* sk = Sd(k);
@@ -150,12 +166,16 @@ void nll_backward_sweep(const scalar_t* g_p, const Planes<const scalar_t>& X, co
       for (int64_t y = 0; y < H; ++y) {
         const scalar_t* wk = source.row(k, y, wbuf.data());
         const int64_t ws = source.row_stride();
+        scalar_t* f = source.scale(wbuf.data());
         const scalar_t* __restrict__ uy = u.data();
         if (u_in) {
           exp_row(sk + y * W, d.data(), W);
+          if (f) {
+            for (int64_t x = 0; x < W; ++x) f[x] *= d[x];   // g d = f, as u_row does
+          }
           uy = u_in + k * n + y * W;
         } else {
-          u_row(r.data(), sk, wk, ws, y, H, W, offsets, d.data(), u.data());
+          u_row(r.data(), sk, wk, ws, y, H, W, offsets, d.data(), u.data(), f);
         }
         const scalar_t* __restrict__ rrow = r.data() + y * W;
         scalar_t* __restrict__ gsrow = gs + y * W;
@@ -175,6 +195,12 @@ void nll_backward_sweep(const scalar_t* g_p, const Planes<const scalar_t>& X, co
             for (int64_t x = 0; x < W; ++x) gxi[x] = g * uy[x] * (xj[x] - lj[x]);
           }
         }
+        // U^T u scatters w_{p,i} u_p = a_{p,i} (f_p u_p) for scaled weights: f u formed once per row
+        const scalar_t* __restrict__ uw = uy;
+        if (f) {
+          for (int64_t x = 0; x < W; ++x) fu[x] = f[x] * uy[x];
+          uw = fu.data();
+        }
         const RowPlace at = row_place(y, offsets);
         for (int64_t i = 0; i < S; ++i) {
           const Offset& o = offsets[i];
@@ -188,7 +214,7 @@ void nll_backward_sweep(const scalar_t* g_p, const Planes<const scalar_t>& X, co
             scalar_t* __restrict__ gxn = gx + (y + dy) * W + dx;
             for (int64_t x = lo; x < hi; ++x) {
               gwrow[x] = g * uy[x] * rn[x];
-              gxn[x] += wrow[x] * uy[x];   // (U^T u)_{p+delta_i} += w_{p,i} u_p
+              gxn[x] += wrow[x] * uw[x];   // (U^T u)_{p+delta_i} += w_{p,i} u_p
             }
           }
         }

@@ -103,7 +103,7 @@ class ConditionalStructuredNormal(Distribution):
                 raise ValueError(f"{name}: expected a tensor on {prior.loc.device} (the distribution's device), "
                                  f"got one on {t.device}")
         try:
-            full = torch.broadcast_shapes(prior.loc.shape, value.shape, mask.shape)
+            full = _checks.broadcast_shapes(prior.loc.shape, value.shape, mask.shape)
         except RuntimeError:
             raise ValueError(f"value, mask: shapes {tuple(value.shape)} and {tuple(mask.shape)} do not broadcast with "
                              f"the distribution's {tuple(prior.loc.shape)}") from None

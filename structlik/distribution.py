@@ -113,7 +113,7 @@ class StructuredNormal(Distribution):
         shapes = [loc.shape[:-E], log_diag.shape[:-E], off_diag.shape[:-E]] + ([] if cross is None else
                                                                                [cross.shape[:-E]])
         try:
-            batch = torch.broadcast_shapes(*shapes)
+            batch = _checks.broadcast_shapes(*shapes)
         except RuntimeError:
             names = f"loc, log_diag, {coef}" + ("" if cross is None else ", cross")
             raise ValueError(f"{names}: batch shapes {', '.join(str(tuple(t)) for t in shapes)} "
@@ -287,35 +287,49 @@ class StructuredNormal(Distribution):
         return out.reshape(self.batch_shape + out.shape[1:])
 
     def _pixel(self, index):
-        """(y, x) of ``index`` ((z, y, x) for volumes), checked against the event."""
+        """(channel, pixel) of ``index``: a pixel (y, x) ((z, y, x) for volumes) with channel None,
+        or (c, y, x) ((c, z, y, x)) naming one channel's pixel; checked against the event."""
         space = tuple(self.event_shape[1:])
         names = "(z, y, x)" if len(space) == 3 else "(y, x)"
-        if (not isinstance(index, (tuple, list)) or len(index) != len(space)
+        if (not isinstance(index, (tuple, list)) or len(index) not in (len(space), len(space) + 1)
                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in index)):
-            raise TypeError(f"index: expected a pixel {names} of {len(space)} integers, got {index!r}")
-        at = tuple(i + n if i < 0 else i for i, n in zip(index, space))
-        if not all(0 <= i < n for i, n in zip(at, space)):
-            raise IndexError(f"index: pixel {tuple(index)} is outside the {_checks.spatial(self.stencil).join('()')} "
-                             f"= {space} {'volume' if len(space) == 3 else 'image'}")
-        return at
+            raise TypeError(f"index: expected a pixel {names} of {len(space)} integers, or (c, {names[1:]} with a "
+                            f"channel, got {index!r}")
+        dims = space if len(index) == len(space) else tuple(self.event_shape)
+        at = tuple(i + n if i < 0 else i for i, n in zip(index, dims))
+        if not all(0 <= i < n for i, n in zip(at, dims)):
+            what = (_checks.spatial(self.stencil).join("()") if len(index) == len(space)
+                    else f"(C, {_checks.spatial(self.stencil)})")
+            raise IndexError(f"index: {tuple(index)} is outside the {what} = {dims} "
+                             f"{'volume' if len(space) == 3 else 'image'}")
+        return (None, at) if len(index) == len(space) else (at[0], at[1:])
 
     def covariance(self, index):
-        """Cov(x_{c,q}, x_{c,index}) for every pixel q of each channel c: the column Sigma e_index as
-        an image, batch_shape + (C, H, W) (channel c holds channel c's column). Two solves,
-        M^-1 (M^-T e_index); differentiable. With cross weights the C columns are solved as C
-        right-hand sides (each channel's column reaches the other channels too)."""
-        at = self._pixel(index)
+        """A column of Sigma as an image, batch_shape + (C, H, W), differentiable (two solves,
+        M^-1 (M^-T e)):
+
+        - ``index = (y, x)`` ((z, y, x) for volumes): Cov(x_{c,q}, x_{c,index}) for every pixel q
+          of each channel c (channel c holds channel c's column at that pixel);
+        - ``index = (c, y, x)``: the whole column Sigma e_{(c, index)}, Cov(x_{c',q}, x_{c,index})
+          over every channel c' and pixel q: with cross weights (coupled channels) the other
+          channels' entries are the cross-channel covariances; without them they are zero.
+
+        With cross weights and a pixel alone, the C columns are solved as C right-hand sides."""
+        channel, at = self._pixel(index)
         ld, od = self._flat_params()
         cross = self._flat_cross()
         N, C = ld.shape[:2]
-        if cross is None:
-            e = ld.new_zeros(ld.shape)
-            e[(..., *at)] = 1
+        space = ld.shape[2:]
+        pixel = torch.zeros(space, dtype=ld.dtype, device=ld.device)
+        pixel[at] = 1
+        # unit vectors built from the identity, not by index assignment, which vmap's batched tensors refuse
+        if channel is not None:
+            one = torch.zeros(C, dtype=ld.dtype, device=ld.device)
+            one[channel] = 1
+            e = (one.reshape(C, *(1,) * len(space)) * pixel).expand(N, C, *space).contiguous()
+        elif cross is None:
+            e = (ld.new_ones(C).reshape(C, *(1,) * len(space)) * pixel).expand(N, C, *space).contiguous()
         else:       # right-hand side c*N + b: the unit vector at (c, y, x) of image b
-            # built from the identity, not by index assignment, which vmap's batched tensors refuse
-            space = ld.shape[2:]
-            pixel = torch.zeros(space, dtype=ld.dtype, device=ld.device)
-            pixel[at] = 1
             eye = torch.eye(C, dtype=ld.dtype, device=ld.device).reshape(C, 1, C, *(1,) * len(space))
             e = (eye * pixel).expand(C, N, C, *space).reshape(C * N, C, *space)
         with self._value_checks():
@@ -323,16 +337,19 @@ class StructuredNormal(Distribution):
                              params_repeat=True)
             out = ops.image_op(ops.solve_upper_op, "solve_upper", v, ld, od, self.stencil, cross=cross,
                                params_repeat=True)
-        if cross is not None:    # channel c of right-hand side c
+        if cross is not None and channel is None:    # channel c of right-hand side c
             out = out.reshape(C, N, C, *ld.shape[2:]).diagonal(dim1=0, dim2=2).movedim(-1, 1)
         return out.reshape(self.batch_shape + self.event_shape)
 
     def correlation(self, index):
         """Corr(x_q, x_index) for every pixel q: ``covariance(index)`` over sigma_q sigma_index,
-        batch_shape + (C, H, W), 1 at ``index``."""
-        at = self._pixel(index)
+        batch_shape + (C, H, W), 1 at ``index``; ``index = (c, y, x)`` correlates every channel
+        with channel c's pixel (cross-channel correlations with cross weights)."""
+        channel, at = self._pixel(index)
         std = self.stddev
-        return self.covariance(index) / (std * std[(..., *(slice(i, i + 1) for i in at))])
+        pick = (*(slice(i, i + 1) for i in at),)
+        ref = std[(..., *pick)] if channel is None else std[(..., slice(channel, channel + 1), *pick)]
+        return self.covariance(index) / (std * ref)
 
     def _noise(self, shape, dtype) -> torch.Tensor:
         """z ~ N(0, I) of ``shape`` on this distribution's device (the fast generator on CPU tensors)."""
@@ -396,7 +413,7 @@ class StructuredNormal(Distribution):
             raise ValueError(f"value: expected shape (*sample, *batch, C, H, W) with (C, H, W) = {event}, "
                              f"got {tuple(value.shape)}")
         try:
-            torch.broadcast_shapes(value.shape, self.loc.shape)
+            _checks.broadcast_shapes(value.shape, self.loc.shape)
         except RuntimeError:
             raise ValueError(f"value: shape {tuple(value.shape)} does not broadcast with the distribution's "
                              f"{tuple(self.loc.shape)}") from None
@@ -413,16 +430,20 @@ class StructuredNormal(Distribution):
             raise ValueError(f"value: expected a tensor on {self.loc.device} (the distribution's device) of shape "
                              f"(*sample, *batch, C, H, W) = (*, {', '.join(map(str, self.event_shape))}), "
                              f"got one on {value.device}")
-        shape = torch.broadcast_shapes(value.shape, self.loc.shape)
+        shape = _checks.broadcast_shapes(value.shape, self.loc.shape)
         lead = shape[:-self._E]
-        ld = self.log_diag.expand(lead + self.event_shape).reshape(-1, *self.event_shape)
         raw = self._weight_bound is not None            # from_head's raw weights, bounded in the kernel
         weights = self._raw if raw else self.off_diag
-        od = weights.expand(lead + weights.shape[-self._E:]).reshape(-1, *weights.shape[-self._E:])
-        x = value.expand(shape).reshape(-1, *self.event_shape)
-        loc = self.loc.expand(shape).reshape(-1, *self.event_shape)
-        cross = None if self.cross is None else self.cross.expand(lead + self.cross.shape[-self._E:]).reshape(
-            -1, *self.cross.shape[-self._E:])
+        params = (value, self.loc, self.log_diag, weights, self.cross)
+        if len(lead) == 1 and value.shape == self.loc.shape:
+            # one batch dimension, the value's: the tensors as they are (expand and reshape cost
+            # 2-3 us each, a tenth of a small image's log_prob)
+            x, loc, ld, od, cross = params
+        else:
+            def flat(t, like):
+                return None if t is None else t.expand(like + t.shape[-self._E:]).reshape(-1, *t.shape[-self._E:])
+            x, loc = flat(value, lead), flat(self.loc, lead)
+            ld, od, cross = (flat(t, lead) for t in params[2:])
         with self._value_checks():
             nll = ops.checked_nll(name, x, loc, ld, od, self.stencil, basis=self.basis, cross=cross,
                                   weight_bound=self._weight_bound if raw else None)

@@ -95,6 +95,27 @@ def test_variance_stddev_correlation_match_dense(stencil, shape, backend):
     want = torch.stack([sigma[:, c * n + at, c * n:(c + 1) * n] for c in range(C)], 1).reshape(shape)
     want = want / (var.sqrt() * var.sqrt()[(..., *(slice(i, i + 1) for i in index))])
     torch.testing.assert_close(p.correlation(index), want, **TOL)
+    # (c, *index): the whole column over every channel, cross-channel covariances included (#40)
+    for c in range(C):
+        column = sigma[:, c * n + at].reshape(shape)
+        torch.testing.assert_close(p.covariance((c, *index)), column, **TOL)
+        std = var.sqrt()
+        ref = std[(..., slice(c, c + 1), *(slice(i, i + 1) for i in index))]
+        torch.testing.assert_close(p.correlation((c, *index)), column / (std * ref), **TOL)
+        assert C == 1 or bool(column[:, [j for j in range(C) if j != c]].abs().amax() > 1e-6)   # coupled: not zero
+
+
+def test_covariance_column_of_uncoupled_channels_and_index_errors():
+    """(c, y, x) of uncoupled channels: channel c's column, zero elsewhere; an index of the wrong
+    length or outside the event names the index."""
+    p = make(Stencil(1), (2, 2, 4, 3), cross=False)
+    col = p.covariance((1, 2, 1))
+    torch.testing.assert_close(col[:, 1], p.covariance((2, 1))[:, 1], **TOL)
+    assert bool((col[:, 0] == 0).all())
+    with pytest.raises(IndexError, match="index"):
+        p.covariance((2, 0, 0))
+    with pytest.raises(TypeError, match="index"):
+        p.covariance((0, 0, 0, 0))
 
 
 def test_gradients_through_cross_weights():
