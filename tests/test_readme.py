@@ -13,6 +13,11 @@ def python_blocks():
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+def test_readme_fits_200_lines():
+    """What does not fit goes to docs/guide.md (issue #40)."""
+    assert len(README.read_text().splitlines()) <= 200
+
+
 def test_readme_blocks_run_verbatim():
     blocks = python_blocks()
     assert len(blocks) >= 4, "the quick start, the recipes, supn_base's port and the volume"
