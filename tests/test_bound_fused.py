@@ -166,3 +166,26 @@ def test_bound_errors_name_the_argument():
                 torch.ops.structlik.nll(two, two, two, torch.zeros(1, 8, 3, 3, dtype=torch.float64), None,
                                         stencil.flat_offsets, False, torch.zeros(1, 1, 3, 3, dtype=torch.float64),
                                         0.9)
+
+
+def test_loss_takes_raw_weights_with_a_bound():
+    """structured_gaussian_nll(..., weight_bound=) and StructuredGaussianNLLLoss(weight_bound=) on a
+    head's raw views equal from_head's -log_prob, batched and unbatched; a basis with a bound raises."""
+    stencil, shape = Stencil(1, (1, 2)), (2, 2, 5, 4)
+    C = shape[1]
+    head = make_head(stencil, shape, False)
+    x = torch.randn(shape, dtype=torch.float64)
+    parts = head.split([C, C, C * stencil.S], 1)
+    want = -StructuredNormal.from_head(head, stencil).log_prob(x)
+    loss = structlik.StructuredGaussianNLLLoss(stencil, reduction="none", weight_bound=0.9)
+    torch.testing.assert_close(loss(x, *parts), want)
+    torch.testing.assert_close(structlik.structured_gaussian_nll(x, *parts, stencil, weight_bound=0.9), want.mean())
+    torch.testing.assert_close(structlik.structured_gaussian_nll(x[0], *(p[0] for p in parts), stencil,
+                                                                 reduction="none", weight_bound=0.9), want[0])
+    assert "weight_bound=0.9" in repr(loss)
+    with pytest.raises(ValueError, match="weight_bound"):
+        structlik.StructuredGaussianNLLLoss(stencil, weight_bound=2.0)
+    with pytest.raises(ValueError, match="weight_bound"):
+        structlik.structured_gaussian_nll(x, parts[0], parts[1], torch.zeros(2, 6, 5, 4, dtype=torch.float64),
+                                          stencil, basis=torch.zeros(stencil.S, 3, dtype=torch.float64),
+                                          weight_bound=0.9)
