@@ -3,7 +3,10 @@
 // register each op's CPU kernel, in its own file, for the key CPU of torch.ops.structlik
 // (STABLE_TORCH_LIBRARY_IMPL). The schemas are defined in Python (structlik/ops/_<op>.py),
 // so the ops exist without this build; `offsets` is the stencil flattened as
-// [dy0, dx0, dy1, dx1, ...].
+// [dy0, dx0, dy1, dx1, ...] for images, and for a volume seen as its (B, K, D*H, W) tall view
+// [-H, dz0, dy0, dx0, dz1, ...] (the slice height negated, then the triples: csrc/stencil.h's
+// parse_offsets, structlik.Stencil.op_offsets). The NLL ops also take `bound` (0: the weights as
+// given; in (0, 1): raw weights bounded inside the sweep, csrc/nll.cpp).
 #include <Python.h>
 
 #include "torch_api.h"

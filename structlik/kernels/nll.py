@@ -20,7 +20,7 @@ docs/kernels.md has the model and the figures for each S):
   forward (training)      same, writes u: 3 + S + 1                     = 28
   backward                reads x, loc, s, w, u; writes dloc, ds, dw:
                           (4 + S) + (2 + S)                             = 54
-  training step           28 + 54 = 6 + 3S                              = 82
+  training step           28 + 54 = 10 + 3S                             = 82
 (Before: forward 27, then a backward in two passes, 27 + 26 and 26 + 1, and a
 negation pass of 2: 109 planes.) Neighbours' values are counted once: they come
 through L1/L2, each plane's tile being read by one program and its halo by the
