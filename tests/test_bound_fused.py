@@ -189,3 +189,35 @@ def test_loss_takes_raw_weights_with_a_bound():
         structlik.structured_gaussian_nll(x, parts[0], parts[1], torch.zeros(2, 6, 5, 4, dtype=torch.float64),
                                           stencil, basis=torch.zeros(stencil.S, 3, dtype=torch.float64),
                                           weight_bound=0.9)
+
+
+@pytest.mark.parametrize("backend_name", available_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bounded_half_head_computes_in_float32(backend_name, dtype):
+    """A half head (torch.autocast's) bounded in the kernel: the NLL and the head's gradient in
+    float32 arithmetic, as the float32 head's (the gradient cast back to the head's dtype)."""
+    stencil, shape = Stencil(1), (2, 1, 4, 5)
+    head32 = make_head(stencil, shape, False, requires_grad=False).float()
+    head = head32.to(dtype).requires_grad_()
+    x = torch.rand(shape)
+    with backends.using(backend_name):
+        out = StructuredNormal.from_head(head, stencil).log_prob(x)
+        grad, = torch.autograd.grad(out.sum(), head)
+        ref_head = head.detach().float().requires_grad_()
+        ref = StructuredNormal.from_head(ref_head, stencil).log_prob(x)
+        ref_grad, = torch.autograd.grad(ref.sum(), ref_head)
+    assert out.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad.float(), ref_grad.to(dtype).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_from_head_compiles():
+    """torch.compile(fullgraph) of from_head(...).log_prob with the default bound matches eager."""
+    stencil, shape = Stencil(1), (2, 1, 5, 4)
+    head = make_head(stencil, shape, False, requires_grad=False)
+    x = torch.randn(shape, dtype=torch.float64)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(h):
+        return StructuredNormal.from_head(h, stencil).log_prob(x)
+    torch.testing.assert_close(step(head), StructuredNormal.from_head(head, stencil).log_prob(x))
