@@ -72,10 +72,12 @@ def test_mean_log_det_and_likelihoods_equal_dense(name, backend):
 
 @pytest.mark.backends("triton")
 def test_interpreted_triton_hole(backend):
-    check_against_dense(MASKS["hole"])
+    # the uncertainty block solves the rim twice more with the same Triton kernels that
+    # log_det_missing's check covers: minutes under the interpreter, so reference and C++ only
+    check_against_dense(MASKS["hole"], uncertainty=False)
 
 
-def check_against_dense(mask):
+def check_against_dense(mask, uncertainty=True):
     loc, log_diag, off_diag, x = problem()
     cond = StructuredNormal(loc, log_diag, off_diag, ST).condition(x, mask)
     mean, log_det, observed = cond.mean, cond.log_det_missing(), cond.observed_log_prob()
@@ -102,6 +104,8 @@ def check_against_dense(mask):
         assert got[b].item() == pytest.approx(total, abs=1e-9)
     stacked = cond.log_prob(torch.stack([point, x]))                  # (*sample, *batch, C, H, W)
     assert stacked.shape == (2, SHAPE[0]) and torch.equal(stacked[0], got)
+    if not uncertainty:
+        return
     # the conditional's uncertainty (issue #40): diag(Lambda_MM^-1), 0 where observed, and its entropy
     variance, entropy = cond.variance, cond.entropy()
     for k, (M, O, _, L_mm, _) in enumerate(planes):
