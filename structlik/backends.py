@@ -5,13 +5,13 @@ tensors' device (structlik/ops/_library.py): the C++ kernels for CPU tensors whe
 the extension loaded, the Triton kernels for CUDA tensors when Triton is installed,
 the reference (plain PyTorch) everywhere else. This module reports that choice
 (``name_of``, ``available``) and installs overrides of it (``using``, or
-``STRUCTLIK_BACKEND=reference|cpu|triton``, read at every public call: the override
-itself is structlik/ops/_forced.py). Nothing here picks a kernel.
+``STRUCTLIK_BACKEND=reference|cpu|triton``, read once when structlik is imported; ``using``
+changes the request for a block and never writes the environment: the override itself is
+structlik/ops/_forced.py). Nothing here picks a kernel.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from typing import Optional
 
@@ -51,19 +51,13 @@ def using(name: Optional[str]):
                                "choice is process-wide (PyTorch's dispatcher), so blocks in two threads cannot "
                                "overlap")
         _using_owner.update(thread=me, depth=_using_owner["depth"] + 1)
-    previous = os.environ.get(ENV_VAR)
-    if name is None:
-        os.environ.pop(ENV_VAR, None)
-    else:
-        os.environ[ENV_VAR] = name
+    previous = _forced._requested["name"]
+    _forced.request(name)
     try:
         sync()
         yield
     finally:
-        if previous is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = previous
+        _forced.request(previous)
         sync()
         with _using_lock:
             _using_owner["depth"] -= 1

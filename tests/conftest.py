@@ -23,6 +23,7 @@ import itertools  # noqa: E402
 from helpers import SHAPES, STENCILS, available_backends  # noqa: E402
 import structlik  # noqa: E402
 from structlik import backends  # noqa: E402
+from structlik.ops import _forced  # noqa: E402
 
 settings.register_profile(
     "structlik", max_examples=15, deadline=None, derandomize=True,
@@ -51,7 +52,7 @@ def _validation_on():
 @pytest.fixture
 def backend(request, monkeypatch):
     """Force the backend named by the parametrisation (see pytest_generate_tests), and only in this test."""
-    monkeypatch.setenv(backends.ENV_VAR, request.param)
+    monkeypatch.setitem(_forced._requested, "name", request.param)
     backends.sync()         # installed now: a test may call the ops inside torch.compile first
     yield request.param
     monkeypatch.undo()

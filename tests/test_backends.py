@@ -33,7 +33,7 @@ def test_one_namespace_with_a_kernel_per_device():
 
 
 def test_unknown_backend_name(monkeypatch):
-    monkeypatch.setenv(backends.ENV_VAR, "fortran")
+    monkeypatch.setitem(_forced._requested, "name", "fortran")   # as STRUCTLIK_BACKEND=fortran at import
     with pytest.raises(ValueError, match="STRUCTLIK_BACKEND: expected one of"):
         ops.apply_upper(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.zeros(1, 4, 2, 2), Stencil(1))
 
@@ -57,7 +57,7 @@ def test_forced_reference_overrides_the_cpu_kernels(monkeypatch):
 def test_forced_backend_on_wrong_device(monkeypatch):
     if not backends.available("cpu"):
         pytest.skip("no compiled CPU extension")
-    monkeypatch.setenv(backends.ENV_VAR, "cpu")
+    monkeypatch.setitem(_forced._requested, "name", "cpu")
     with pytest.raises(RuntimeError, match="does not run on meta tensors"):
         backends.name_of(torch.device("meta"))
 
@@ -71,7 +71,7 @@ def test_meta_tensors_take_the_fake_kernels():
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     """A CPU without the extension: the reference serves, with one warning that says why."""
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setitem(_forced._requested, "name", None)
     monkeypatch.setattr(_library, "CPU_UNAVAILABLE", "ImportError: pretend it failed to build")
     monkeypatch.setitem(_forced._why_unavailable, "cpu", "ImportError: pretend it failed to build")
     monkeypatch.setattr(_forced, "_warned", set())
@@ -80,7 +80,7 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")          # the second call is silent
         backends.name_of(torch.device("cpu"))
-    monkeypatch.setenv(backends.ENV_VAR, "cpu")
+    monkeypatch.setitem(_forced._requested, "name", "cpu")
     with pytest.raises(RuntimeError, match="STRUCTLIK_BACKEND=cpu but that backend is unavailable"):
         backends.sync()
 
@@ -173,3 +173,26 @@ def test_using_is_guarded_across_threads():
     assert backends.name_of(torch.device("cpu")) == ("cpu" if backends.available("cpu") else "reference")
     with backends.using("reference"):                # free again once the holder left
         assert backends.name_of(torch.device("cpu")) == "reference"
+
+
+def test_backend_is_read_once_and_using_writes_no_environment():
+    """STRUCTLIK_BACKEND is read when structlik is imported (#38 item 4): setting it later changes
+    nothing, and using() leaves os.environ as it was."""
+    import os
+    before = dict(os.environ)
+    with backends.using("reference"):
+        assert backends.name_of(torch.device("cpu")) == "reference"
+        assert dict(os.environ) == before
+    assert dict(os.environ) == before
+    code = ("import os, torch, structlik\n"
+            "from structlik import backends\n"
+            "assert backends.name_of(torch.device('cpu')) == 'reference'\n"
+            "os.environ['STRUCTLIK_BACKEND'] = 'cpu'\n"
+            "assert backends.name_of(torch.device('cpu')) == 'reference'\n"
+            "print('ok')\n")
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["STRUCTLIK_BACKEND"] = "reference"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

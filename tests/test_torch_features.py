@@ -113,7 +113,7 @@ def test_first_call_of_a_process_is_compiled(entry, backend):
 
 def test_reference_sampling_compiles(monkeypatch):
     """The backend of MPS, XPU and CUDA without Triton: its solves are opaque to dynamo."""
-    monkeypatch.setenv("STRUCTLIK_BACKEND", "reference")
+    monkeypatch.setitem(structlik.ops._forced._requested, "name", "reference")
     structlik.backends.sync()        # installed before the first call, which is inside torch.compile
     _, loc, log_diag, off_diag = problem(requires_grad=False)
     z = torch.randn(SHAPE, dtype=torch.float64)

@@ -1,5 +1,6 @@
 """A forced backend (``STRUCTLIK_BACKEND=reference|cpu|triton``): an override of the
-dispatcher's CPU and CUDA keys, installed here and read at every public call.
+dispatcher's CPU and CUDA keys, installed here. The environment is read once, at import;
+``backends.using`` changes the request for a block (no environment writes).
 
 PyTorch's dispatcher chooses each op's kernel by device (structlik/ops/_library.py); this
 module only replaces that choice when asked: ``reference`` puts the reference kernels on
@@ -24,6 +25,9 @@ NAMES = ("reference", "cpu", "triton")
 ENV_VAR = "STRUCTLIK_BACKEND"
 
 _why_unavailable: Dict[str, Optional[str]] = {"reference": None}
+# the backend asked for: STRUCTLIK_BACKEND as the process started (validated at the first call, so
+# that a bad value names itself there rather than failing the import); backends.using sets it
+_requested: Dict[str, Optional[str]] = {"name": os.environ.get(ENV_VAR, "").strip().lower() or None}
 _installed: Dict[str, Any] = {"name": None, "library": None}
 
 
@@ -54,10 +58,16 @@ def why_unavailable(name: str) -> Optional[str]:
     return _why_unavailable[name]
 
 
+def request(name: Optional[str]) -> None:
+    """Ask for backend ``name`` (None: the dispatcher's defaults) from the next ``sync`` on."""
+    _requested["name"] = name.strip().lower() or None if isinstance(name, str) else name
+
+
 def forced() -> Optional[str]:
-    """The backend ``STRUCTLIK_BACKEND`` names (None: the dispatcher's defaults)."""
-    name = os.environ.get(ENV_VAR, "").strip().lower()
-    if not name:
+    """The backend asked for (``STRUCTLIK_BACKEND`` at import, or ``backends.using``'s; None: the
+    dispatcher's defaults)."""
+    name = _requested["name"]
+    if name is None:
         return None
     if name not in NAMES:
         raise ValueError(f"{ENV_VAR}: expected one of {NAMES}, got {name!r}")
