@@ -300,7 +300,8 @@ class StructuredNormal(Distribution):
         if not all(0 <= i < n for i, n in zip(at, dims)):
             what = (_checks.spatial(self.stencil).join("()") if len(index) == len(space)
                     else f"(C, {_checks.spatial(self.stencil)})")
-            raise IndexError(f"index: {tuple(index)} is outside the {what} = {dims} "
+            which = "pixel" if len(index) == len(space) else "channel and pixel"
+            raise IndexError(f"index: {which} {tuple(index)} is outside the {what} = {dims} "
                              f"{'volume' if len(space) == 3 else 'image'}")
         return (None, at) if len(index) == len(space) else (at[0], at[1:])
 
