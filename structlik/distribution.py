@@ -130,7 +130,9 @@ class StructuredNormal(Distribution):
         self.loc = loc.expand(batch + event)
         self.log_diag = log_diag.expand(batch + event)
         self.off_diag = off_diag.expand(batch + off_diag.shape[-E:])
-        self._raw, self._weight_bound = None, None       # from_head's raw weights, bounded when read
+        # from_head's default: _off_diag holds the head's raw weights, _weight_bound their bound,
+        # and _bounded the bounded weights once .off_diag has been read
+        self._weight_bound, self._bounded = None, None
         # one channel has no pairs: a (*batch, 0, H, W) tensor is no coupling
         self.cross = cross.expand(batch + cross.shape[-E:]) if cross is not None and C > 1 else None
         # Not Distribution's own parameter validation: it reads every parameter and syncs on
@@ -159,7 +161,7 @@ class StructuredNormal(Distribution):
         loc, log_diag, raw = split_head(head, stencil, weight_bound=None)
         bound = check_bound(weight_bound, "weight_bound")
         out = cls(loc, log_diag, raw, stencil, validate_args=validate_args)
-        out._raw, out._weight_bound, out._bounded = out._off_diag, bound, None
+        out._weight_bound = bound
         return out
 
     @property
@@ -170,7 +172,7 @@ class StructuredNormal(Distribution):
             return self._off_diag
         if self._bounded is None:
             E = self._E
-            ld, raw = self.log_diag, self._raw
+            ld, raw = self.log_diag, self._off_diag
             self._bounded = bound_weights(ld.reshape(-1, *ld.shape[-E:]), raw.reshape(-1, *raw.shape[-E:]),
                                           self._weight_bound).reshape(raw.shape)
         return self._bounded
@@ -247,8 +249,7 @@ class StructuredNormal(Distribution):
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         new.log_diag = self.log_diag.expand(batch_shape + self.event_shape)
         new.off_diag = self._off_diag.expand(batch_shape + self._off_diag.shape[-self._E:])
-        new._raw, new._weight_bound, new._bounded = (None, None, None) if self._weight_bound is None else (
-            new._off_diag, self._weight_bound, None)
+        new._weight_bound, new._bounded = self._weight_bound, None     # the raw weights, expanded
         new.cross = None if self.cross is None else self.cross.expand(batch_shape + self.cross.shape[-self._E:])
         super(StructuredNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
@@ -434,7 +435,7 @@ class StructuredNormal(Distribution):
         shape = _checks.broadcast_shapes(value.shape, self.loc.shape)
         lead = shape[:-self._E]
         raw = self._weight_bound is not None            # from_head's raw weights, bounded in the kernel
-        weights = self._raw if raw else self.off_diag
+        weights = self._off_diag if raw else self.off_diag
         params = (value, self.loc, self.log_diag, weights, self.cross)
         if len(lead) == 1 and value.shape == self.loc.shape:
             # one batch dimension, the value's: the tensors as they are (expand and reshape cost

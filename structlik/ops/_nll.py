@@ -28,6 +28,7 @@ from torch import Tensor
 from .. import _bound, _checks, reference
 from .._dtypes import compute_dtype, upcast
 from ..basis import check_basis
+from ..head import bound_coupled_weights, check_bound
 from ..stencil import Stencil
 from . import _forced, _library
 from ._apply_upper import apply_upper_op, apply_upper_t_op
@@ -383,7 +384,6 @@ def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None,
     _checks.check_stencil(stencil)
     bound = 0.0
     if weight_bound is not None:
-        from ..head import check_bound      # head imports nothing of ops: no cycle, but ops loads first
         bound = check_bound(weight_bound, "weight_bound")
         if basis is not None:
             raise ValueError("weight_bound: bounds raw weights, not a basis's coefficients; pass weight_bound=None "
@@ -405,7 +405,6 @@ def checked_nll(x_name: str, x, loc, log_diag, off_diag, stencil, *, basis=None,
               **({} if basis is None else {"basis": basis}), **({} if cross is None else {"cross": cross})}
     x, loc, log_diag, off_diag, basis, cross = _checks.promote_optional(x, loc, log_diag, off_diag, basis, cross)
     if bound and cross is not None:     # the kernels bound plain weights only: coupled ones are formed here
-        from ..head import bound_coupled_weights
         off_diag, cross = bound_coupled_weights(log_diag, off_diag, cross, bound)
         bound = 0.0
     head = head_of(loc, log_diag, off_diag, cross) if basis is None else None
