@@ -10,6 +10,10 @@ TEST_DEVICE = os.environ.get("STRUCTLIK_TEST_DEVICE") or ("cuda" if torch.cuda.i
 # Every output and buffer the C++ and Triton kernels allocate starts as NaN (csrc/torch_api.h,
 # structlik/kernels/common.py): an element a kernel forgets to write fails a comparison.
 os.environ.setdefault("STRUCTLIK_POISON_EMPTY", "1")
+# One thread per pytest-xdist worker (the README's `-n auto`): two workers of two OpenMP threads each on
+# a 2-core machine wait on each other's barriers far longer than the parallelism saves.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 if TEST_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 else:

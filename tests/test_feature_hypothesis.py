@@ -57,8 +57,12 @@ def models(draw, coupled=True):
                             rand(B, C * stencil.S, *space, scale=0.3 / stencil.S ** 0.5), stencil, cross=cross)
 
 
-def _examples(backend):
-    return 4 if backend == "triton" else 15
+def _examples(backend, feature=None):
+    """15 examples per feature, 4 under the Triton interpreter; the conditional's CG iterations and rim
+    solves cost 2 minutes an example there (CI measured 479 s for 4), so one."""
+    if backend != "triton":
+        return 15
+    return 1 if feature == "condition" else 4
 
 
 BACKENDS = pytest.mark.backends("reference", "cpu", "triton")
@@ -121,7 +125,7 @@ def test_kl_every_pair(backend):
 
 @BACKENDS
 def test_condition(backend):
-    @settings(max_examples=_examples(backend))
+    @settings(max_examples=_examples(backend, "condition"))
     @given(p=models(), data=st.data())
     def check(p, data):
         mask = torch.rand(p.loc.shape, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 999)))) < 0.5

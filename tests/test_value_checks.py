@@ -179,6 +179,8 @@ def unread_nan(args):
 
 @pytest.mark.parametrize("validate", [True, False])
 def test_unread_weights_change_nothing(validate, backend):
+    if backend == "triton" and not validate and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the kernels do not read the validation flag: validate=True covers the interpreted Triton run")
     """Weights that point outside the image are not part of U (contract §1): every op on every
     backend gives the result of 0 there, and gradient 0 to them, whatever they hold (the
     reference raised "off_diag: contains NaN" for four ops of six, the kernels returned finite
