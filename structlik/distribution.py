@@ -7,11 +7,11 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.distributions import Distribution, constraints
 
-from . import _checks, ops
+from . import _checks, low_rank, ops
 from .basis import check_basis, expand_basis
 from .conditional import ConditionalStructuredNormal
 from .interleave import interleave, interleave_weights, interleaved_stencil
-from .head import (DEFAULT_WEIGHT_BOUND, ILL_CONDITIONED, bound_weights, check_bound, split_head,
+from .head import (DEFAULT_WEIGHT_BOUND, ILL_CONDITIONED, bound_weights, check_bound, head_channels, split_head,
                    largest_weight_ratio, warn_ill_conditioned)
 from .stencil import Stencil
 
@@ -62,6 +62,13 @@ class StructuredNormal(Distribution):
             the entropy, is unchanged; ``variance``, ``stddev``, ``correlation``,
             ``kl_divergence`` and ``condition`` take them (through ``_interleaved``);
             ``covariance_band`` does not yet (it raises ``NotImplementedError``).
+        cov_factor: optional low-rank global modes W (\*batch, R, C, H, W) (volumes
+            (\*batch, R, C, D, H, W)), torch's name as in ``LowRankMultivariateNormal``: the covariance
+            becomes ``W W^T + Lambda^-1`` (:mod:`structlik.low_rank`: Woodbury and the determinant
+            lemma with the R x R capacitance ``I + (M W)^T (M W)``). ``log_prob``, ``rsample``,
+            ``entropy``, ``variance``, ``stddev``, ``covariance``, ``correlation``,
+            ``covariance_band``, ``precision_diagonal`` and ``kl_divergence`` take it; ``condition``
+            raises ``NotImplementedError``.
 
     ``batch_shape`` is the broadcast of the three leading shapes and
     ``event_shape`` is (C, H, W) (a volume's (C, D, H, W) with ``Stencil(k, ndim=3)``): ``log_prob``
@@ -81,7 +88,8 @@ class StructuredNormal(Distribution):
     def support(self):
         return constraints.independent(constraints.real, self._E)
 
-    def __init__(self, loc, log_diag, off_diag, stencil: Stencil, validate_args=None, *, basis=None, cross=None):
+    def __init__(self, loc, log_diag, off_diag, stencil: Stencil, validate_args=None, *, basis=None, cross=None,
+                 cov_factor=None):
         _checks.check_stencil(stencil)
         coef = "off_diag"
         E = stencil.ndim + 1                       # event dimensions: (C, H, W) or (C, D, H, W)
@@ -110,21 +118,30 @@ class StructuredNormal(Distribution):
                 raise ValueError(f"cross: expected shape (*batch, C(C-1)/2, {sp}) = "
                                  f"(*batch, {', '.join(map(str, (C * (C - 1) // 2, *space)))}) with C={C}, "
                                  f"got {tuple(cross.shape)}")
+        if cov_factor is not None:
+            _checks.check_float_tensor("cov_factor", cov_factor, f"(*batch, R, C, {sp})", min_dim=E + 1)
+            if tuple(cov_factor.shape[-E:]) != event or cov_factor.shape[-E - 1] == 0:
+                raise ValueError(f"cov_factor: expected shape (*batch, R, C, {sp}) with R >= 1 and (C, {sp}) = "
+                                 f"{event}, got {tuple(cov_factor.shape)}")
         shapes = [loc.shape[:-E], log_diag.shape[:-E], off_diag.shape[:-E]] + ([] if cross is None else
                                                                                [cross.shape[:-E]])
+        shapes += [] if cov_factor is None else [cov_factor.shape[:-E - 1]]
         try:
             batch = _checks.broadcast_shapes(*shapes)
         except RuntimeError:
-            names = f"loc, log_diag, {coef}" + ("" if cross is None else ", cross")
+            names = (f"loc, log_diag, {coef}" + ("" if cross is None else ", cross")
+                     + ("" if cov_factor is None else ", cov_factor"))
             raise ValueError(f"{names}: batch shapes {', '.join(str(tuple(t)) for t in shapes)} "
                              f"do not broadcast") from None
         _checks.check_consistent(loc=loc, log_diag=log_diag, off_diag=off_diag,
                                  **({} if basis is None else {"basis": basis}),
-                                 **({} if cross is None else {"cross": cross}))
+                                 **({} if cross is None else {"cross": cross}),
+                                 **({} if cov_factor is None else {"cov_factor": cov_factor}))
         if min(event) == 0:
             raise ValueError(f"loc: expected a non-empty event (C, {sp}), got {tuple(loc.shape)}")
         # one floating dtype, torch.result_type's (a bfloat16 head beside a float32 mean computes in float32)
-        loc, log_diag, off_diag, basis, cross = _checks.promote_optional(loc, log_diag, off_diag, basis, cross)
+        loc, log_diag, off_diag, basis, cross, cov_factor = _checks.promote_optional(loc, log_diag, off_diag, basis,
+                                                                                     cross, cov_factor)
         self.stencil = stencil
         self.basis = basis
         self.loc = loc.expand(batch + event)
@@ -135,6 +152,7 @@ class StructuredNormal(Distribution):
         self._weight_bound, self._bounded = None, None
         # one channel has no pairs: a (*batch, 0, H, W) tensor is no coupling
         self.cross = cross.expand(batch + cross.shape[-E:]) if cross is not None and C > 1 else None
+        self.cov_factor = None if cov_factor is None else cov_factor.expand(batch + cov_factor.shape[-E - 1:])
         # Not Distribution's own parameter validation: it reads every parameter and syncs on
         # construction. The ops find NaN/inf from their results instead (structlik._checks).
         super().__init__(batch_shape=batch, event_shape=torch.Size(event), validate_args=False)
@@ -143,16 +161,33 @@ class StructuredNormal(Distribution):
 
     @classmethod
     def from_head(cls, head: torch.Tensor, stencil: Stencil, *, weight_bound=DEFAULT_WEIGHT_BOUND,
-                  validate_args=None, cross: bool = False) -> "StructuredNormal":
+                  validate_args=None, cross: bool = False, rank: int = 0) -> "StructuredNormal":
         """The distribution of a decoder head (B, C*(2+S), H, W): channels ``loc`` (C),
         ``log_diag`` (C, ``-log sigma``), raw weights (C*S), as :func:`structlik.split_head`;
-        with ``cross=True`` (B, C*(2+S) + C(C-1)/2, H, W), the raw cross weights last.
+        with ``cross=True`` (B, C*(2+S) + C(C-1)/2, H, W), the raw cross weights last. With
+        ``rank=R`` the head has R*C channels more, last: ``cov_factor`` (B, R, C, H, W), channel
+        r*C + c holding mode r of channel c (:func:`structlik.head_channels` counts them all).
 
         ``weight_bound`` (default 0.9) bounds the weights (:func:`structlik.bound_weights`:
         sum_i |w_{p,i}| < 0.9 d_p, cross weights included, so samples stay finite and a
         zero-initialised head starts at a diagonal Gaussian); ``None`` takes the raw weights as
         they are.
         """
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"rank: expected an integer >= 0 (the number of low-rank modes), got {rank!r}")
+        if rank:
+            _checks.check_float_tensor("head", head, _checks.layout(stencil, "K"))
+            per_mode = head.shape[1]
+            C = next((c for c in range(1, per_mode + 1)
+                      if head_channels(stencil, c, cross=cross, rank=rank) == per_mode), 0)
+            if C == 0:
+                raise ValueError(f"head: expected head_channels(stencil, C, cross={cross}, rank={rank}) channels "
+                                 f"for some C ({', '.join(str(head_channels(stencil, c, cross=cross, rank=rank)) for c in (1, 2, 3))}"
+                                 f", ...), got {tuple(head.shape)}")
+            rest, modes = head.split([per_mode - rank * C, rank * C], dim=1)
+            out = cls.from_head(rest, stencil, weight_bound=weight_bound, validate_args=validate_args, cross=cross)
+            out.cov_factor = modes.unflatten(1, (rank, C)).to(out.loc.dtype)
+            return out
         if cross or weight_bound is None:
             parts = split_head(head, stencil, weight_bound=weight_bound, cross=cross)
             return cls(*parts[:3], stencil, validate_args=validate_args, cross=parts[3] if cross else None)
@@ -225,9 +260,21 @@ class StructuredNormal(Distribution):
             return t.reshape(lead + t.shape[1:])
 
         loc = self.loc.reshape(-1, *self.event_shape)
+        W = None
+        if self.cov_factor is not None:     # each mode an image, interleaved like the mean
+            W = low_rank.flat_factor(self)
+            W = interleave(W.flatten(0, 1), nd).unflatten(0, W.shape[:2])
+            W = W.reshape(lead + W.shape[1:])
         return StructuredNormal(batched(interleave(loc, nd)), batched(interleave(ld, nd)),
                                 batched(interleave_weights(od, self._flat_cross(), C, self.stencil)),
-                                interleaved_stencil(self.stencil, C), validate_args=self._validate_args)
+                                interleaved_stencil(self.stencil, C), validate_args=self._validate_args,
+                                cov_factor=W)
+
+    def _structured_part(self) -> "StructuredNormal":
+        """This distribution without its low-rank modes (cov_factor dropped): N(loc, Lambda^-1)."""
+        out = self.expand(self.batch_shape)
+        out.cov_factor = None
+        return out
 
     def _flat_params(self, materialise: bool = True):
         """log_diag and off_diag flattened over the batch to (N, ...): views, also for
@@ -251,6 +298,8 @@ class StructuredNormal(Distribution):
         new.off_diag = self._off_diag.expand(batch_shape + self._off_diag.shape[-self._E:])
         new._weight_bound, new._bounded = self._weight_bound, None     # the raw weights, expanded
         new.cross = None if self.cross is None else self.cross.expand(batch_shape + self.cross.shape[-self._E:])
+        new.cov_factor = (None if self.cov_factor is None else
+                          self.cov_factor.expand(batch_shape + self.cov_factor.shape[-self._E - 1:]))
         super(StructuredNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -271,7 +320,8 @@ class StructuredNormal(Distribution):
         ld, od = self._flat_params()
         with self._value_checks():
             out = ops.variance(ld, od, self.stencil, self._flat_cross())
-        return out.reshape(self.batch_shape + self.event_shape)
+        out = out.reshape(self.batch_shape + self.event_shape)
+        return out if self.cov_factor is None else out + low_rank.variance_correction(self)
 
     @property
     def stddev(self):
@@ -285,6 +335,9 @@ class StructuredNormal(Distribution):
         ld, od = self._flat_params()
         with self._value_checks():
             out = ops.covariance_band(ld, od, self.stencil)
+        if self.cov_factor is not None:
+            W = low_rank.flat_factor(self)
+            out = out + low_rank.band_correction(W, out.shape[1] // W.shape[2])
         return out.reshape(self.batch_shape + out.shape[1:])
 
     def _pixel(self, index):
@@ -341,7 +394,8 @@ class StructuredNormal(Distribution):
                                params_repeat=True)
         if cross is not None and channel is None:    # channel c of right-hand side c
             out = out.reshape(C, N, C, *ld.shape[2:]).diagonal(dim1=0, dim2=2).movedim(-1, 1)
-        return out.reshape(self.batch_shape + self.event_shape)
+        out = out.reshape(self.batch_shape + self.event_shape)
+        return out if self.cov_factor is None else out + low_rank.covariance_correction(self, channel, at)
 
     def correlation(self, index):
         """Corr(x_q, x_index) for every pixel q: ``covariance(index)`` over sigma_q sigma_index,
@@ -362,6 +416,10 @@ class StructuredNormal(Distribution):
         is True: a :class:`structlik.ConditionalStructuredNormal` over whole images (inpainting,
         posterior samples), with the conditional ``mean``, exact ``rsample``/``sample`` (observed pixels
         equal to ``value``), ``log_prob`` of the missing pixels and ``observed_log_prob``, log p(x_O)."""
+        if self.cov_factor is not None:
+            raise NotImplementedError("StructuredNormal.condition: not implemented with cov_factor (low-rank modes) "
+                                      "yet; log_prob, rsample, entropy, variance, covariance, covariance_band, "
+                                      "precision_diagonal and kl_divergence take it")
         return ConditionalStructuredNormal(self, value, mask, tol=tol, max_iter=max_iter)
 
     def rsample(self, sample_shape=torch.Size()):
@@ -375,6 +433,10 @@ class StructuredNormal(Distribution):
             eps = ops.image_op(ops.solve_upper_op, "solve_upper", z.reshape(-1, *self.event_shape), ld, od,
                                self.stencil, cross=cross, params_repeat=True)
         sample = self.loc + eps.reshape(shape)
+        if self.cov_factor is not None:          # + W eps_1, eps_1 ~ N(0, I_R) per sample and image
+            R = self.cov_factor.shape[-self._E - 1]
+            modes = standard_normal(shape[:-self._E] + (R,), self.loc.dtype, self.loc.device)
+            sample = sample + (modes.reshape(modes.shape + (1,) * self._E) * self.cov_factor).sum(-self._E - 1)
         with self._value_checks():
             self._check_sample(sample, eps, z, ld, od, cross)
         return sample
@@ -432,6 +494,8 @@ class StructuredNormal(Distribution):
             raise ValueError(f"value: expected a tensor on {self.loc.device} (the distribution's device) of shape "
                              f"(*sample, *batch, C, H, W) = (*, {', '.join(map(str, self.event_shape))}), "
                              f"got one on {value.device}")
+        if self.cov_factor is not None:
+            return low_rank.log_prob(self, value)
         shape = _checks.broadcast_shapes(value.shape, self.loc.shape)
         lead = shape[:-self._E]
         raw = self._weight_bound is not None            # from_head's raw weights, bounded in the kernel
@@ -458,11 +522,13 @@ class StructuredNormal(Distribution):
         out = 0.5 * n * (1.0 + math.log(2.0 * math.pi)) - self.log_diag.sum(tuple(range(-self._E, 0)), dtype=dtype)
         with self._value_checks():
             _checks.check_result(out, {"log_diag": self.log_diag}, op="entropy")
-        return out
+        return out if self.cov_factor is None else out + low_rank.entropy_correction(self).to(out.dtype)
 
     def precision_diagonal(self):
         """Diagonal of the precision ``U^T U`` (``M^T M`` with cross weights), shape batch_shape + (C, H, W)."""
         ld, od = self._flat_params()
         with self._value_checks():
             out = ops.precision_diagonal(ld, od, self.stencil, self._flat_cross(), blame=self._blame())
-        return out.reshape(self.batch_shape + self.event_shape)
+        out = out.reshape(self.batch_shape + self.event_shape)
+        # Sigma^-1's diagonal: with low-rank modes, Lambda's less G K^-1 G^T's (Woodbury)
+        return out if self.cov_factor is None else out - low_rank.precision_correction(self).to(out.dtype)

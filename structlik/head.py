@@ -92,11 +92,12 @@ def bound_coupled_weights(log_diag: torch.Tensor, raw: torch.Tensor, raw_cross: 
     return (per_channel * scale.unsqueeze(2)).flatten(1, 2), raw_cross * scale[:, cs]
 
 
-def head_channels(stencil: Stencil, channels: int = 1, *, cross: bool = False) -> int:
-    """The decoder head's channel count for ``channels`` image channels: C * (2 + S), and
-    C(C-1)/2 more with cross weights (coupled channels)."""
+def head_channels(stencil: Stencil, channels: int = 1, *, cross: bool = False, rank: int = 0) -> int:
+    """The decoder head's channel count for ``channels`` image channels: C * (2 + S), C(C-1)/2 more
+    with cross weights (coupled channels) and R*C more with ``rank=R`` low-rank modes
+    (``StructuredNormal.from_head(..., rank=R)``)."""
     _checks.check_stencil(stencil)
-    return channels * (2 + stencil.S) + (channels * (channels - 1) // 2 if cross else 0)
+    return channels * (2 + stencil.S) + (channels * (channels - 1) // 2 if cross else 0) + rank * channels
 
 
 def _coupled_channels(K: int, S: int) -> int:

@@ -10,13 +10,15 @@ of a stencil holding both distributions' offsets; against a diagonal q it needs 
 Coupled channels (cross weights, M = U + X): between two structured distributions the KL of their
 one-channel interleaved forms (structlik.interleave: the same Gaussians, pixels permuted); with a
 diagonal side, the coupled variances and precision diagonal and ||M (mu_p - mu_q)||^2.
+Low-rank modes (cov_factor): the KL of the structured parts plus structlik.low_rank.kl_correction;
+a diagonal side then enters as a StructuredNormal with zero weights.
 """
 from __future__ import annotations
 
 import torch
 from torch.distributions import Independent, Normal, register_kl
 
-from . import _checks, ops, reference
+from . import _checks, low_rank, ops, reference
 from .distribution import StructuredNormal
 from .stencil import Stencil
 
@@ -93,10 +95,32 @@ def _diagonal_normal(dist: Independent, other: StructuredNormal, side: str):
     return dist.base_dist
 
 
+def _as_structured(normal: Normal, like: StructuredNormal) -> StructuredNormal:
+    """A diagonal Gaussian as a StructuredNormal of ``like``'s stencil with zero weights."""
+    scale = normal.scale.expand(normal.loc.shape) if normal.scale.dim() < normal.loc.dim() else normal.scale
+    loc = normal.loc.expand(scale.shape)
+    C = loc.shape[-like._E]
+    weights = loc.new_zeros(*loc.shape[:-like._E], C * like.stencil.S, *loc.shape[-like._E + 1:])
+    return StructuredNormal(loc, -scale.log(), weights, like.stencil, validate_args=like._validate_args)
+
+
+def _kl_low_rank(p: StructuredNormal, q: StructuredNormal):
+    """KL(p || q) with low-rank modes on either side: the structured parts' KL plus the modes' terms."""
+    batch = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+    p, q = p.expand(batch), q.expand(batch)
+    base = _kl_structured_structured(p._structured_part(), q._structured_part())
+    with p._value_checks():
+        extra = low_rank.kl_correction(p, q).reshape(batch).to(base.dtype)
+    inputs = {name: t for name, t in (("p.cov_factor", p.cov_factor), ("q.cov_factor", q.cov_factor)) if t is not None}
+    return _checked_kl(base + extra, p, inputs)
+
+
 @register_kl(StructuredNormal, StructuredNormal)
 def _kl_structured_structured(p: StructuredNormal, q: StructuredNormal):
     if p.event_shape != q.event_shape:
         raise ValueError(f"kl_divergence: event shapes {tuple(p.event_shape)} and {tuple(q.event_shape)} differ")
+    if p.cov_factor is not None or q.cov_factor is not None:
+        return _kl_low_rank(p, q)
     if p.cross is not None or q.cross is not None:
         # The KL is invariant under a permutation of the pixels applied to both: coupled channels
         # as one channel of width C*W (structlik.interleave), where M is a plain stencil factor.
@@ -128,6 +152,8 @@ def _checked_kl(kl, dist: StructuredNormal, inputs: dict):
 @register_kl(StructuredNormal, Independent)
 def _kl_structured_diagonal(p: StructuredNormal, q: Independent):
     normal = _diagonal_normal(q, p, "second")
+    if p.cov_factor is not None:
+        return _kl_low_rank(p, _as_structured(normal, p))
     batch = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
     p = p.expand(batch)
     precision = normal.scale.expand(batch + p.event_shape).pow(-2)
@@ -142,6 +168,8 @@ def _kl_structured_diagonal(p: StructuredNormal, q: Independent):
 @register_kl(Independent, StructuredNormal)
 def _kl_diagonal_structured(p: Independent, q: StructuredNormal):
     normal = _diagonal_normal(p, q, "first")
+    if q.cov_factor is not None:
+        return _kl_low_rank(_as_structured(normal, q), q)
     batch = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
     q, ld_q, od_q = _flat(q, batch)
     event = q.event_shape

@@ -146,7 +146,9 @@ def cross_grad(a, b):
 
 
 def apply_upper(r, log_diag, off_diag, stencil, cross=None):
-    """``M r`` (``U r``, plus ``X r`` with cross weights): (B, C, H, W)."""
+    """``M r`` (``U r``, plus ``X r`` with cross weights): (B, C, H, W); r may hold R*B images
+    (image r*B + b uses parameters b: the low-rank modes' columns)."""
+    log_diag, off_diag = (_repeat_params(t, r.shape[0]) for t in (log_diag, off_diag))
     w = weights(off_diag, stencil)
     out = log_diag.exp() * r
     for i, (dy, dx) in enumerate(stencil.tall_offsets):
@@ -155,7 +157,8 @@ def apply_upper(r, log_diag, off_diag, stencil, cross=None):
 
 
 def apply_upper_t(y, log_diag, off_diag, stencil, cross=None):
-    """``M^T y``: row p gathers ``w_{p-delta_i,i} y_{p-delta_i}`` (and X^T y)."""
+    """``M^T y``: row p gathers ``w_{p-delta_i,i} y_{p-delta_i}`` (and X^T y); y may hold R*B images."""
+    log_diag, off_diag = (_repeat_params(t, y.shape[0]) for t in (log_diag, off_diag))
     w = weights(off_diag, stencil)
     out = log_diag.exp() * y
     for i, (dy, dx) in enumerate(stencil.tall_offsets):

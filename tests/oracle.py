@@ -44,13 +44,20 @@ def dense_m(log_diag, off_diag, cross, stencil):
 
 def dense_normal(dist):
     """A StructuredNormal as torch's MultivariateNormal over its C*n pixels, channel-major (one
-    batch dimension)."""
+    batch dimension); with cov_factor W, Sigma = W W^T + (M^T M)^-1."""
     ld = dist.log_diag.reshape(-1, *dist.log_diag.shape[-dist._E:])
     od = dist.off_diag if dist.basis is None else dist._flat_params()[1]
     od = od.reshape(-1, *od.shape[-dist._E:])
     cross = dist._flat_cross()
     M = dense_m(ld, od, cross, dist.stencil)
-    return MultivariateNormal(dist.loc.reshape(ld.shape[0], -1), precision_matrix=M.mT @ M)
+    loc = dist.loc.reshape(ld.shape[0], -1)
+    if getattr(dist, "cov_factor", None) is None:
+        return MultivariateNormal(loc, precision_matrix=M.mT @ M)
+    # low-rank modes: Sigma = W W^T + (M^T M)^-1, formed densely (no Woodbury)
+    W = dist.cov_factor.reshape(ld.shape[0], dist.cov_factor.shape[-dist._E - 1], -1).mT      # (B, n, R)
+    eye = torch.eye(M.shape[-1], dtype=M.dtype).expand_as(M)
+    M_inv = torch.linalg.solve_triangular(M, eye, upper=True)
+    return MultivariateNormal(loc, covariance_matrix=M_inv @ M_inv.mT + W @ W.mT)
 
 
 def dense_diagonal(normal_loc, normal_scale):
