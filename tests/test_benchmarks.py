@@ -18,7 +18,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize("script", ["bench_nll.py", "bench_solve_upper.py", "bench_nll_basis.py", "bench_vae_step.py",
-                                    "bench_cross.py", "bench_volume.py"])
+                                    "bench_cross.py", "bench_volume.py", "bench_low_rank.py"])
 def test_benchmark_script_runs(script, tmp_path):
     pytest.importorskip("scipy")
     env = dict(os.environ, STRUCTLIK_BENCH_RESULTS=str(tmp_path), STRUCTLIK_BACKEND="", **ONE_THREAD)
@@ -30,7 +30,7 @@ def test_benchmark_script_runs(script, tmp_path):
     family = script[len("bench_"):-len(".py")]
     assert (tmp_path / f"{family}-cpu.csv").exists() and (tmp_path / f"{family}-cpu.md").exists()
     text = (tmp_path / f"{family}-cpu.md").read_text()
-    assert ("| diagonal |" if family == "vae_step" else "| fused |") in text
+    assert {"vae_step": "| diagonal |", "low_rank": "| rank 3 |"}.get(family, "| fused |") in text
     assert "memory child failed" not in proc.stderr and "| nan |" not in text    # peak memory was measured
     assert f"- command: python {' '.join(how)}" in text
 

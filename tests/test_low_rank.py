@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
+from helpers import make_params
 from oracle import dense_diagonal, dense_normal
-from structlik import Stencil, StructuredNormal, head_channels
+from structlik import Stencil, StructuredNormal, head_channels, reference
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -243,3 +244,20 @@ def test_batch_broadcasting_and_expand():
         StructuredNormal(p.loc, p.log_diag, p.off_diag, p.stencil, cov_factor=W[b:b + 1])).covariance_matrix[0])
         for b in range(4)]
     torch.testing.assert_close(d.variance.flatten(1), torch.stack([m.variance for m in dense]), **TOL)
+
+
+@pytest.mark.parametrize("name", ["apply_upper", "apply_upper_t"])
+@pytest.mark.backends("reference", "cpu", "triton")
+def test_opcheck_image_ops_with_repeated_parameters(name, backend):
+    """The modes' columns go through the image ops as R*B images over B images' parameters: the ops
+    (every backend's kernel, fake kernel and autograd formula) take that layout."""
+    stencil = Stencil(1)
+    image, log_diag, off_diag = make_params((2, 1, 3, 4), stencil)
+    images = torch.randn(6, 1, 3, 4, dtype=torch.float64)
+    want = torch.stack([getattr(reference, name)(images[k:k + 1], log_diag[k % 2:k % 2 + 1],
+                                                 off_diag[k % 2:k % 2 + 1], stencil)[0] for k in range(6)])
+    for grad in (False, True):
+        args = [t.clone().requires_grad_(grad) for t in (images, log_diag, off_diag)]
+        op = getattr(torch.ops.structlik, name)
+        torch.library.opcheck(op, (*args, stencil.flat_offsets))
+        torch.testing.assert_close(op(*args, stencil.flat_offsets), want, **TOL)

@@ -16,6 +16,7 @@ the device it names; nothing here is edited by hand but the notes. Re-run with
     python -m benchmarks.bench_nll_basis && python -m benchmarks.bench_vae_step
     python -m benchmarks.bench_cross          # coupled channels at supn_base's client size
     python -m benchmarks.bench_volume         # volumes: against one-hot conv3d and scipy
+    python -m benchmarks.bench_low_rank       # low-rank modes: against rank 0 and LowRankMultivariateNormal
     python -m tools.targets --device cpu      # or --device cuda
     python -m tools.collect_results
 
