@@ -177,14 +177,13 @@ class StructuredNormal(Distribution):
             raise ValueError(f"rank: expected an integer >= 0 (the number of low-rank modes), got {rank!r}")
         if rank:
             _checks.check_float_tensor("head", head, _checks.layout(stencil, "K"))
-            per_mode = head.shape[1]
-            C = next((c for c in range(1, per_mode + 1)
-                      if head_channels(stencil, c, cross=cross, rank=rank) == per_mode), 0)
+            K = head.shape[1]
+            C = next((c for c in range(1, K + 1) if head_channels(stencil, c, cross=cross, rank=rank) == K), 0)
             if C == 0:
                 raise ValueError(f"head: expected head_channels(stencil, C, cross={cross}, rank={rank}) channels "
                                  f"for some C ({', '.join(str(head_channels(stencil, c, cross=cross, rank=rank)) for c in (1, 2, 3))}"
                                  f", ...), got {tuple(head.shape)}")
-            rest, modes = head.split([per_mode - rank * C, rank * C], dim=1)
+            rest, modes = head.split([K - rank * C, rank * C], dim=1)
             out = cls.from_head(rest, stencil, weight_bound=weight_bound, validate_args=validate_args, cross=cross)
             out.cov_factor = modes.unflatten(1, (rank, C)).to(out.loc.dtype)
             return out
@@ -525,7 +524,8 @@ class StructuredNormal(Distribution):
         return out if self.cov_factor is None else out + low_rank.entropy_correction(self).to(out.dtype)
 
     def precision_diagonal(self):
-        """Diagonal of the precision ``U^T U`` (``M^T M`` with cross weights), shape batch_shape + (C, H, W)."""
+        """Diagonal of the precision ``U^T U`` (``M^T M`` with cross weights; with ``cov_factor``, of
+        Sigma^-1 = (W W^T + Lambda^-1)^-1), shape batch_shape + (C, H, W)."""
         ld, od = self._flat_params()
         with self._value_checks():
             out = ops.precision_diagonal(ld, od, self.stencil, self._flat_cross(), blame=self._blame())

@@ -57,7 +57,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def capacitance(dist, ld, od, images=None):
     """(V, chol K) of ``dist``, V (N, R, n); with ``images`` (k*N images) also M applied to them,
-    in the same call of the image op (one pass of the kernel over U's weights for all of them)."""
+    in the same call of the image op (which still reads U's weights once per image: a kernel that
+    applies U to all the columns in one pass is issue #43's next step)."""
     W = flat_factor(dist)
     N, R = W.shape[:2]
     cols = columns(W).to(ld.dtype)
@@ -66,8 +67,8 @@ def capacitance(dist, ld, od, images=None):
     mapped, V = (None, out) if images is None else out.split([images.shape[0], cols.shape[0]])
     V = uncolumns(V, N)
     K = torch.baddbmm(torch.eye(R, dtype=V.dtype, device=V.device).expand(N, R, R), V, V.transpose(1, 2))
-    L, info = torch.linalg.cholesky_ex(K)
-    return V, L, mapped
+    # K = I + V V^T is positive definite; NaN in W or U gives NaN in L, named by the result checks
+    return V, torch.linalg.cholesky_ex(K).L, mapped
 
 
 def log_det_capacitance(L: torch.Tensor) -> torch.Tensor:
