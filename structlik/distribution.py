@@ -11,7 +11,7 @@ from . import _checks, low_rank, ops
 from .basis import check_basis, expand_basis
 from .conditional import ConditionalStructuredNormal
 from .interleave import interleave, interleave_weights, interleaved_stencil
-from .head import (DEFAULT_WEIGHT_BOUND, ILL_CONDITIONED, bound_weights, check_bound, head_channels, split_head,
+from .head import (DEFAULT_WEIGHT_BOUND, ILL_CONDITIONED, bound_weights, check_bound, split_head,
                    largest_weight_ratio, warn_ill_conditioned)
 from .stencil import Stencil
 
@@ -173,29 +173,17 @@ class StructuredNormal(Distribution):
         zero-initialised head starts at a diagonal Gaussian); ``None`` takes the raw weights as
         they are.
         """
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise ValueError(f"rank: expected an integer >= 0 (the number of low-rank modes), got {rank!r}")
-        if rank:
-            _checks.check_float_tensor("head", head, _checks.layout(stencil, "K"))
-            K = head.shape[1]
-            C = next((c for c in range(1, K + 1) if head_channels(stencil, c, cross=cross, rank=rank) == K), 0)
-            if C == 0:
-                raise ValueError(f"head: expected head_channels(stencil, C, cross={cross}, rank={rank}) channels "
-                                 f"for some C ({', '.join(str(head_channels(stencil, c, cross=cross, rank=rank)) for c in (1, 2, 3))}"
-                                 f", ...), got {tuple(head.shape)}")
-            rest, modes = head.split([K - rank * C, rank * C], dim=1)
-            out = cls.from_head(rest, stencil, weight_bound=weight_bound, validate_args=validate_args, cross=cross)
-            out.cov_factor = modes.unflatten(1, (rank, C)).to(out.loc.dtype)
-            return out
-        if cross or weight_bound is None:
-            parts = split_head(head, stencil, weight_bound=weight_bound, cross=cross)
-            return cls(*parts[:3], stencil, validate_args=validate_args, cross=parts[3] if cross else None)
-        # The raw weights as the head's views: log_prob bounds them inside the NLL kernel (the
-        # head's gradient written in one piece); .off_diag forms the bounded weights when read.
-        loc, log_diag, raw = split_head(head, stencil, weight_bound=None)
-        bound = check_bound(weight_bound, "weight_bound")
-        out = cls(loc, log_diag, raw, stencil, validate_args=validate_args)
-        out._weight_bound = bound
+        # Without cross weights the default bound is applied inside the NLL kernel: the raw weights
+        # stay the head's views (the head's gradient written in one piece); .off_diag forms the
+        # bounded weights when read.
+        in_kernel = weight_bound is not None and not cross
+        parts = list(split_head(head, stencil, weight_bound=None if in_kernel else weight_bound, cross=cross,
+                                rank=rank))
+        cov_factor = parts.pop() if rank else None
+        out = cls(*parts[:3], stencil, validate_args=validate_args, cross=parts[3] if cross else None,
+                  cov_factor=cov_factor)
+        if in_kernel:
+            out._weight_bound = check_bound(weight_bound, "weight_bound")
         return out
 
     @property

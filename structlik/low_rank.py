@@ -56,16 +56,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def capacitance(dist, ld, od, images=None):
-    """(V, chol K) of ``dist``, V (N, R, n); with ``images`` (k*N images) also M applied to them,
-    in the same call of the image op (which still reads U's weights once per image: a kernel that
-    applies U to all the columns in one pass is issue #43's next step)."""
+    """(V, chol K) of ``dist``, V (N, R, n); with ``images`` (k*N images) also M applied to them.
+    Two calls of the image op, not one on the images and columns concatenated: the concatenation
+    and its gradient's split cost 2.6 of 16.5 ms (B32 64x64 r2 rank 10, benchmarks/bench_low_rank.py),
+    the second reading of the weights less."""
     W = flat_factor(dist)
     N, R = W.shape[:2]
-    cols = columns(W).to(ld.dtype)
-    stacked = cols if images is None else torch.cat([images, cols])
-    out = _apply(dist, stacked, ld, od)
-    mapped, V = (None, out) if images is None else out.split([images.shape[0], cols.shape[0]])
-    V = uncolumns(V, N)
+    V = uncolumns(_apply(dist, columns(W).to(ld.dtype), ld, od), N)
+    mapped = None if images is None else _apply(dist, images, ld, od)
     K = torch.baddbmm(torch.eye(R, dtype=V.dtype, device=V.device).expand(N, R, R), V, V.transpose(1, 2))
     # K = I + V V^T is positive definite; NaN in W or U gives NaN in L, named by the result checks
     return V, torch.linalg.cholesky_ex(K).L, mapped

@@ -9,7 +9,7 @@ from conftest import TEST_DEVICE
 from helpers import (INTERPRETED_CASES, OPCHECK_STENCIL, STENCILS, available_backends, gradcheck_image_op,
                      gradcheck_problems, make_params, opcheck, opcheck_image_op, opcheck_inputs,
                      triton_if_available)
-from structlik import ops, reference
+from structlik import Stencil, ops, reference
 
 
 def test_apply_upper_matches_dense(shape, stencil, backend):
@@ -56,7 +56,8 @@ def test_gradcheck(problem, name, backend):
 def test_opcheck(backend_name, name):
     offsets = OPCHECK_STENCIL.flat_offsets
     if name == "weight_grad":
-        opcheck(backend_name, name, lambda g: (*opcheck_inputs(False)[:2], offsets), False)
+        for batch in (2, 1):        # one image per parameter set, and the 2 images summed into one
+            opcheck(backend_name, name, lambda g: (*opcheck_inputs(g)[:2], offsets, batch), True)
     else:
         opcheck_image_op(backend_name, name)
 
@@ -67,3 +68,27 @@ def test_gradcheck_interpreted_triton(stencil, shape, backend):
     """The registered backward on the Triton kernels (interpreted without a GPU), fast_mode gradcheck."""
     for name in ("apply_upper", "apply_upper_t"):
         gradcheck_image_op(name, stencil, shape, backend)
+
+
+@pytest.mark.parametrize("stencil,shape,batch", [
+    (Stencil(1, (1, 2)), (6, 2, 3, 4), 6), (Stencil(1, (1, 2)), (6, 2, 3, 4), 3), (Stencil(1, (1, 2)), (6, 2, 3, 4), 2),
+    (Stencil(2), (3, 1, 5, 3), 3), (Stencil(2), (3, 1, 5, 3), 1), (Stencil(1), (4, 1, 1, 2), 2)])
+def test_weight_grad_sums_the_repeats(stencil, shape, batch, backend):
+    """weight_grad(a, b, batch): image j of the result is the sum over the images k = j (mod batch)
+    of a_k b_{k, p+delta_i}, as the image ops' repeated parameters read them (k % batch)."""
+    a, b = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    offsets = stencil.flat_offsets
+    got = torch.ops.structlik.weight_grad(a, b, offsets, batch)
+    per_image = reference.weight_grad(a, b, stencil)
+    torch.testing.assert_close(got, per_image.reshape(-1, batch, *per_image.shape[1:]).sum(0))
+    # vmapped (the rule folds the vmapped dimension into the images only without repeats)
+    stacked = torch.stack([a, 2 * a]), torch.stack([b, b])
+    vmapped = torch.func.vmap(lambda s, t: torch.ops.structlik.weight_grad(s, t, offsets, batch))(*stacked)
+    torch.testing.assert_close(vmapped, torch.stack([got, 2 * got]))
+
+
+def test_weight_grad_names_a_wrong_batch(backend):
+    a = torch.randn(4, 1, 3, 3)
+    for batch in (3, 0, -2):
+        with pytest.raises(RuntimeError, match="batch: expected a divisor of a's batch 4"):
+            torch.ops.structlik.weight_grad(a, a, Stencil(1).flat_offsets, batch)

@@ -9,7 +9,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal, kl_dive
 
 from helpers import make_params
 from oracle import dense_diagonal, dense_normal
-from structlik import Stencil, StructuredNormal, head_channels, reference
+from structlik import Stencil, StructuredNormal, head_channels, reference, split_head
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -206,8 +206,16 @@ def test_from_head_order_and_head_channels():
     coupled = StructuredNormal.from_head(torch.randn(1, head_channels(stencil, 3, cross=True, rank=2), 3, 3),
                                          stencil, cross=True, rank=2)
     assert coupled.cross.shape == (1, 3, 3, 3) and coupled.cov_factor.shape == (1, 2, 3, 3, 3)
-    with pytest.raises(ValueError, match="head: expected head_channels"):
+    with pytest.raises(ValueError, match=r"head: expected .*head_channels\(stencil, C, cross=False, rank=3\)"):
         StructuredNormal.from_head(head[:, :-1], stencil, rank=R)
+    # split_head gives the same parts, the modes last; one split (the head's gradient in one piece)
+    leaf = head.clone().requires_grad_()
+    loc, log_diag, off_diag, modes = split_head(leaf, stencil, weight_bound=None, rank=R)
+    assert modes.shape == (2, R, C, 4, 5) and torch.equal(modes, d.cov_factor)
+    assert torch.equal(off_diag, head[:, 2 * C:C * (2 + stencil.S)])
+    split = loc.grad_fn
+    assert type(split).__name__.startswith("SplitWithSizes") and split.next_functions[0][0].variable is leaf
+    assert log_diag.grad_fn is split and off_diag.grad_fn is split
     with pytest.raises(ValueError, match="rank: expected an integer"):
         StructuredNormal.from_head(head, stencil, rank=-1)
 
@@ -261,3 +269,4 @@ def test_opcheck_image_ops_with_repeated_parameters(name, backend):
         op = getattr(torch.ops.structlik, name)
         torch.library.opcheck(op, (*args, stencil.flat_offsets))
         torch.testing.assert_close(op(*args, stencil.flat_offsets), want, **TOL)
+

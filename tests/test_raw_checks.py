@@ -37,7 +37,7 @@ def valid_calls():
         "nll_backward": ((t(B), img, img.clone(), ld, od, None, img.clone(), OFF, xi),
                          ["grad", "x", "loc", "log_diag", "off_diag", "basis", "u", "offsets", "cross"]),
         "nll_head": ((img, head, 0, OFF, False, True), ["x", "head", "c0", "offsets", "store_u", "cross"]),
-        "weight_grad": ((img, img.clone(), OFF), ["a", "b", "offsets"]),
+        "weight_grad": ((img, img.clone(), OFF, B), ["a", "b", "offsets", "batch"]),
     }
 
 

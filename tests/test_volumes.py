@@ -183,7 +183,7 @@ def _op_args(name, x, loc, ld, od, xi, offsets):
     if name == "precision_diagonal":
         return (ld, od, offsets, xi)
     if name == "weight_grad":
-        return (x, loc, offsets)
+        return (x, loc, offsets, x.shape[0])
     if name == "covariance_band":
         return (ld, od, offsets, False)
     return (x, loc, ld, od, None, offsets, True, xi)         # nll

@@ -110,7 +110,7 @@ def launches(label, B, C, H, W, stencil, basis_sizes, dtypes, coupled=False):
         for transposed in (False, True):
             apply_upper.launch(image(), image(), off_diag, offsets, transposed=transposed, cross=cross)
             solve_upper.launch(image(), image(), off_diag, offsets, transposed=transposed, cross=cross)
-        weight_grad.launch(image(), image(), offsets)
+        weight_grad.launch(image(), image(), offsets, B)
         precision_diagonal.launch(image(), off_diag, offsets, cross)
         L = covariance_band.band_length(offsets, W)
         for diagonal_only in (False, True):

@@ -30,7 +30,7 @@ def _backward(transposed: bool):
         batch = log_diag.shape[0]
         grads = (other(g, log_diag, off_diag, ctx.offsets, cross) if need[0] else None,
                  sum_repeats(g * image, batch) * log_diag.exp() if need[1] else None,
-                 sum_repeats(weight_grad_op(row, column, ctx.offsets), batch) if need[2] else None,
+                 weight_grad_op(row, column, ctx.offsets, batch) if need[2] else None,
                  None,
                  sum_repeats(reference.cross_grad(row, column), batch) if cross is not None and need[4] else None)
         return grads[:ctx.inputs]

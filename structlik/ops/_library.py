@@ -164,12 +164,6 @@ def save_image_inputs(ctx, inputs, output):
 
 
 
-def save_inputs(ctx, inputs, output):
-    """Keep every tensor input; the last argument (the stencil's offsets) as an attribute."""
-    ctx.save_for_backward(*inputs[:-1])
-    ctx.offsets = inputs[-1]
-
-
 def offsets_count(offsets) -> int:
     """S, from the ops' offsets: pairs for images, [-H, triples...] for volumes (Stencil.from_flat_offsets)."""
     return (len(offsets) - 1) // 3 if len(offsets) and offsets[0] < 0 else len(offsets) // 2

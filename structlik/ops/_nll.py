@@ -215,7 +215,7 @@ def composed_grads(grad, x, loc, log_diag, off_diag, offsets, cross=None):
     r = x - loc
     u = apply_upper_op(r, log_diag, off_diag, offsets, xi)
     grads = (-g * apply_upper_t_op(u, log_diag, off_diag, offsets, xi), g * (u * r * log_diag.exp() - 1),
-             g * weight_grad_op(u, r, offsets))
+             g * weight_grad_op(u, r, offsets, u.shape[0]))
     if xi is not None:
         grads = grads + (g * reference.cross_grad(u, r),)
     return tuple(t.to(dtype) for t in grads)

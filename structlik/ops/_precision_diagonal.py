@@ -48,7 +48,7 @@ def _backward(ctx, G):
         B, CS, H, W = off_diag.shape
         read = reference.read_mask(Stencil.from_flat_offsets(ctx.offsets), H, W, off_diag.device)
         w = torch.where(read, off_diag.unflatten(1, (-1, read.shape[0])), 0).flatten(1, 2)
-        grad_w = 2 * w * weight_grad_op(torch.ones_like(G), G, ctx.offsets)
+        grad_w = 2 * w * weight_grad_op(torch.ones_like(G), G, ctx.offsets, G.shape[0])
     grad_cross = None
     if cross is not None and need[3]:
         grad_cross = 2 * cross * G[:, reference.cross_pairs(G.shape[1], G.device)[1]]

@@ -15,7 +15,7 @@ offsets (issue #39 item 1):
   cross                    (B, C(C-1)/2, H, W)
   band, and grad beside it (B, C*L, H, W), L = covariance band length
   grad of an NLL           (B,)
-  a, b (weight_grad)       b like a, 4-D floating
+  a, b (weight_grad)       b like a, 4-D floating; batch (the output's) a divisor of a's batch
   head                     (B, K, H, W) with c0 + C*(2+S) (+ C(C-1)/2) <= K
 
 and every tensor on log_diag's device with its dtype. Only shapes, dtypes and devices are read:
@@ -86,6 +86,8 @@ def check_raw_call(op_name: str, args: dict) -> None:
         ref_name, ref = "a", args["a"]
         _check_floating("a", ref)
     B, C, H, W = ref.shape
+    if "batch" in args and not (args["batch"] > 0 and B % args["batch"] == 0 or B == args["batch"] == 0):
+        _fail(f"batch: expected a divisor of a's batch {B}, got {args['batch']}")
     bound = args.get("bound", 0.0)
     if bound and not 0.0 < bound < 1.0:
         _fail(f"bound: expected 0 (weights as given) or a weight bound in (0, 1), got {bound}")

@@ -36,7 +36,7 @@ def _parameter_grads(ctx, v, sol, log_diag, cross):
     # value gives 0 there and changes no finite d's product (past the cap, exp(s) overflows).
     d = log_diag.clamp(max=math.log(torch.finfo(log_diag.dtype).max)).exp()
     return (-sum_repeats(v * sol, batch) * d if need[1] else None,
-            -sum_repeats(weight_grad_op(v, sol, ctx.offsets), batch) if need[2] else None,
+            -weight_grad_op(v, sol, ctx.offsets, batch) if need[2] else None,
             None,
             -sum_repeats(reference.cross_grad(v, sol), batch) if cross is not None and need[4] else None)
 

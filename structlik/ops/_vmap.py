@@ -6,7 +6,7 @@ outputs unfolded. It calls the op once per vmapped slice instead where folding
 would change the meaning: a batched argument that is not per image (the
 learned basis), an op with an output that is not per image (the basis
 gradient), or operands whose batches differ (a solve's parameters repeated
-over samples).
+over samples, weight_grad summing repeated images into its ``batch``).
 """
 from __future__ import annotations
 
@@ -43,13 +43,17 @@ def rule(op, arg_names, per_slice_op):
                              for n, a, d in zip(arg_names, args, in_dims) if n in _SHARED)
         images = [a.shape[0 if d is None else (1 if d == 0 else 0)] for n, a, d in zip(arg_names, args, in_dims)
                   if isinstance(a, torch.Tensor) and n not in _SHARED and not _placeholder(a, d)]
-        if per_slice or shared_batched or len(set(images)) > 1:
+        # weight_grad's output batch: foldable when it is the images' (no repeats summed), times size
+        summed = "batch" in named and images and named["batch"] != images[0]
+        if per_slice or shared_batched or len(set(images)) > 1 or summed:
             return _per_slice(op, size, in_dims, args)
         folded = []
         for name, a, d in zip(arg_names, args, in_dims):
             if isinstance(a, torch.Tensor) and name not in _SHARED and not _placeholder(a, d):
                 a = a.unsqueeze(0).expand(size, *a.shape) if d is None else a.movedim(d, 0)
                 a = a.reshape(size * a.shape[1], *a.shape[2:])
+            elif name == "batch":
+                a = a * size
             folded.append(a)
         out = op(*folded)
 
