@@ -23,6 +23,15 @@ U_MM (U without the weights that touch an observed pixel) less the rim's rank-R 
 
 Coupled channels (cross weights) are conditioned as the one-channel model of width C*W that is the
 same Gaussian up to a permutation (``structlik.interleave``): a mask per channel and pixel.
+
+Low-rank modes (``cov_factor`` W, x = mu + W zeta + e, zeta ~ N(0, I_R), e ~ N(0, Lambda^-1)) stay
+exact through the R latent coordinates: given zeta, x_M | x_O is the structured conditional with its
+mean moved by B zeta, B = Lambda_MM^-1 (Lambda W)_M (one solve of R right-hand sides); zeta | x_O is
+N(Q^-1 Wh^T Lambda e, Q^-1) with Q = I + ||U Wh||^2, Wh = W - B (W filled in by the structured
+conditional) and e the structured fill of x - mu. So x_M | x_O has mean mu_M|O + B zeta_hat and
+covariance Lambda_MM^-1 + F F^T, F = B L_Q^-T: the structured conditional plus R modes again, whose
+variance adds sum_r F_r^2 and whose log-determinant and log_prob take the determinant lemma and
+Woodbury with the R x R capacitance I + F^T Lambda_MM F = I + L_Q^-1 B^T (Lambda W)_M L_Q^-T.
 """
 from __future__ import annotations
 
@@ -134,6 +143,7 @@ class ConditionalStructuredNormal(Distribution):
         self.max_iter = max_iter
         self.iterations, self.residual = 0, 0.0
         self._mean = None
+        self._modes_cache = None
         super().__init__(batch_shape=batch, event_shape=prior.event_shape, validate_args=False)
         self._validate_args = self.prior._validate_args if validate_args is None else bool(validate_args)
 
@@ -228,14 +238,65 @@ class ConditionalStructuredNormal(Distribution):
             return self._coupled(self._inner.mean)
         if self._mean is not None:
             return self._mean
-        mean = self._draw(None).reshape(self.batch_shape + self.event_shape).to(self.value.dtype)
+        if self.prior.cov_factor is not None:      # the structured conditional mean, moved by the modes
+            modes = self._modes()
+            x0 = modes["structured_mean"]
+            mean = torch.where(modes["missing"], x0 + modes["shift"].reshape(x0.shape), x0)
+        else:
+            mean = self._draw(None)
+        mean = mean.reshape(self.batch_shape + self.event_shape).to(self.value.dtype)
         if not self._needs_grad():
             self._mean = mean
         return mean
 
     def _needs_grad(self):
         p = self.prior
-        return any(t is not None and t.requires_grad for t in (p.loc, p.log_diag, p.off_diag, p.basis, self.value))
+        return any(t is not None and t.requires_grad
+                   for t in (p.loc, p.log_diag, p.off_diag, p.basis, p.cross, p.cov_factor, self.value))
+
+    def _modes(self):
+        """The low-rank modes given the observed pixels (module docstring), per image of the flat batch:
+        ``shift`` (N, n) = B zeta_hat, ``F`` (N, R, n) the conditional's factor's columns, ``G`` (N, R, n)
+        = (Lambda W)_M, ``LQ`` and ``Lc`` (N, R, R) the Cholesky factors of Q and of I + F^T Lambda_MM F,
+        ``structured_mean`` (N, C, H, W) the structured conditional's mean (value where observed) and
+        ``missing`` its mask. Kept when nothing needs a gradient, as the mean is."""
+        if self._modes_cache is not None:
+            return self._modes_cache
+        loc, ld, od, value, m, pinned = self._flat()
+        N, offsets = ld.shape[0], self._offsets
+        W = self.prior.cov_factor.reshape(N, -1, *self._event).to(loc.dtype)
+        R = W.shape[1]
+        cols = W.transpose(0, 1).reshape(R * N, *self._event)          # image r*N + b: column r of image b
+        ld_r, od_r, m_r = (_per_sample(t, R * N) for t in (ld, od, m))
+
+        def rows(t):                                                    # R*N images -> (N, R, n)
+            return t.reshape(R, N, -1).transpose(0, 1)
+        G = m_r * ops.apply_upper_t_op(ops.apply_upper_op(cols, ld_r, od_r, offsets), ld_r, od_r, offsets)
+        blame = {**self.prior._blame(), "cov_factor": self.prior.cov_factor}
+        with self.prior._value_checks():      # NaN/inf named before any iteration
+            _checks.check_result(G, blame, op="condition")
+        with _checks.validation(False):
+            B = self._solve(G, ld, od, pinned, m) if N else G
+        UWh = rows(ops.apply_upper_op(cols - B, ld_r, od_r, offsets))   # U (W - B)
+        x0 = self._draw(None)
+        Ue = ops.apply_upper_op(x0 - loc, ld, od, offsets).reshape(N, -1, 1)   # e: x - mu, structured fill
+        eye = torch.eye(R, dtype=loc.dtype, device=loc.device)
+        LQ = torch.linalg.cholesky(eye + UWh @ UWh.mT)
+        zeta = torch.cholesky_solve(UWh @ Ue, LQ)                       # (N, R, 1)
+        Bn, Gn = rows(B), rows(G)
+        F = torch.linalg.solve_triangular(LQ, Bn, upper=False)         # F^T = L_Q^-1 B^T
+        BGB = Bn @ Gn.mT                                                # B^T Lambda_MM B (Lambda_MM B = G)
+        BGB = 0.5 * (BGB + BGB.mT)                                      # symmetric up to the solve's tol
+        inner = torch.linalg.solve_triangular(LQ, torch.linalg.solve_triangular(LQ, BGB, upper=False).mT,
+                                              upper=False)
+        Lc = torch.linalg.cholesky(eye + inner)
+        out = {"shift": (Bn * zeta).sum(1), "F": F, "G": Gn, "LQ": LQ, "Lc": Lc, "structured_mean": x0,
+               "missing": m > 0}
+        with self.prior._value_checks():
+            _checks.check_result(out["shift"], blame, op="condition")
+        if not self._needs_grad():
+            self._modes_cache = out
+        return out
 
     @property
     def mode(self):
@@ -245,8 +306,16 @@ class ConditionalStructuredNormal(Distribution):
         if self._inner is not None:
             return self._coupled(self._inner.rsample(sample_shape))
         shape = self._extended_shape(sample_shape)
-        z = self.prior._noise(shape, torch.float64 if self.value.dtype == torch.float64 else torch.float32)
-        return self._draw(z.reshape(-1, *self._event)).reshape(shape).to(self.value.dtype)
+        dtype = torch.float64 if self.value.dtype == torch.float64 else torch.float32
+        z = self.prior._noise(shape, dtype)
+        out = self._draw(z.reshape(-1, *self._event))
+        if self.prior.cov_factor is not None:       # + B zeta_hat + F eps_1, eps_1 ~ N(0, I_R) per sample
+            modes = self._modes()
+            F = modes["F"].to(out.dtype)
+            N, R = F.shape[:2]
+            eps = self.prior._noise((out.shape[0] // max(N, 1), N, R), out.dtype)
+            out = out + (modes["shift"].to(out.dtype) + torch.einsum("snr,nrj->snj", eps, F)).reshape(out.shape)
+        return out.reshape(shape).to(self.value.dtype)
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
@@ -299,9 +368,17 @@ class ConditionalStructuredNormal(Distribution):
         logdet = (2 * ld * m).sum((1, 2, 3))
         K, L = self._rim(flat)
         if K is None:
-            return logdet.reshape(self.batch_shape)
+            return self._log_det_modes(logdet).reshape(self.batch_shape)
         extra = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
-        return (logdet + extra.reshape(ld.shape[:2]).sum(1)).reshape(self.batch_shape)
+        return self._log_det_modes(logdet + extra.reshape(ld.shape[:2]).sum(1)).reshape(self.batch_shape)
+
+    def _log_det_modes(self, logdet):
+        """``logdet`` (N,), log det Lambda_MM, less log det(I + F^T Lambda_MM F): the conditional
+        precision's log-determinant with the modes (the determinant lemma)."""
+        if self.prior.cov_factor is None:
+            return logdet
+        Lc = self._modes()["Lc"]
+        return logdet - 2 * torch.diagonal(Lc, dim1=-2, dim2=-1).log().sum(-1).to(logdet.dtype)
 
     @property
     def variance(self):
@@ -331,6 +408,8 @@ class ConditionalStructuredNormal(Distribution):
             a = a.reshape(R, N * C, H * W).permute(1, 0, 2)                               # (N*C, R, n)
             y = torch.linalg.solve_triangular(L, a, upper=False)
             out = out - y.square().sum(1).reshape(N, C, H, W)
+        if self.prior.cov_factor is not None:        # + sum_r F_r^2 (F is 0 where observed)
+            out = out + self._modes()["F"].square().sum(1).reshape(out.shape).to(out.dtype)
         out = out * m
         with self.prior._value_checks():
             _checks.check_result(out, {"loc": loc, "log_diag": ld, "off_diag": od}, op="variance")
@@ -371,7 +450,14 @@ class ConditionalStructuredNormal(Distribution):
         params = [_per_sample(t, e.shape[0]) for t in (ld, od)]
         u = ops.apply_upper_op(e, *params, self._offsets).reshape(R, *mean.shape)
         k = m.sum((1, 2, 3))
-        out = 0.5 * self.log_det_missing().reshape(-1) - 0.5 * k * reference.LOG_2PI - 0.5 * u.square().sum((2, 3, 4))
+        quadratic = u.square().sum((2, 3, 4))                               # (R, N)
+        if self.prior.cov_factor is not None:       # Woodbury: less ||Lc^-1 F^T Lambda_MM e||^2, = L_Q^-1 G^T e
+            modes = self._modes()
+            a = torch.einsum("nrj,knj->nrk", modes["G"], e.reshape(R, *modes["G"].shape[::2]))
+            a = torch.linalg.solve_triangular(modes["Lc"], torch.linalg.solve_triangular(modes["LQ"], a, upper=False),
+                                              upper=False)
+            quadratic = quadratic - a.square().sum(1).transpose(0, 1)
+        out = 0.5 * self.log_det_missing().reshape(-1) - 0.5 * k * reference.LOG_2PI - 0.5 * quadratic
         with self.prior._value_checks():
             _checks.check_result(out, {"value (missing pixels)": torch.where(missing, x, 0)}, op="log_prob")
         return out.reshape(lead).to(dtype)

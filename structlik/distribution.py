@@ -402,11 +402,8 @@ class StructuredNormal(Distribution):
         """This distribution given ``value`` where ``mask`` (bool, broadcastable to (*batch, C, H, W))
         is True: a :class:`structlik.ConditionalStructuredNormal` over whole images (inpainting,
         posterior samples), with the conditional ``mean``, exact ``rsample``/``sample`` (observed pixels
-        equal to ``value``), ``log_prob`` of the missing pixels and ``observed_log_prob``, log p(x_O)."""
-        if self.cov_factor is not None:
-            raise NotImplementedError("StructuredNormal.condition: not implemented with cov_factor (low-rank modes) "
-                                      "yet; log_prob, rsample, entropy, variance, covariance, covariance_band, "
-                                      "precision_diagonal and kl_divergence take it")
+        equal to ``value``), ``log_prob`` of the missing pixels and ``observed_log_prob``, log p(x_O). With
+        ``cov_factor`` the modes are conditioned too (exact: structlik/conditional.py's docstring)."""
         return ConditionalStructuredNormal(self, value, mask, tol=tol, max_iter=max_iter)
 
     def rsample(self, sample_shape=torch.Size()):

@@ -235,8 +235,9 @@ def test_value_checks_name_cov_factor():
     bad[0, 1, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="cov_factor"):
         StructuredNormal(*args, cov_factor=bad).log_prob(p.loc)
-    with pytest.raises(NotImplementedError, match="condition: not implemented with cov_factor"):
-        p.condition(p.loc, torch.ones(p.loc.shape, dtype=torch.bool))
+    half = torch.rand(p.loc.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    with pytest.raises(ValueError, match="cov_factor"):
+        StructuredNormal(*args, cov_factor=bad).condition(p.loc, half).mean
 
 
 def test_batch_broadcasting_and_expand():
@@ -270,3 +271,105 @@ def test_opcheck_image_ops_with_repeated_parameters(name, backend):
         torch.library.opcheck(op, (*args, stencil.flat_offsets))
         torch.testing.assert_close(op(*args, stencil.flat_offsets), want, **TOL)
 
+
+# --- condition(value, mask) with the modes: the latent coordinates conditioned too (conditional.py) ---
+
+def dense_conditional(p, x, mask, b):
+    """Image b's x_M | x_O from the dense Sigma: (M, O, mean, covariance, observed MultivariateNormal)."""
+    d = dense_normal(p)
+    S, mu, xv = d.covariance_matrix[b], d.loc[b], x[b].flatten()
+    observed = mask[b].flatten()
+    M, O = (~observed).nonzero().flatten(), observed.nonzero().flatten()
+    gain = S[M][:, O] @ torch.linalg.inv(S[O][:, O]) if len(O) else S.new_zeros(len(M), 0)
+    mean = mu[M] + gain @ (xv[O] - mu[O])
+    cov = S[M][:, M] - gain @ S[O][:, M]
+    return M, O, mean, cov, log_density(mu[O], S[O][:, O], xv[O])
+
+
+def log_density(mean, cov, at):
+    """log N(at; mean, cov), 0 over no pixels."""
+    return MultivariateNormal(mean, cov).log_prob(at).item() if len(mean) else 0.0
+
+
+def check_condition(stencil, shape, rank, cross, n_basis, tol=1e-8):
+    p = make(stencil, shape, rank, cross, n_basis)
+    g = torch.Generator().manual_seed(1)
+    x = p.loc.detach() + torch.randn(shape, generator=g, dtype=torch.float64)
+    mask = torch.rand(shape, generator=g) < 0.5               # a mask per channel and pixel
+    c = p.condition(x, mask)
+    point = torch.where(mask, x, x + 0.3)
+    mean, variance, log_det = c.mean, c.variance, c.log_det_missing()
+    lp, entropy, observed = c.log_prob(point), c.entropy(), c.observed_log_prob()
+    for b in range(shape[0]):
+        M, O, want_mean, cov, marginal = dense_conditional(p, x, mask, b)
+        torch.testing.assert_close(mean[b].flatten()[M], want_mean, rtol=0, atol=tol)
+        assert torch.equal(mean[b].flatten()[O], x[b].flatten()[O])
+        torch.testing.assert_close(variance[b].flatten()[M], cov.diagonal(), rtol=0, atol=tol)
+        assert torch.equal(variance[b].flatten()[O], torch.zeros(len(O), dtype=torch.float64))
+        assert log_det[b].item() == pytest.approx(-torch.logdet(cov).item() if len(M) else 0.0, abs=tol)
+        assert lp[b].item() == pytest.approx(log_density(want_mean, cov, point[b].flatten()[M]), abs=tol)
+        want_entropy = MultivariateNormal(want_mean, cov).entropy().item() if len(M) else 0.0
+        assert entropy[b].item() == pytest.approx(want_entropy, abs=tol)
+        assert observed[b].item() == pytest.approx(marginal, abs=tol)
+    # the modes change the answer: the structured conditional alone is another one
+    plain = p._structured_part().condition(x, mask)
+    assert (plain.variance - variance).abs().max() > 1e-3
+    return p, x, mask, c
+
+
+@pytest.mark.parametrize("stencil, shape, rank, cross, n_basis", CASES)
+@pytest.mark.backends("reference", "cpu")
+def test_condition_matches_dense(stencil, shape, rank, cross, n_basis, backend):
+    check_condition(stencil, shape, rank, cross, n_basis)
+
+
+@pytest.mark.backends("triton")
+def test_condition_matches_dense_triton(backend):
+    check_condition(Stencil(1), (1, 1, 3, 3), 2, False, 0)
+
+
+@pytest.mark.backends("reference", "cpu")
+def test_condition_samples_have_the_dense_covariance(backend):
+    p, x, mask, c = check_condition(Stencil(1), (1, 2, 3, 3), 2, True, 0)
+    n = 20000
+    s = c.rsample((n,))
+    assert torch.equal(s[:, mask], x[mask].expand(n, -1))       # observed pixels exactly
+    M, _, mean, cov, _ = dense_conditional(p, x, mask, 0)
+    plane = s[:, 0].flatten(1)[:, M]
+    se = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov ** 2) / n).sqrt()
+    assert ((torch.cov(plane.T) - cov).abs() / se).max() < 5           # 5 standard errors
+    assert ((plane.mean(0) - mean).abs() / (cov.diagonal() / n).sqrt()).max() < 5
+
+
+@pytest.mark.backends("reference", "cpu")
+def test_condition_gradients_and_torch_features(backend):
+    """mean, a reparameterised sample and the likelihoods differentiable in every parameter, the
+    modes included (gradcheck through the iterations); the mean twice (gradgradcheck), under
+    torch.func.grad and torch.compile."""
+    stencil, shape = Stencil(1), (1, 1, 3, 3)
+    p = make(stencil, shape, 2, requires_grad=True)
+    mask = torch.ones(shape, dtype=torch.bool)
+    mask[..., 1, :2] = False
+    x = (p.loc.detach() + torch.randn(shape, dtype=torch.float64)).requires_grad_()
+    point = torch.where(mask, x.detach(), x.detach() + 0.3)
+
+    def cond(loc, ld, od, W, value):
+        return StructuredNormal(loc, ld, od, stencil, cov_factor=W).condition(value, mask, tol=1e-13)
+
+    def sample(*a):
+        torch.manual_seed(3)
+        return cond(*a).rsample((2,))
+    inputs = (p.loc, p.log_diag, p.off_diag, p.cov_factor, x)
+    assert torch.autograd.gradcheck(lambda *a: cond(*a).mean, inputs, fast_mode=True)
+    assert torch.autograd.gradcheck(sample, inputs, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *a: cond(*a).log_prob(point), inputs, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *a: cond(*a).observed_log_prob(), inputs, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *a: cond(*a).variance, inputs, fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda od, W: cond(p.loc, p.log_diag, od, W, x).mean,
+                                        (p.off_diag, p.cov_factor), fast_mode=True)
+    mean = lambda od, W: cond(p.loc, p.log_diag, od, W, x).mean.sum()     # noqa: E731
+    expected = torch.autograd.grad(mean(p.off_diag, p.cov_factor), (p.off_diag, p.cov_factor))
+    for got, e in zip(torch.func.grad(mean, argnums=(0, 1))(p.off_diag, p.cov_factor), expected):
+        torch.testing.assert_close(got, e)
+    compiled = torch.compile(mean, backend="aot_eager")
+    torch.testing.assert_close(compiled(p.off_diag, p.cov_factor), mean(p.off_diag, p.cov_factor))
