@@ -92,7 +92,13 @@ CPU = [Target("NLL fwd+bwd >= 5x faster than the one-hot convolution", "nll", ca
     for case in ("B4-C1-32x32x32-r1", "B2-C1-24x24x24-r2")] + [
     Target("volume sampling >= 20x faster than scipy's spsolve_triangular per volume, float64", "volume", case,
            "sample", _column("scipy_over_public", "public"), lambda v: v >= 20)
-    for case in ("B4-C1-32x32x32-r1", "B2-C1-24x24x24-r2")]
+    for case in ("B4-C1-32x32x32-r1", "B2-C1-24x24x24-r2")] + [
+    # Low-rank modes (#43), from_head(rank=10) on one head, validation on:
+    Target("low-rank log_prob fwd+bwd at rank 10 <= 2.5x rank 0", "low_rank", "B32-C1-64x64-r2", "log_prob fwd+bwd",
+           _column("over_rank0", "rank 10"), lambda v: v <= 2.5, unit="x rank 0"),
+    Target("low-rank log_prob fwd+bwd at rank 10 faster than LowRankMultivariateNormal (diagonal + rank 10)",
+           "low_rank", "B32-C1-64x64-r2", "log_prob fwd+bwd", _column("lowrank_mvn_over", "rank 10"),
+           lambda v: v > 1, unit="x")]
 
 CUDA = [
     Target("NLL fwd+bwd >= 80% of the copy bandwidth (fewest-bytes model)", "nll", "B16-C1-256x256-r3", "fwd+bwd",
