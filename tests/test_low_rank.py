@@ -373,3 +373,16 @@ def test_condition_gradients_and_torch_features(backend):
         torch.testing.assert_close(got, e)
     compiled = torch.compile(mean, backend="aot_eager")
     torch.testing.assert_close(compiled(p.off_diag, p.cov_factor), mean(p.off_diag, p.cov_factor))
+
+
+def test_condition_half_inputs_compute_in_float32():
+    p = make(Stencil(1), (2, 1, 4, 4), 2)
+    x = p.loc.detach() + torch.randn(p.loc.shape, dtype=torch.float64)
+    mask = torch.rand(p.loc.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    half = [t.half() for t in (p.loc, p.log_diag, p.off_diag, p.cov_factor, x)]
+    got = StructuredNormal(*half[:3], p.stencil, cov_factor=half[3]).condition(half[4], mask)
+    want = StructuredNormal(*(t.float() for t in half[:3]), p.stencil, cov_factor=half[3].float()).condition(
+        half[4].float(), mask)
+    assert got.mean.dtype == torch.float16 and got.log_prob(half[4]).dtype == torch.float16
+    torch.testing.assert_close(got.mean.float(), want.mean, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got.variance.float(), want.variance, rtol=2e-3, atol=2e-3)
