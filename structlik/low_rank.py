@@ -57,9 +57,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def capacitance(dist, ld, od, images=None):
     """(V, chol K) of ``dist``, V (N, R, n); with ``images`` (k*N images) also M applied to them.
-    Two calls of the image op, not one on the images and columns concatenated: the concatenation
-    and its gradient's split cost 2.6 of 16.5 ms (B32 64x64 r2 rank 10, benchmarks/bench_low_rank.py),
-    the second reading of the weights less."""
+    Two calls of the image op (the columns', the images'): one call on their concatenation measured
+    the same (16.5 against 16.7 ms, B32 64x64 r2 rank 10, benchmarks/bench_low_rank.py, 2-core Xeon)
+    and needs the copy."""
     W = flat_factor(dist)
     N, R = W.shape[:2]
     V = uncolumns(_apply(dist, columns(W).to(ld.dtype), ld, od), N)
