@@ -238,12 +238,7 @@ class ConditionalStructuredNormal(Distribution):
             return self._coupled(self._inner.mean)
         if self._mean is not None:
             return self._mean
-        if self.prior.cov_factor is not None:      # the structured conditional mean, moved by the modes
-            modes = self._modes()
-            x0 = modes["structured_mean"]
-            mean = torch.where(modes["missing"], x0 + modes["shift"].reshape(x0.shape), x0)
-        else:
-            mean = self._draw(None)
+        mean = self._draw(None) if self.prior.cov_factor is None else self._modes_mean(self._modes())
         mean = mean.reshape(self.batch_shape + self.event_shape).to(self.value.dtype)
         if not self._needs_grad():
             self._mean = mean
@@ -254,12 +249,19 @@ class ConditionalStructuredNormal(Distribution):
         return any(t is not None and t.requires_grad
                    for t in (p.loc, p.log_diag, p.off_diag, p.basis, p.cross, p.cov_factor, self.value))
 
+    @staticmethod
+    def _modes_mean(modes):
+        """The conditional mean with the modes, (N, C, H, W): the structured one moved by B zeta_hat."""
+        x0 = modes["structured_mean"]
+        return torch.where(modes["missing"], x0 + modes["shift"].reshape(x0.shape), x0)
+
     def _modes(self):
         """The low-rank modes given the observed pixels (module docstring), per image of the flat batch:
         ``shift`` (N, n) = B zeta_hat, ``F`` (N, R, n) the conditional's factor's columns, ``G`` (N, R, n)
         = (Lambda W)_M, ``LQ`` and ``Lc`` (N, R, R) the Cholesky factors of Q and of I + F^T Lambda_MM F,
         ``structured_mean`` (N, C, H, W) the structured conditional's mean (value where observed) and
-        ``missing`` its mask. Kept when nothing needs a gradient, as the mean is."""
+        ``missing`` its mask. Kept when nothing needs a gradient, as the mean is; otherwise formed once
+        per method call (it holds two conjugate-gradient solves) and passed along."""
         if self._modes_cache is not None:
             return self._modes_cache
         loc, ld, od, value, m, pinned = self._flat()
@@ -272,9 +274,8 @@ class ConditionalStructuredNormal(Distribution):
         def rows(t):                                                    # R*N images -> (N, R, n)
             return t.reshape(R, N, -1).transpose(0, 1)
         G = m_r * ops.apply_upper_t_op(ops.apply_upper_op(cols, ld_r, od_r, offsets), ld_r, od_r, offsets)
-        blame = {**self.prior._blame(), "cov_factor": self.prior.cov_factor}
         with self.prior._value_checks():      # NaN/inf named before any iteration
-            _checks.check_result(G, blame, op="condition")
+            _checks.check_result(G, {**self.prior._blame(), "cov_factor": self.prior.cov_factor}, op="condition")
         with _checks.validation(False):
             B = self._solve(G, ld, od, pinned, m) if N else G
         UWh = rows(ops.apply_upper_op(cols - B, ld_r, od_r, offsets))   # U (W - B)
@@ -290,10 +291,9 @@ class ConditionalStructuredNormal(Distribution):
         inner = torch.linalg.solve_triangular(LQ, torch.linalg.solve_triangular(LQ, BGB, upper=False).mT,
                                               upper=False)
         Lc = torch.linalg.cholesky(eye + inner)
+        # (no check of the results: G was checked, and _solve raises on a non-finite residual)
         out = {"shift": (Bn * zeta).sum(1), "F": F, "G": Gn, "LQ": LQ, "Lc": Lc, "structured_mean": x0,
                "missing": m > 0}
-        with self.prior._value_checks():
-            _checks.check_result(out["shift"], blame, op="condition")
         if not self._needs_grad():
             self._modes_cache = out
         return out
@@ -358,9 +358,11 @@ class ConditionalStructuredNormal(Distribution):
         eye = torch.eye(R, dtype=gram.dtype, device=gram.device)
         return K, torch.linalg.cholesky(eye + gram)
 
-    def log_det_missing(self):
+    def log_det_missing(self, _modes=None):
         """``log det Lambda_MM`` per image, (\\*batch,): the determinant lemma over the observed rows
-        that reach a missing pixel (module docstring)."""
+        that reach a missing pixel (module docstring); with cov_factor the conditional precision's,
+        less log det(I + F^T Lambda_MM F). (``_modes``: this call's :meth:`_modes`, when the caller
+        has formed it.)"""
         if self._inner is not None:
             return self._inner.log_det_missing()
         flat = self._flat()
@@ -368,16 +370,16 @@ class ConditionalStructuredNormal(Distribution):
         logdet = (2 * ld * m).sum((1, 2, 3))
         K, L = self._rim(flat)
         if K is None:
-            return self._log_det_modes(logdet).reshape(self.batch_shape)
+            return self._log_det_modes(logdet, _modes).reshape(self.batch_shape)
         extra = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
-        return self._log_det_modes(logdet + extra.reshape(ld.shape[:2]).sum(1)).reshape(self.batch_shape)
+        return self._log_det_modes(logdet + extra.reshape(ld.shape[:2]).sum(1), _modes).reshape(self.batch_shape)
 
-    def _log_det_modes(self, logdet):
+    def _log_det_modes(self, logdet, modes=None):
         """``logdet`` (N,), log det Lambda_MM, less log det(I + F^T Lambda_MM F): the conditional
         precision's log-determinant with the modes (the determinant lemma)."""
         if self.prior.cov_factor is None:
             return logdet
-        Lc = self._modes()["Lc"]
+        Lc = (modes or self._modes())["Lc"]
         return logdet - 2 * torch.diagonal(Lc, dim1=-2, dim2=-1).log().sum(-1).to(logdet.dtype)
 
     @property
@@ -441,7 +443,8 @@ class ConditionalStructuredNormal(Distribution):
         if self.batch_shape.numel() == 0:
             return value.new_zeros(lead)
         loc, ld, od, _, m, _ = self._flat()
-        mean = upcast(self.mean.reshape(-1, *self._event))[0]
+        modes = None if self.prior.cov_factor is None else self._modes()       # formed once for this call
+        mean = upcast(self.mean.reshape(-1, *self._event))[0] if modes is None else self._modes_mean(modes)
         x = upcast(value.reshape(-1, *mean.shape))[0].to(mean.dtype)           # (R, N, C, H, W)
         R = x.shape[0]
         missing = m > 0
@@ -451,13 +454,12 @@ class ConditionalStructuredNormal(Distribution):
         u = ops.apply_upper_op(e, *params, self._offsets).reshape(R, *mean.shape)
         k = m.sum((1, 2, 3))
         quadratic = u.square().sum((2, 3, 4))                               # (R, N)
-        if self.prior.cov_factor is not None:       # Woodbury: less ||Lc^-1 F^T Lambda_MM e||^2, = L_Q^-1 G^T e
-            modes = self._modes()
+        if modes is not None:       # Woodbury: less ||Lc^-1 F^T Lambda_MM e||^2, = L_Q^-1 G^T e
             a = torch.einsum("nrj,knj->nrk", modes["G"], e.reshape(R, *modes["G"].shape[::2]))
             a = torch.linalg.solve_triangular(modes["Lc"], torch.linalg.solve_triangular(modes["LQ"], a, upper=False),
                                               upper=False)
             quadratic = quadratic - a.square().sum(1).transpose(0, 1)
-        out = 0.5 * self.log_det_missing().reshape(-1) - 0.5 * k * reference.LOG_2PI - 0.5 * quadratic
+        out = 0.5 * self.log_det_missing(modes).reshape(-1) - 0.5 * k * reference.LOG_2PI - 0.5 * quadratic
         with self.prior._value_checks():
             _checks.check_result(out, {"value (missing pixels)": torch.where(missing, x, 0)}, op="log_prob")
         return out.reshape(lead).to(dtype)
@@ -473,9 +475,11 @@ class ConditionalStructuredNormal(Distribution):
         at the conditional mean over the conditional's density there."""
         if self._inner is not None:
             return self._inner.observed_log_prob()
-        mean = self.mean
+        modes = None if self.prior.cov_factor is None else self._modes()       # formed once for this call
+        mean = self.mean if modes is None else \
+            self._modes_mean(modes).reshape(self.batch_shape + self.event_shape).to(self.value.dtype)
         k = (~self.mask).flatten(-len(self.event_shape)).sum(-1).to(mean.dtype)
-        at_mean = 0.5 * self.log_det_missing() - 0.5 * k * reference.LOG_2PI
+        at_mean = 0.5 * self.log_det_missing(modes) - 0.5 * k * reference.LOG_2PI
         return self.prior.log_prob(mean) - at_mean
 
     def _check_value(self, value) -> torch.Size:

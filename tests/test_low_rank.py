@@ -386,3 +386,19 @@ def test_condition_half_inputs_compute_in_float32():
     assert got.mean.dtype == torch.float16 and got.log_prob(half[4]).dtype == torch.float16
     torch.testing.assert_close(got.mean.float(), want.mean, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(got.variance.float(), want.variance, rtol=2e-3, atol=2e-3)
+
+
+def test_condition_forms_the_modes_once_per_call(monkeypatch):
+    """With gradients (nothing cached) log_prob and observed_log_prob form the conditioned modes (two
+    conjugate-gradient solves) once, not once for the mean, once for the log-determinant and again."""
+    from structlik import ConditionalStructuredNormal
+    p = make(Stencil(1), (1, 1, 3, 4), 2, requires_grad=True)
+    mask = torch.rand(p.loc.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    x = p.loc.detach() + 0.1
+    calls = []
+    original = ConditionalStructuredNormal._modes
+    monkeypatch.setattr(ConditionalStructuredNormal, "_modes", lambda self: calls.append(1) or original(self))
+    for method in (lambda c: c.log_prob(x), lambda c: c.observed_log_prob(), lambda c: c.entropy()):
+        calls.clear()
+        method(p.condition(x, mask)).sum().backward()
+        assert len(calls) == 1
